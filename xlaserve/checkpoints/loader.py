@@ -1,0 +1,149 @@
+"""One entry point from a model name or path to a ready Flax model and its tokenizer."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from transformers import PreTrainedTokenizerBase
+
+from xlaserve.checkpoints import hf, orbax_store
+from xlaserve.checkpoints.presets import resolve_bundled
+from xlaserve.checkpoints.tokenizer import load_tokenizer
+from xlaserve.models.registry import preset_config, resolve_architecture
+from xlaserve.models.transformer import (
+    Transformer,
+    TransformerConfig,
+    expected_hf_tensors,
+    model_from_params,
+    params_from_hf_tensors,
+)
+
+LOAD_FORMATS = ("auto", "hf", "gguf", "orbax", "dummy")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Buffers some checkpoints carry that are derived from the config, not parameters.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    config: TransformerConfig
+    tokenizer: PreTrainedTokenizerBase | None
+    source: str
+    dtype: jnp.dtype
+
+
+def resolve_dtype(dtype: str, platform: str | None = None) -> jnp.dtype:
+    """`auto` is bfloat16 on TPU and GPU and float32 on CPU."""
+    if dtype == "auto":
+        platform = platform or jax.default_backend()
+        return jnp.float32 if platform == "cpu" else jnp.bfloat16
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def detect_format(path: Path) -> str:
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if orbax_store.is_orbax_folder(path):
+        return "orbax"
+    if hf.is_hf_folder(path):
+        return "hf"
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf"
+        raise ValueError(
+            f"cannot tell the format of {path}: expected config.json, an xlaserve orbax "
+            f"folder or exactly one .gguf file (found {len(ggufs)})"
+        )
+    raise FileNotFoundError(f"model not found: {path} (not a bundled model name, file or folder)")
+
+
+def check_tensors(
+    expected: dict[str, tuple[int, ...]], tensors: dict[str, np.ndarray], source: str
+) -> None:
+    """Every expected tensor present with its shape, and nothing unaccounted for."""
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {missing[:8]} (of {len(missing)} missing)")
+    unexpected = sorted(n for n in set(tensors) - set(expected) if not n.endswith(IGNORED_SUFFIXES))
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor(s) {unexpected[:8]}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                f"expected {shape}"
+            )
+
+
+def drop_tied_head(config: TransformerConfig, tensors: dict[str, np.ndarray], source: str):
+    # Some tied checkpoints still store lm_head; accept it only if it is the embedding.
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+        head = tensors.pop("lm_head.weight")
+        embed = tensors.get("model.embed_tokens.weight")
+        if embed is None or head.shape != embed.shape or not np.array_equal(head, embed):
+            raise ValueError(
+                f"{source}: config ties word embeddings but lm_head.weight differs from "
+                "model.embed_tokens.weight"
+            )
+
+
+def model_from_hf_tensors(
+    hf_config: dict, tensors: dict[str, np.ndarray], dtype, source: str
+) -> tuple[Transformer, TransformerConfig]:
+    model_cls, config = resolve_architecture(hf_config)
+    drop_tied_head(config, tensors, source)
+    check_tensors(expected_hf_tensors(config), tensors, source)
+    top, layers = params_from_hf_tensors(config, tensors)
+    return model_from_params(model_cls, config, top, layers, dtype), config
+
+
+def load_model(
+    model: str,
+    *,
+    load_format: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Loads a bundled model name, an HF folder, a GGUF file, an orbax folder or a dummy preset."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+    jdtype = resolve_dtype(dtype)
+    if load_format == "dummy":
+        model_cls, config = preset_config(model)
+        module = model_cls(config, dtype=jdtype, rngs=nnx.Rngs(seed))
+        return LoadedModel(module, config, None, model, jdtype)
+
+    path = resolve_bundled(model) or Path(model)
+    fmt = detect_format(path) if load_format == "auto" else load_format
+    if fmt == "orbax":
+        module, config = orbax_store.restore(path, dtype=jdtype)
+        tokenizer = orbax_store.load_tokenizer(path) if with_tokenizer else None
+        return LoadedModel(module, config, tokenizer, str(path), jdtype)
+    if fmt == "gguf":
+        from xlaserve.checkpoints.gguf import read_gguf
+
+        gguf_path = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
+        ckpt = read_gguf(gguf_path)
+        module, config = model_from_hf_tensors(ckpt.config, ckpt.tensors, jdtype, str(gguf_path))
+        tokenizer = load_tokenizer(gguf_path) if with_tokenizer else None
+        return LoadedModel(module, config, tokenizer, str(gguf_path), jdtype)
+    if not hf.is_hf_folder(path):
+        raise FileNotFoundError(f"no config.json in {path}")
+    hf_config = hf.read_config(path)
+    model_cls, _ = resolve_architecture(hf_config)  # fail on the architecture before reading
+    module, config = model_from_hf_tensors(hf_config, hf.read_tensors(path), jdtype, str(path))
+    tokenizer = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None
+    return LoadedModel(module, config, tokenizer, str(path), jdtype)
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    return any((folder / n).is_file() for n in names)

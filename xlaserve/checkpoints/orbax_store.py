@@ -1,0 +1,105 @@
+"""Converted parameters stored with orbax, so later loads skip parsing and dequantization.
+
+Folder layout: `xlaserve_model.json` (config, dtype, source), `params/` (orbax checkpoint of
+{"top": {...}, "layers": {...}}), `tokenizer/` (HF tokenizer files).
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from transformers import PreTrainedTokenizerBase
+
+from xlaserve.models.layers import RopeScaling
+from xlaserve.models.registry import MODEL_REGISTRY
+from xlaserve.models.transformer import Transformer, TransformerConfig, model_from_params
+
+MARKER = "xlaserve_model.json"
+FORMAT_VERSION = 1
+
+
+def is_orbax_folder(path: Path) -> bool:
+    return path.is_dir() and (path / MARKER).is_file()
+
+
+def config_to_json(config: TransformerConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_json(data: dict) -> TransformerConfig:
+    return TransformerConfig(
+        **{
+            **data,
+            "rope_scaling": RopeScaling(**data["rope_scaling"]),
+            "eos_token_ids": tuple(data["eos_token_ids"]),
+        }
+    )
+
+
+def param_tree(model: Transformer, dtype) -> dict:
+    top = {name: getattr(model, name)[...].astype(dtype) for name in top_names(model)}
+    layers = {name: arr.astype(dtype) for name, arr in model.layers.stacked().items()}
+    return {"top": top, "layers": layers}
+
+
+def top_names(model: Transformer) -> tuple[str, ...]:
+    names = ("embed", "final_norm")
+    return names if model.config.tie_word_embeddings else (*names, "lm_head")
+
+
+def save(
+    model: Transformer,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out_dir: str | Path,
+    *,
+    dtype,
+    source: str,
+) -> Path:
+    out = Path(out_dir).absolute()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder is not empty: {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out / "params", param_tree(model, dtype))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config": config_to_json(model.config),
+        "dtype": jnp.dtype(dtype).name,
+        "source": source,
+    }
+    (out / MARKER).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def restore(path: str | Path, *, dtype) -> tuple[Transformer, TransformerConfig]:
+    path = Path(path).absolute()
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"corrupt xlaserve orbax folder {path}: {e}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')}")
+    config = config_from_json(meta["config"])
+    model_cls, _ = MODEL_REGISTRY[config.architecture]
+    stored = jnp.dtype(meta["dtype"])
+    abstract = jax.eval_shape(
+        lambda: param_tree(model_cls(config, dtype=stored, rngs=nnx.Rngs(0)), stored)
+    )
+    if not (path / "params").is_dir():
+        raise FileNotFoundError(f"orbax parameters missing: {path / 'params'}")
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.restore(path / "params", abstract)
+    return model_from_params(model_cls, config, tree["top"], tree["layers"], dtype), config
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    from xlaserve.checkpoints.tokenizer import load_tokenizer as load
+
+    folder = Path(path) / "tokenizer"
+    return load(folder) if folder.is_dir() else None

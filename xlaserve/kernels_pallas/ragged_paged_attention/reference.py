@@ -1,0 +1,131 @@
+"""Ragged paged attention in plain jnp: the numerical truth for the kernels.
+
+All sequences' new query tokens are concatenated along T. Sequence s owns query rows
+`cu_q_lens[s]:cu_q_lens[s + 1]`, which are the last `q_len` of its `kv_lens[s]` tokens, so
+prefill (q_len == kv_len), chunked prefill (0 < q_len < kv_len) and decode (q_len == 1) mix
+freely in one call. Attention is causal within each sequence. Accumulation is float32.
+
+Axis letters (docs/glossary.md): T tokens, S sequences, N query heads, K kv heads,
+G = N // K query heads per kv head, H head dim, P pages, L kv positions of one sequence.
+"""
+
+import jax
+import jax.numpy as jnp
+
+# Query rows handled per vectorized chunk: bounds the gathered K/V to
+# TOKENS_PER_CHUNK * pages_per_seq * page_size * 2K * H elements.
+TOKENS_PER_CHUNK = 32
+
+
+def validate_inputs(
+    q: jax.Array,
+    kv_cache: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+) -> None:
+    """Raises ValueError naming the first inconsistent shape or dtype."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [T, N, H], got shape {q.shape}")
+    if kv_cache.ndim != 4:
+        raise ValueError(f"kv_cache must be [P, page_size, 2*K, H], got shape {kv_cache.shape}")
+    num_tokens, num_heads, head_dim = q.shape
+    _, _, kv_heads2, cache_head_dim = kv_cache.shape
+    if cache_head_dim != head_dim:
+        raise ValueError(f"head dim of q {q.shape} and kv_cache {kv_cache.shape} differ")
+    if kv_heads2 % 2:
+        raise ValueError(f"kv_cache axis 2 must be 2*K (K and V interleaved), got {kv_heads2}")
+    if num_heads % (kv_heads2 // 2):
+        raise ValueError(
+            f"query heads N={num_heads} must be a multiple of kv heads K={kv_heads2 // 2}"
+        )
+    if kv_lens.ndim != 1:
+        raise ValueError(f"kv_lens must be i32[S], got shape {kv_lens.shape}")
+    num_seqs_cap = kv_lens.shape[0]
+    if page_indices.ndim != 2 or page_indices.shape[0] != num_seqs_cap:
+        raise ValueError(
+            f"page_indices must be i32[S={num_seqs_cap}, pages_per_seq], got {page_indices.shape}"
+        )
+    if cu_q_lens.shape != (num_seqs_cap + 1,):
+        raise ValueError(
+            f"cu_q_lens must be i32[S + 1 = {num_seqs_cap + 1}], got {cu_q_lens.shape}"
+        )
+    if num_seqs.shape != (1,):
+        raise ValueError(f"num_seqs must be i32[1], got shape {num_seqs.shape}")
+    for name, arr in (
+        ("kv_lens", kv_lens),
+        ("page_indices", page_indices),
+        ("cu_q_lens", cu_q_lens),
+        ("num_seqs", num_seqs),
+    ):
+        if arr.dtype != jnp.int32:
+            raise ValueError(f"{name} must be int32, got {arr.dtype}")
+    del num_tokens
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    kv_cache: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float = 1.0,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    """Causal attention of ragged query rows over paged K/V.
+
+    q: [T, N, H]; kv_cache: [P, page_size, 2K, H] (K and V interleaved on axis 2);
+    kv_lens: i32[S]; page_indices: i32[S, pages_per_seq]; cu_q_lens: i32[S + 1];
+    num_seqs: i32[1] (only the first num_seqs sequences are real).
+    sliding_window: a query at position p sees keys at positions > p - sliding_window.
+    soft_cap: scores become soft_cap * tanh(scores / soft_cap).
+    Returns [T, N, H] in q's dtype; rows past cu_q_lens[num_seqs] (padding) are zeros.
+    """
+    validate_inputs(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs)
+    num_tokens, num_heads, head_dim = q.shape
+    _, page_size, kv_heads2, _ = kv_cache.shape
+    num_kv_heads = kv_heads2 // 2
+    group = num_heads // num_kv_heads
+    max_kv_len = page_indices.shape[1] * page_size
+
+    token_ids = jnp.arange(num_tokens, dtype=jnp.int32)  # [T]
+    # The sequence of each row: the number of sequence ends at or before it.
+    seq_ids = jnp.searchsorted(cu_q_lens[1:], token_ids, side="right")  # [T]
+    seq_ids = jnp.minimum(seq_ids, kv_lens.shape[0] - 1).astype(jnp.int32)
+    row_valid = token_ids < cu_q_lens[num_seqs[0]]  # [T]
+    q_lens = cu_q_lens[seq_ids + 1] - cu_q_lens[seq_ids]  # [T]
+    q_pos = kv_lens[seq_ids] - q_lens + (token_ids - cu_q_lens[seq_ids])  # [T]
+
+    def attend_one(args):
+        q_row, seq_id, pos, valid = args  # [N, H], scalars
+        pages = kv_cache[page_indices[seq_id]]  # [pages_per_seq, page_size, 2K, H]
+        kv = pages.reshape(max_kv_len, num_kv_heads, 2, head_dim).astype(jnp.float32)
+        k, v = kv[:, :, 0], kv[:, :, 1]  # [L, K, H]
+        key_pos = jnp.arange(max_kv_len, dtype=jnp.int32)  # [L]
+        mask = (key_pos <= pos) & (key_pos < kv_lens[seq_id]) & valid  # [L]
+        if sliding_window is not None:
+            mask &= key_pos > pos - sliding_window
+        # Masked-out slots may hold garbage (NaN in unused pages): zero them before use.
+        k = jnp.where(mask[:, None, None], k, 0.0)
+        v = jnp.where(mask[:, None, None], v, 0.0)
+        qg = q_row.astype(jnp.float32).reshape(num_kv_heads, group, head_dim)  # [K, G, H]
+        scores = jnp.einsum("kgh,lkh->kgl", qg, k) * sm_scale  # [K, G, L]
+        if soft_cap is not None:
+            scores = soft_cap * jnp.tanh(scores / soft_cap)
+        scores = jnp.where(mask[None, None, :], scores, -jnp.inf)
+        row_max = jnp.max(scores, axis=-1, keepdims=True)  # [K, G, 1]
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+        probs = jnp.exp(scores - row_max)  # [K, G, L]; exp(-inf) = 0 for masked keys
+        denom = jnp.sum(probs, axis=-1, keepdims=True)
+        probs = probs / jnp.where(denom > 0, denom, 1.0)
+        out = jnp.einsum("kgl,lkh->kgh", probs, v)  # [K, G, H]
+        return out.reshape(num_heads, head_dim)
+
+    out = jax.lax.map(
+        attend_one, (q, seq_ids, q_pos, row_valid), batch_size=TOKENS_PER_CHUNK
+    )  # [T, N, H]
+    return out.astype(q.dtype)

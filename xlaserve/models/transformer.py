@@ -1,0 +1,252 @@
+"""The decoder-only transformer shared by the Llama and Qwen families.
+
+Layers are stored stacked (leading axis L) and run with `jax.lax.scan`, so compile time does not
+grow with depth. Weights are [in, out] so activations multiply on the right.
+Axis letters (docs/glossary.md): T tokens, D model, F mlp, V vocab, N q heads, K kv heads,
+H head dim, L layers.
+"""
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xlaserve.models.attention import AttentionMetadata, write_and_attend
+from xlaserve.models.layers import (
+    RopeScaling,
+    apply_rope,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+    swiglu,
+)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before rope (Qwen3)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+
+# Stacked per-layer parameters: name -> (HF name under model.layers.{i}., shape fn, logical axes).
+# HF Linear weights are [out, in]; ours are [in, out] (transposed on load).
+def layer_param_specs(c: TransformerConfig) -> dict[str, tuple[str, tuple[int, ...], tuple]]:
+    D, F, N, K, H = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+    specs = {
+        "attn_norm": ("input_layernorm.weight", (D,), ("embed",)),
+        "wq": ("self_attn.q_proj.weight", (D, N * H), ("embed", "heads")),
+        "wk": ("self_attn.k_proj.weight", (D, K * H), ("embed", "kv_heads")),
+        "wv": ("self_attn.v_proj.weight", (D, K * H), ("embed", "kv_heads")),
+        "wo": ("self_attn.o_proj.weight", (N * H, D), ("heads", "embed")),
+        "mlp_norm": ("post_attention_layernorm.weight", (D,), ("embed",)),
+        "w_gate": ("mlp.gate_proj.weight", (D, F), ("embed", "mlp")),
+        "w_up": ("mlp.up_proj.weight", (D, F), ("embed", "mlp")),
+        "w_down": ("mlp.down_proj.weight", (F, D), ("mlp", "embed")),
+    }
+    if c.attention_bias:
+        specs["bq"] = ("self_attn.q_proj.bias", (N * H,), ("heads",))
+        specs["bk"] = ("self_attn.k_proj.bias", (K * H,), ("kv_heads",))
+        specs["bv"] = ("self_attn.v_proj.bias", (K * H,), ("kv_heads",))
+    if c.qk_norm:
+        specs["q_norm"] = ("self_attn.q_norm.weight", (H,), (None,))
+        specs["k_norm"] = ("self_attn.k_norm.weight", (H,), (None,))
+    return specs
+
+
+def top_param_specs(c: TransformerConfig) -> dict[str, tuple[str, tuple[int, ...], tuple]]:
+    specs = {
+        "embed": ("model.embed_tokens.weight", (c.vocab_size, c.hidden_size), ("vocab", "embed")),
+        "final_norm": ("model.norm.weight", (c.hidden_size,), ("embed",)),
+    }
+    if not c.tie_word_embeddings:
+        specs["lm_head"] = ("lm_head.weight", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
+    return specs
+
+
+NORM_PARAMS = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm")
+BIAS_PARAMS = ("bq", "bk", "bv")
+
+
+def init_value(name: str, shape: tuple[int, ...], dtype, key: jax.Array) -> jax.Array:
+    if name in NORM_PARAMS:
+        return jnp.ones(shape, dtype)
+    if name in BIAS_PARAMS:
+        return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers, each parameter stacked along a leading L axis."""
+
+    def __init__(self, config: TransformerConfig, *, dtype, rngs: nnx.Rngs):
+        self.names = tuple(layer_param_specs(config))
+        for name, (_, shape, axes) in layer_param_specs(config).items():
+            value = init_value(name, (config.num_layers, *shape), dtype, rngs.params())
+            setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes)))
+
+    def stacked(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM over a flat ragged token batch and a paged KV cache."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+        attention_backend: str = "reference",
+    ):
+        self.config = config
+        self.attention_backend = attention_backend
+        for name, (_, shape, axes) in top_param_specs(config).items():
+            setattr(
+                self,
+                name,
+                nnx.Param(init_value(name, shape, dtype, rngs.params()), logical_axes=axes),
+            )
+        self.layers = DecoderLayers(config, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        kv_cache: jax.Array,
+        metadata: AttentionMetadata,
+    ) -> tuple[jax.Array, jax.Array]:
+        """input_ids, positions: i32[T]; kv_cache: [L, P, page_size, 2K, H].
+
+        Returns (updated kv_cache, final-normed hidden states [T, D]).
+        """
+        c = self.config
+        num_tokens = input_ids.shape[0]
+        x = self.embed[...][input_ids]  # [T, D]
+        inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)  # host constant
+        cos, sin = rope_cos_sin(positions, inv_freq)  # [T, H/2]
+
+        def layer_step(carry, layer_inputs):
+            x, kv_cache = carry
+            p, layer = layer_inputs
+            h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)  # [T, D]
+            q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]  # [T, N*H], [T, K*H], [T, K*H]
+            if c.attention_bias:
+                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+            q = q.reshape(num_tokens, c.num_heads, c.head_dim)  # [T, N, H]
+            k = k.reshape(num_tokens, c.num_kv_heads, c.head_dim)  # [T, K, H]
+            v = v.reshape(num_tokens, c.num_kv_heads, c.head_dim)  # [T, K, H]
+            if c.qk_norm:
+                q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
+                k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            new_kv = jnp.stack([k, v], axis=2).reshape(num_tokens, 2 * c.num_kv_heads, c.head_dim)
+            kv_cache, attn = write_and_attend(
+                q,
+                new_kv,
+                kv_cache,
+                layer,
+                metadata,
+                sm_scale=c.head_dim**-0.5,
+                sliding_window=c.sliding_window,
+                backend=self.attention_backend,
+            )  # attn: [T, N, H]
+            x = x + attn.reshape(num_tokens, c.num_heads * c.head_dim) @ p["wo"]
+            h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+            x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
+            return (x, kv_cache), None
+
+        layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+        (x, kv_cache), _ = jax.lax.scan(
+            layer_step, (x, kv_cache), (self.layers.stacked(), layer_ids)
+        )
+        return kv_cache, rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """Logits f32[S, V] for the selected hidden rows [S, D]."""
+        if self.config.tie_word_embeddings:
+            logits = hidden @ self.embed[...].T
+        else:
+            logits = hidden @ self.lm_head[...]
+        return logits.astype(jnp.float32)
+
+    def kv_cache_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
+        c = self.config
+        return (c.num_layers, num_pages, page_size, 2 * c.num_kv_heads, c.head_dim)
+
+
+def expected_hf_tensors(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF checkpoint of this config must hold, with its HF shape."""
+    expected = {
+        hf: hf_shape(name, shape) for name, (hf, shape, _) in top_param_specs(config).items()
+    }
+    for name, (hf, shape, _) in layer_param_specs(config).items():
+        for i in range(config.num_layers):
+            expected[f"model.layers.{i}.{hf}"] = hf_shape(name, shape)
+    return expected
+
+
+def hf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    # Our matrices are [in, out]; HF Linear is [out, in]. The embedding is [V, D] in both.
+    return shape[::-1] if len(shape) == 2 and name != "embed" else shape
+
+
+def params_from_hf_tensors(
+    config: TransformerConfig, tensors: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(top-level params, stacked layer params) as numpy, from already-validated HF tensors."""
+
+    def ours(name: str, array: np.ndarray) -> np.ndarray:
+        return array.T if array.ndim == 2 and name != "embed" else array
+
+    top = {name: ours(name, tensors[hf]) for name, (hf, _, _) in top_param_specs(config).items()}
+    layers = {
+        name: np.stack(
+            [ours(name, tensors[f"model.layers.{i}.{hf}"]) for i in range(config.num_layers)]
+        )
+        for name, (hf, _, _) in layer_param_specs(config).items()
+    }
+    return top, layers
+
+
+def model_from_params(
+    model_cls: type[Transformer],
+    config: TransformerConfig,
+    top: dict[str, np.ndarray | jax.Array],
+    layers: dict[str, np.ndarray | jax.Array],
+    dtype,
+) -> Transformer:
+    """A model holding the given parameters, built without materializing a random init."""
+    model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    for name, value in top.items():
+        getattr(model, name).set_value(jnp.asarray(value, dtype=dtype))
+    for name, value in layers.items():
+        getattr(model.layers, name).set_value(jnp.asarray(value, dtype=dtype))
+    return model
