@@ -1,4 +1,33 @@
 import os
 
-# Tests run on the CPU; keep XLA from grabbing every core for itself per process.
+# Tests run on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    from xlaserve.checkpoints.presets import resolve_bundled
+
+    return resolve_bundled("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """xlaserve's float32 SmolLM2-135M-Instruct, loaded once per test session."""
+    from xlaserve.checkpoints.loader import load_model
+
+    return load_model(str(smollm2_gguf), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' float32 model from the same GGUF: the numerical reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    )
+    return model.eval()
