@@ -1,0 +1,128 @@
+"""Engine options (`EngineArgs`) and what is derived from them with the model and device in hand.
+
+Options are frozen and validated at construction; derived values (max_model_len when unset,
+the number of KV pages) are returned by functions, never written back into the options.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+from xlaserve.checkpoints.presets import DEFAULT_MODEL
+
+DEFAULT_COMPILATION_CACHE = str(Path.home() / ".cache" / "xlaserve" / "jax")
+# On the CPU (no device memory to size against), the default KV cache is what max_num_seqs
+# sequences of max_model_len need, capped at this share of available host memory.
+CPU_KV_SHARE = 0.3
+ACCELERATOR_KV_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int | None = None  # None: max(512, max_num_seqs)
+    page_size: int = 16
+    # Bytes (int), a fraction of free device memory after weights (float in (0, 1]), or None.
+    kv_cache_memory: int | float | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"
+    max_waiting_requests: int | None = None
+    seed: int = 0
+    compilation_cache_dir: str | None = DEFAULT_COMPILATION_CACHE
+    min_token_bucket: int = 16
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "page_size", "min_token_bucket"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("max_model_len", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an int or None, got {value!r}")
+            if value is not None and value < 2:
+                raise ValueError(f"{name} must be >= 2, got {value}")
+        kv = self.kv_cache_memory
+        if kv is not None:
+            if isinstance(kv, bool) or not isinstance(kv, int | float):
+                raise ValueError(f"kv_cache_memory must be bytes (int) or a fraction, got {kv!r}")
+            if isinstance(kv, float) and not 0.0 < kv <= 1.0:
+                raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {kv}")
+            if isinstance(kv, int) and kv <= 0:
+                raise ValueError(f"kv_cache_memory must be positive, got {kv}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    def resolve_max_model_len(self, model_max: int) -> int:
+        if self.max_model_len is None:
+            return model_max
+        if self.max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's "
+                f"max_position_embeddings {model_max}"
+            )
+        return self.max_model_len
+
+    def resolve_max_num_batched_tokens(self) -> int:
+        return self.max_num_batched_tokens or max(512, self.max_num_seqs)
+
+
+def host_available_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+def device_free_bytes(device: jax.Device) -> int | None:
+    """Free memory of an accelerator now (weights already placed); None on the CPU."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def kv_cache_pages(
+    args: EngineArgs, *, page_bytes: int, max_model_len: int, device: jax.Device
+) -> int:
+    """Number of KV pages the memory budget buys; errors say how much one sequence needs."""
+    pages_per_seq = math.ceil(max_model_len / args.page_size)
+    free = device_free_bytes(device)
+    budget = args.kv_cache_memory
+    if isinstance(budget, float):
+        base = free if free is not None else host_available_bytes()
+        budget_bytes = int(base * budget)
+    elif isinstance(budget, int):
+        budget_bytes = budget
+    elif free is not None:
+        budget_bytes = int(free * ACCELERATOR_KV_FRACTION)
+    else:
+        wanted = args.max_num_seqs * pages_per_seq * page_bytes
+        budget_bytes = min(wanted, int(host_available_bytes() * CPU_KV_SHARE))
+    num_pages = budget_bytes // page_bytes
+    if num_pages < pages_per_seq:
+        raise ValueError(
+            f"kv_cache_memory of {budget_bytes} bytes holds {num_pages} pages of "
+            f"{args.page_size} tokens, but one sequence of max_model_len {max_model_len} needs "
+            f"{pages_per_seq} pages = {pages_per_seq * page_bytes} bytes; raise kv_cache_memory "
+            f"or lower max_model_len"
+        )
+    return num_pages
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    """Persistent XLA compilation cache, so a second start skips compiling."""
+    if path is None or jax.config.jax_compilation_cache_dir:
+        return
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

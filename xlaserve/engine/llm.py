@@ -1,0 +1,118 @@
+"""Offline API: `LLM(model=...).generate(prompts, sampling_params)` and `.chat(...)`."""
+
+import time
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from xlaserve.config import EngineArgs
+from xlaserve.engine.llm_engine import LLMEngine, PromptType
+from xlaserve.engine.outputs import RequestOutput
+from xlaserve.engine.sampling_params import SamplingParams
+
+Conversation = list[dict]
+
+
+class LLM:
+    """Generates for many prompts at once with continuous batching.
+
+    Options are those of `EngineArgs` (model, dtype, max_model_len, max_num_seqs,
+    max_num_batched_tokens, kv_cache_memory, enable_prefix_caching, seed, load_format, ...).
+    """
+
+    def __init__(self, model: str | None = None, **kwargs):
+        args = EngineArgs(**kwargs) if model is None else EngineArgs(model=model, **kwargs)
+        self.engine = LLMEngine(args)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_metrics(self) -> dict:
+        return self.engine.get_metrics()
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Outputs in input order. A prompt is text, {"prompt_token_ids": [...]}, or
+        {"prompt": text}; a list of them is a batch. One SamplingParams or one per prompt."""
+        prompt_list = self._as_prompt_list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(
+                    f"got {len(params_list)} sampling params for {len(prompt_list)} prompts"
+                )
+        return self._run(prompt_list, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Applies the model's chat template to one conversation or a list of them."""
+        tok = self.get_tokenizer()
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError("this model has no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conv in conversations:
+            text = tok.apply_chat_template(
+                conv, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+            # The template already holds any BOS; do not let the tokenizer add another.
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    @staticmethod
+    def _as_prompt_list(prompts) -> list[PromptType]:
+        if isinstance(prompts, str | dict):
+            return [prompts]
+        if isinstance(prompts, list | tuple) and prompts and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompts
+        ):
+            raise ValueError(
+                'token-id prompts must be given as {"prompt_token_ids": [...]} '
+                "(a bare list is read as a list of prompts)"
+            )
+        if not isinstance(prompts, list | tuple) or not prompts:
+            raise ValueError("prompts must be a prompt or a non-empty list of prompts")
+        return list(prompts)
+
+    def _run(self, prompts, params_list, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        try:
+            for prompt, params in zip(prompts, params_list, strict=True):
+                ids.append(engine.add_request(None, prompt, params))
+        except Exception:
+            for rid in ids:  # leave the engine as it was
+                engine.abort_request(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, unit="req")
+        output_tokens, start = 0, time.perf_counter()
+        try:
+            while len(results) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        output_tokens += sum(len(c.token_ids) for c in out.outputs)
+                        bar.update(1)
+                        elapsed = time.perf_counter() - start
+                        bar.set_postfix(tok_per_s=f"{output_tokens / max(elapsed, 1e-9):.1f}")
+        except BaseException:
+            for rid in ids:
+                if rid not in results:
+                    engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [results[rid] for rid in ids]
