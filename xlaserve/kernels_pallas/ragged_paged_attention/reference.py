@@ -12,9 +12,10 @@ G = N // K query heads per kv head, H head dim, P pages, L kv positions of one s
 import jax
 import jax.numpy as jnp
 
-# Query rows handled per vectorized chunk: bounds the gathered K/V to
-# TOKENS_PER_CHUNK * pages_per_seq * page_size * 2K * H elements.
-TOKENS_PER_CHUNK = 32
+# K/V positions per block of the online-softmax loop (rounded up to whole pages). The loop runs
+# only over the blocks the longest sequence of the step uses, so the cost follows the real
+# context lengths, not max_model_len.
+KV_BLOCK_TOKENS = 128
 
 
 def validate_inputs(
@@ -90,7 +91,14 @@ def ragged_paged_attention(
     _, page_size, kv_heads2, _ = kv_cache.shape
     num_kv_heads = kv_heads2 // 2
     group = num_heads // num_kv_heads
-    max_kv_len = page_indices.shape[1] * page_size
+    block_pages = max(1, -(-KV_BLOCK_TOKENS // page_size))
+    block_len = block_pages * page_size
+    pages_per_seq = page_indices.shape[1]
+    num_blocks_max = -(-pages_per_seq // block_pages)
+    # Pad the page table to whole blocks; padded entries are masked by kv_lens.
+    page_indices = jnp.pad(
+        page_indices, ((0, 0), (0, num_blocks_max * block_pages - pages_per_seq))
+    )
 
     token_ids = jnp.arange(num_tokens, dtype=jnp.int32)  # [T]
     # The sequence of each row: the number of sequence ends at or before it.
@@ -98,34 +106,43 @@ def ragged_paged_attention(
     seq_ids = jnp.minimum(seq_ids, kv_lens.shape[0] - 1).astype(jnp.int32)
     row_valid = token_ids < cu_q_lens[num_seqs[0]]  # [T]
     q_lens = cu_q_lens[seq_ids + 1] - cu_q_lens[seq_ids]  # [T]
-    q_pos = kv_lens[seq_ids] - q_lens + (token_ids - cu_q_lens[seq_ids])  # [T]
+    row_kv_len = jnp.where(row_valid, kv_lens[seq_ids], 0)  # [T]
+    q_pos = row_kv_len - q_lens + (token_ids - cu_q_lens[seq_ids])  # [T]
+    row_pages = page_indices[seq_ids]  # [T, blocks * block_pages]
+    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)  # [T, K, G, H]
+    real_kv = jnp.where(jnp.arange(kv_lens.shape[0]) < num_seqs[0], kv_lens, 0)
+    num_blocks = (jnp.max(real_kv) + block_len - 1) // block_len
 
-    def attend_one(args):
-        q_row, seq_id, pos, valid = args  # [N, H], scalars
-        pages = kv_cache[page_indices[seq_id]]  # [pages_per_seq, page_size, 2K, H]
-        kv = pages.reshape(max_kv_len, num_kv_heads, 2, head_dim).astype(jnp.float32)
-        k, v = kv[:, :, 0], kv[:, :, 1]  # [L, K, H]
-        key_pos = jnp.arange(max_kv_len, dtype=jnp.int32)  # [L]
-        mask = (key_pos <= pos) & (key_pos < kv_lens[seq_id]) & valid  # [L]
+    def kv_block(b, carry):
+        row_max, denom, acc = carry  # [T, K, G], [T, K, G], [T, K, G, H]
+        pages = jax.lax.dynamic_slice_in_dim(row_pages, b * block_pages, block_pages, axis=1)
+        kv = kv_cache[pages].reshape(num_tokens, block_len, num_kv_heads, 2, head_dim)
+        kv = kv.astype(jnp.float32)
+        key_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)  # [Lb]
+        mask = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < row_kv_len[:, None])
         if sliding_window is not None:
-            mask &= key_pos > pos - sliding_window
+            mask &= key_pos[None, :] > q_pos[:, None] - sliding_window  # [T, Lb]
         # Masked-out slots may hold garbage (NaN in unused pages): zero them before use.
-        k = jnp.where(mask[:, None, None], k, 0.0)
-        v = jnp.where(mask[:, None, None], v, 0.0)
-        qg = q_row.astype(jnp.float32).reshape(num_kv_heads, group, head_dim)  # [K, G, H]
-        scores = jnp.einsum("kgh,lkh->kgl", qg, k) * sm_scale  # [K, G, L]
+        k = jnp.where(mask[:, :, None, None], kv[:, :, :, 0], 0.0)  # [T, Lb, K, H]
+        v = jnp.where(mask[:, :, None, None], kv[:, :, :, 1], 0.0)
+        scores = jnp.einsum("tkgh,tlkh->tkgl", qg, k) * sm_scale  # [T, K, G, Lb]
         if soft_cap is not None:
             scores = soft_cap * jnp.tanh(scores / soft_cap)
-        scores = jnp.where(mask[None, None, :], scores, -jnp.inf)
-        row_max = jnp.max(scores, axis=-1, keepdims=True)  # [K, G, 1]
-        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-        probs = jnp.exp(scores - row_max)  # [K, G, L]; exp(-inf) = 0 for masked keys
-        denom = jnp.sum(probs, axis=-1, keepdims=True)
-        probs = probs / jnp.where(denom > 0, denom, 1.0)
-        out = jnp.einsum("kgl,lkh->kgh", probs, v)  # [K, G, H]
-        return out.reshape(num_heads, head_dim)
+        scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
+        new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1))
+        safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+        probs = jnp.exp(scores - safe_max[..., None])  # exp(-inf) = 0 for masked keys
+        rescale = jnp.exp(jnp.where(jnp.isfinite(row_max), row_max, 0.0) - safe_max)
+        rescale = jnp.where(jnp.isfinite(row_max), rescale, 0.0)
+        denom = denom * rescale + jnp.sum(probs, axis=-1)
+        acc = acc * rescale[..., None] + jnp.einsum("tkgl,tlkh->tkgh", probs, v)
+        return new_max, denom, acc
 
-    out = jax.lax.map(
-        attend_one, (q, seq_ids, q_pos, row_valid), batch_size=TOKENS_PER_CHUNK
-    )  # [T, N, H]
-    return out.astype(q.dtype)
+    init = (
+        jnp.full((num_tokens, num_kv_heads, group), -jnp.inf, jnp.float32),
+        jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
+        jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
+    )
+    _, denom, acc = jax.lax.fori_loop(0, num_blocks, kv_block, init)
+    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # rows with no keys stay 0
+    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

@@ -1,0 +1,496 @@
+"""Scheduler tests against the mock runner (next token = sum of all tokens so far % 97)."""
+
+import math
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.engine.mock_runner import MockRunner, reference_output, run_to_completion
+from xlaserve.engine.request import RequestStatus, Sequence
+from xlaserve.engine.sampling_params import SamplingParams
+from xlaserve.engine.scheduler import POLICIES, Scheduler, SchedulerConfig
+
+STOPPED, LENGTH = RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH
+ABORTED = RequestStatus.FINISHED_ABORTED
+
+
+def make(**overrides) -> tuple[Scheduler, MockRunner]:
+    kwargs = dict(
+        max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64, page_size=4, num_pages=64
+    )
+    kwargs.update(overrides)
+    scheduler = Scheduler(SchedulerConfig(**kwargs))
+    return scheduler, MockRunner(scheduler)
+
+
+def step(scheduler, runner):
+    output = scheduler.schedule()
+    finished = scheduler.update_from_output(output, runner.execute(output))
+    return output, finished
+
+
+def chunks(output):
+    """(seq_id, start_pos, number of tokens, sample) per scheduled entry, in batch order."""
+    return [(s.seq.seq_id, s.start_pos, len(s.token_ids), s.sample) for s in output.scheduled]
+
+
+def expected(seq: Sequence):
+    return reference_output(
+        seq.prompt_token_ids,
+        seq.params,
+        max_model_len=seq.max_model_len,
+        eos_token_ids=seq.eos_token_ids,
+    )
+
+
+def assert_all_free(scheduler):
+    bm = scheduler.block_manager
+    assert bm.num_free_pages == bm.num_pages and not any(bm.ref_counts)
+
+
+# ---------------------------------------------------------------- by hand
+
+
+def test_single_request_worked_by_hand():
+    scheduler, runner = make()
+    [seq] = scheduler.add_request("a", [1, 2, 3], SamplingParams(max_tokens=5), arrival_time=0)
+    outputs = run_to_completion(scheduler, runner)
+    # 1+2+3 = 6; 6+6 = 12; 24; 48; 96
+    assert seq.output_token_ids == [6, 12, 24, 48, 96]
+    assert seq.status is LENGTH and seq.stop_reason is None
+    assert [s.token_ids for o in outputs for s in o.scheduled] == [[1, 2, 3], [6], [12], [24], [48]]
+    assert [s.start_pos for o in outputs for s in o.scheduled] == [0, 3, 4, 5, 6]
+    assert_all_free(scheduler)
+    assert not scheduler.has_unfinished()
+
+
+def test_token_budget_and_seq_cap():
+    scheduler, runner = make(max_num_seqs=2, max_num_batched_tokens=8)
+    a, b, c = (
+        scheduler.add_request(r, [1] * 5, SamplingParams(max_tokens=3), arrival_time=i)[0]
+        for i, r in enumerate("abc")
+    )
+    out, _ = step(scheduler, runner)
+    assert chunks(out) == [(a.seq_id, 0, 5, True), (b.seq_id, 0, 3, False)]
+    assert out.num_batched_tokens == 8
+    out, _ = step(scheduler, runner)  # c stays out: the cap is 2 sequences
+    assert chunks(out) == [(a.seq_id, 5, 1, True), (b.seq_id, 3, 2, True)]
+    assert c.status is RequestStatus.WAITING
+    run_to_completion(scheduler, runner)
+    assert [s.output_token_ids for s in (a, b, c)] == [expected(s)[0] for s in (a, b, c)]
+
+
+def test_decodes_go_before_prefills():
+    # Priority policy: b is more important, but a's decode is scheduled before b's prefill chunk.
+    scheduler, runner = make(max_num_batched_tokens=4, policy="priority")
+    [a] = scheduler.add_request("a", [5], SamplingParams(max_tokens=9), arrival_time=0, priority=1)
+    step(scheduler, runner)
+    [b] = scheduler.add_request("b", [1] * 20, SamplingParams(max_tokens=2), arrival_time=1)
+    out, _ = step(scheduler, runner)
+    assert chunks(out) == [(a.seq_id, 1, 1, True), (b.seq_id, 0, 3, False)]
+    out, _ = step(scheduler, runner)
+    assert chunks(out) == [(a.seq_id, 2, 1, True), (b.seq_id, 3, 3, False)]
+
+
+def test_chunked_prefill_equals_unchunked_run():
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    params = SamplingParams(max_tokens=6)
+    scheduler, runner = make(max_num_batched_tokens=4)
+    [seq] = scheduler.add_request("a", prompt, params, arrival_time=0)
+    outputs = run_to_completion(scheduler, runner)
+    assert [chunks(o)[0][1:] for o in outputs[:3]] == [(0, 4, False), (4, 4, False), (8, 2, True)]
+
+    whole, whole_runner = make(enable_chunked_prefill=False)
+    [ref] = whole.add_request("a", prompt, params, arrival_time=0)
+    assert chunks(run_to_completion(whole, whole_runner)[0])[0][1:] == (0, 10, True)
+    assert seq.output_token_ids == ref.output_token_ids == expected(seq)[0]
+
+
+def test_prefill_that_does_not_fit_waits_when_chunking_is_off():
+    scheduler, runner = make(max_num_batched_tokens=64, enable_chunked_prefill=False)
+    [a] = scheduler.add_request("a", [1] * 60, SamplingParams(max_tokens=3), arrival_time=0)
+    [b] = scheduler.add_request("b", [2] * 10, SamplingParams(max_tokens=3), arrival_time=1)
+    out, _ = step(scheduler, runner)
+    assert chunks(out) == [(a.seq_id, 0, 60, True)]  # b's 10 tokens exceed the 4 left
+    out, _ = step(scheduler, runner)
+    assert chunks(out) == [(a.seq_id, 60, 1, True), (b.seq_id, 0, 10, True)]
+
+
+def test_prefix_cache_hit_skips_full_pages():
+    scheduler, runner = make()
+    bm = scheduler.block_manager
+    prompt = list(range(1, 11))  # 10 tokens: pages [1..4] [5..8] [9 10]
+    [a] = scheduler.add_request("a", prompt, SamplingParams(max_tokens=1), arrival_time=0)
+    out, _ = step(scheduler, runner)
+    a_pages = out.scheduled[0].page_ids
+    assert a.is_finished and bm.num_free_pages == bm.num_pages  # freed, still cached
+
+    [b] = scheduler.add_request("b", prompt[:8] + [50, 51, 52], SamplingParams(), arrival_time=1)
+    out, _ = step(scheduler, runner)
+    [item] = out.scheduled
+    assert (item.start_pos, item.token_ids, item.num_cached_tokens) == (8, [50, 51, 52], 8)
+    assert item.page_ids[:2] == a_pages[:2]
+    assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (10 + 11, 8)
+
+    # An identical, page-aligned prompt: the last page is recomputed so logits exist.
+    [c] = scheduler.add_request("c", prompt[:8], SamplingParams(max_tokens=2), arrival_time=2)
+    out, _ = step(scheduler, runner)
+    assert chunks(out)[-1] == (c.seq_id, 4, 4, True)
+    run_to_completion(scheduler, runner)
+    assert b.output_token_ids == expected(b)[0] and c.output_token_ids == expected(c)[0]
+    assert_all_free(scheduler)
+
+
+def test_prefix_caching_off_never_hits():
+    scheduler, runner = make(enable_prefix_caching=False)
+    for i in range(2):
+        [seq] = scheduler.add_request(str(i), list(range(1, 11)), SamplingParams(), arrival_time=i)
+        out, _ = step(scheduler, runner)
+        assert [(s.start_pos, s.num_cached_tokens) for s in out.scheduled if s.seq is seq] == [
+            (0, 0)
+        ]
+    bm = scheduler.block_manager
+    assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (0, 0)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_siblings_share_prompt_pages(caching):
+    scheduler, runner = make(enable_prefix_caching=caching)
+    bm = scheduler.block_manager
+    prompt = [7, 1, 2, 8, 1, 8, 2, 8, 4]  # 9 tokens: 2 full pages + 1 token
+    seqs = scheduler.add_request("a", prompt, SamplingParams(n=3, max_tokens=4), arrival_time=0)
+    out, _ = step(scheduler, runner)
+    assert chunks(out) == [(seqs[0].seq_id, 0, 9, True)]  # siblings wait for the prompt
+    out, _ = step(scheduler, runner)
+    first = out.scheduled[0].page_ids
+    assert chunks(out) == [(seqs[0].seq_id, 9, 1, True)] + [
+        (s.seq_id, 8, 1, True) for s in seqs[1:]
+    ]
+    for item in out.scheduled[1:]:
+        assert item.page_ids[:2] == first[:2] and item.num_cached_tokens == 8
+        assert item.page_ids[2] not in first  # the partial page is private
+    assert [bm.ref_counts[p] for p in first[:2]] == [3, 3]
+    run_to_completion(scheduler, runner)
+    assert seqs[0].output_token_ids == seqs[1].output_token_ids == seqs[2].output_token_ids
+    assert seqs[0].output_token_ids == expected(seqs[0])[0]
+    assert_all_free(scheduler)
+
+
+def test_preemption_in_a_tiny_pool_gives_the_big_pool_result():
+    prompts = [[i + 1] * 6 for i in range(4)]
+    results = []
+    for num_pages in (8, 64):  # 8 pages of 2 tokens = one max_model_len sequence
+        scheduler, runner = make(max_model_len=16, page_size=2, num_pages=num_pages)
+        seqs = [
+            scheduler.add_request(str(i), p, SamplingParams(max_tokens=8), arrival_time=i)[0]
+            for i, p in enumerate(prompts)
+        ]
+        preempted = []
+        while scheduler.has_unfinished():
+            running_before = list(scheduler.running)
+            out, _ = step(scheduler, runner)
+            preempted += out.preempted
+            if out.preempted:  # a step that had to preempt admits nobody
+                assert all(s.seq in running_before for s in out.scheduled)
+                assert not any(s.seq in out.preempted for s in out.scheduled)
+        assert len(preempted) == scheduler.num_preemptions
+        assert (scheduler.num_preemptions > 0) == (num_pages == 8)
+        results.append([s.output_token_ids for s in seqs])
+        assert all(s.status is LENGTH for s in seqs)
+        assert_all_free(scheduler)
+    assert results[0] == results[1] == [expected(s)[0] for s in seqs]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_preemption_victim(policy):
+    # low arrives first with priority 5, high second with priority 0; 4 pages of 4 tokens.
+    scheduler, runner = make(max_model_len=16, page_size=4, num_pages=4, policy=policy)
+    params = SamplingParams(max_tokens=10)
+    [low] = scheduler.add_request("low", [1, 2, 3, 4], params, arrival_time=0, priority=5)
+    step(scheduler, runner)
+    [high] = scheduler.add_request("high", [4, 3, 2, 1], params, arrival_time=1, priority=0)
+    preempted = []
+    while scheduler.has_unfinished():
+        out, _ = step(scheduler, runner)
+        preempted += out.preempted
+    victim = low if policy == "priority" else high  # fcfs: the latest arrival
+    assert preempted[0] is victim
+    assert [low.output_token_ids, high.output_token_ids] == [expected(low)[0], expected(high)[0]]
+    assert_all_free(scheduler)
+
+
+def test_abort_waiting_and_running_frees_pages():
+    scheduler, runner = make(max_num_seqs=1)
+    [a] = scheduler.add_request("a", [1] * 9, SamplingParams(), arrival_time=0)
+    [b] = scheduler.add_request("b", [2] * 9, SamplingParams(n=1), arrival_time=1)
+    step(scheduler, runner)
+    assert a.status is RequestStatus.RUNNING and b.status is RequestStatus.WAITING
+    assert len(a.page_ids) == 3
+    assert scheduler.abort_request("b") == [b]
+    assert scheduler.abort_request("a") == [a]
+    assert a.status is b.status is ABORTED and not a.page_ids
+    assert scheduler.abort_request("a") == [] and scheduler.abort_request("nope") == []
+    assert not scheduler.has_unfinished()
+    assert_all_free(scheduler)
+    scheduler.add_request("a", [1], SamplingParams(), arrival_time=2)  # the id is free again
+
+
+def test_abort_between_schedule_and_update_is_skipped():
+    scheduler, runner = make()
+    [a] = scheduler.add_request("a", [1, 2], SamplingParams(), arrival_time=0)
+    out = scheduler.schedule()
+    sampled = runner.execute(out)
+    scheduler.abort_request("a")
+    assert scheduler.update_from_output(out, sampled) == []
+    assert a.output_token_ids == [] and a.status is ABORTED
+    assert_all_free(scheduler)
+
+
+def test_finish_sequence_for_a_stop_string():
+    scheduler, runner = make()
+    seqs = scheduler.add_request("a", [1, 2], SamplingParams(n=2), arrival_time=0)
+    step(scheduler, runner)
+    step(scheduler, runner)
+    scheduler.finish_sequence(seqs[0], STOPPED, "###")
+    assert seqs[0].stop_reason == "###" and not seqs[0].page_ids
+    scheduler.finish_sequence(seqs[0], LENGTH)  # already finished: no-op
+    assert seqs[0].status is STOPPED
+    run_to_completion(scheduler, runner)
+    assert seqs[1].status is LENGTH
+    assert_all_free(scheduler)
+
+
+@pytest.mark.parametrize(
+    "kwargs, eos, output, status, reason",
+    [
+        # prompt [1, 2, 3] -> 6, 12, 24, 48, 96, 95, ...
+        (dict(stop_token_ids=[24]), (), [6, 12, 24], STOPPED, 24),
+        (dict(), (12,), [6, 12], STOPPED, None),
+        (dict(min_tokens=3), (12,), [6, 12, 24, 48, 96], LENGTH, None),
+        (dict(min_tokens=2), (12,), [6, 12], STOPPED, None),
+        (dict(ignore_eos=True), (12,), [6, 12, 24, 48, 96], LENGTH, None),
+        (dict(max_tokens=2), (), [6, 12], LENGTH, None),
+        (dict(max_tokens=None), (), [6, 12, 24, 48, 96, 95, 93], LENGTH, None),  # 10 tokens
+    ],
+)
+def test_stop_conditions_end_to_end(kwargs, eos, output, status, reason):
+    scheduler, runner = make(max_model_len=10)
+    params = SamplingParams(**{"max_tokens": 5, **kwargs})
+    [seq] = scheduler.add_request("a", [1, 2, 3], params, arrival_time=0, eos_token_ids=eos)
+    run_to_completion(scheduler, runner)
+    assert (seq.output_token_ids, seq.status, seq.stop_reason) == (output, status, reason)
+    assert expected(seq) == (output, status, reason)
+
+
+def test_append_token_checks_in_order():
+    def seq(max_model_len=100, eos=(7,), **kw):
+        params = SamplingParams(**{"max_tokens": 10, **kw})
+        return Sequence(
+            seq_id=0, request_id="r", prompt_token_ids=[1, 2, 3], params=params,
+            max_model_len=max_model_len, eos_token_ids=eos,
+        )  # fmt: skip
+
+    s = seq(max_model_len=5)
+    assert s.append_token(1) is RequestStatus.WAITING
+    assert s.append_token(7) is LENGTH and s.stop_reason is None  # max_model_len before eos
+    s = seq(stop_token_ids=[7])
+    assert s.append_token(7) is STOPPED and s.stop_reason is None  # eos before stop ids
+    s = seq(stop_token_ids=[7], ignore_eos=True)
+    assert s.append_token(7) is STOPPED and s.stop_reason == 7
+    s = seq(stop_token_ids=[9], max_tokens=1)
+    assert s.append_token(9) is STOPPED and s.stop_reason == 9  # stop ids before max_tokens
+    s = seq(min_tokens=3, stop_token_ids=[9])
+    assert s.append_token(7) is s.append_token(9) is RequestStatus.WAITING
+    assert s.append_token(7) is STOPPED and s.output_token_ids == [7, 9, 7]
+    with pytest.raises(RuntimeError, match="cannot append"):
+        s.append_token(1)
+    with pytest.raises(ValueError, match="RUNNING"):
+        s.finish(RequestStatus.RUNNING)
+
+
+def test_is_prefill():
+    s = Sequence(
+        seq_id=0, request_id="r", prompt_token_ids=[5], params=SamplingParams(), max_model_len=9
+    )
+    assert s.is_prefill  # a one-token prompt's first step is a prefill
+    s.num_computed_tokens = 1
+    s.append_token(3)
+    assert not s.is_prefill and s.num_uncomputed_tokens == 1
+    s.num_computed_tokens = 0  # preempted: prompt + outputs are recomputed
+    assert s.is_prefill and s.all_token_ids == [5, 3]
+
+
+@pytest.mark.parametrize(
+    "prompt, kwargs, match",
+    [
+        ([], {}, "prompt_token_ids must not be empty"),
+        ([1] * 16, {}, "16 tokens.*max_model_len 16"),
+        ([1, -1], {}, "prompt_token_ids.*-1"),
+        ([1, True], {}, "prompt_token_ids.*True"),
+        ([1], {"priority": 1.5}, "priority.*1.5"),
+        ([1], {"eos_token_ids": (None,)}, "eos_token_ids.*None"),
+    ],
+)
+def test_add_request_rejects_bad_inputs(prompt, kwargs, match):
+    scheduler, _ = make(max_model_len=16)
+    with pytest.raises(ValueError, match=match):
+        scheduler.add_request("a", prompt, SamplingParams(), arrival_time=0, **kwargs)
+    scheduler.add_request("a", [1] * 15, SamplingParams(), arrival_time=0)  # 15 + 1 fits
+    with pytest.raises(ValueError, match="'a' is already in use"):
+        scheduler.add_request("a", [1], SamplingParams(), arrival_time=0)
+    with pytest.raises(ValueError, match="SamplingParams"):
+        scheduler.add_request("b", [1], {"n": 1}, arrival_time=0)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"max_num_seqs": 0}, "max_num_seqs.*0"),
+        ({"max_num_batched_tokens": -1}, "max_num_batched_tokens.*-1"),
+        ({"page_size": 2.0}, "page_size.*2.0"),
+        ({"max_model_len": True}, "max_model_len.*True"),
+        ({"num_pages": 15}, "num_pages must be >= 16.*got 15"),
+        ({"policy": "lifo"}, "policy.*'lifo'"),
+        ({"enable_chunked_prefill": False}, "max_num_batched_tokens.*64.*got 32"),
+        ({"max_waiting_requests": 0}, "max_waiting_requests.*0"),
+        ({"enable_prefix_caching": 1}, "enable_prefix_caching.*1"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, match):
+    kwargs = dict(
+        max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=4, num_pages=16
+    )
+    with pytest.raises(ValueError, match=match):
+        SchedulerConfig(**{**kwargs, **overrides})
+
+
+def test_max_waiting_requests():
+    from xlaserve.engine.scheduler import QueueFullError
+
+    scheduler, _ = make(max_waiting_requests=2)
+    scheduler.add_request("a", [1], SamplingParams(n=2), arrival_time=0)
+    scheduler.add_request("b", [1], SamplingParams(), arrival_time=0)
+    with pytest.raises(QueueFullError, match="2 requests"):
+        scheduler.add_request("c", [1], SamplingParams(), arrival_time=0)
+
+
+# ---------------------------------------------------------------- property test
+
+
+def check_invariants(scheduler: Scheduler, output, running_before: list[Sequence]) -> None:
+    bm, config = scheduler.block_manager, scheduler.config
+    if output.preempted:  # a step that had to preempt admits nobody
+        assert all(s.seq in running_before for s in output.scheduled)
+        assert not any(s.seq in output.preempted for s in output.scheduled)
+    owners = Counter(p for s in scheduler.running for p in s.page_ids)
+    for seq in scheduler.running:
+        assert len(set(seq.page_ids)) == len(seq.page_ids)
+        assert all(0 <= p < bm.num_pages for p in seq.page_ids)
+    for seq in scheduler.waiting:
+        assert not seq.page_ids and seq.num_computed_tokens == 0
+    assert [bm.ref_counts[p] for p in range(bm.num_pages)] == [
+        owners[p] for p in range(bm.num_pages)
+    ]
+    assert bm.num_free_pages == sum(1 for c in bm.ref_counts if c == 0)
+    shared = {p for p, c in owners.items() if c > 1}
+    for seq in scheduler.running:  # a shared page is full, computed and (if caching) cached
+        for i, p in enumerate(seq.page_ids):
+            if p in shared:
+                assert (i + 1) * config.page_size <= seq.num_computed_tokens
+                assert bm.is_cached(p) or not bm.enable_prefix_caching
+    if not bm.enable_prefix_caching:  # only siblings share
+        for p in shared:
+            assert len({s.request_id for s in scheduler.running if p in s.page_ids}) == 1
+    assert len(scheduler.running) <= config.max_num_seqs
+    assert output.num_batched_tokens <= config.max_num_batched_tokens
+    assert len({s.seq.seq_id for s in output.scheduled}) == len(output.scheduled)
+
+
+@st.composite
+def scenarios(draw):
+    page_size = draw(st.sampled_from([1, 2, 4]))
+    max_model_len = draw(st.integers(4, 20))
+    min_pages = math.ceil(max_model_len / page_size)
+    chunked = draw(st.booleans())
+    config = SchedulerConfig(
+        max_num_seqs=draw(st.integers(1, 4)),
+        max_num_batched_tokens=draw(
+            st.integers(1, 24) if chunked else st.integers(max_model_len, max_model_len + 8)
+        ),
+        max_model_len=max_model_len,
+        page_size=page_size,
+        num_pages=draw(st.integers(min_pages, 2 * min_pages + 2)),
+        enable_prefix_caching=draw(st.booleans()),
+        enable_chunked_prefill=chunked,
+        policy=draw(st.sampled_from(POLICIES)),
+    )
+    base = draw(st.lists(st.integers(0, 96), min_size=max_model_len, max_size=max_model_len))
+    requests = []
+    for _ in range(draw(st.integers(1, 8))):
+        length = draw(st.integers(1, max_model_len - 1))
+        shared = draw(st.integers(0, length))  # a shared prefix makes prefix-cache hits
+        prompt = base[:shared] + draw(
+            st.lists(st.integers(0, 96), min_size=length - shared, max_size=length - shared)
+        )
+        stream = reference_output(prompt, SamplingParams(max_tokens=None), max_model_len=99)[0]
+        max_tokens = draw(st.none() | st.integers(1, 8))
+        params = SamplingParams(
+            n=draw(st.integers(1, 3)),
+            max_tokens=max_tokens,
+            min_tokens=draw(st.integers(0, max_tokens or 3)),
+            stop_token_ids=draw(st.lists(st.sampled_from(stream[:6]), max_size=1)),
+            ignore_eos=draw(st.booleans()),
+        )
+        eos = tuple(draw(st.lists(st.sampled_from(stream[:6]), max_size=1)))
+        arrival = draw(st.integers(0, 8))
+        abort = draw(st.none() | st.tuples(st.integers(arrival, arrival + 12), st.booleans()))
+        priority = draw(st.integers(0, 2))
+        requests.append((arrival, prompt, params, eos, priority, abort))
+    return config, requests
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_random_workloads_keep_invariants_and_exact_outputs(scenario):
+    config, requests = scenario
+    scheduler = Scheduler(config)
+    runner = MockRunner(scheduler)
+    seqs: dict[str, list[Sequence]] = {}
+    aborted: set[str] = set()
+    for t in range(1000):
+        for i, (arrival, prompt, params, eos, priority, _) in enumerate(requests):
+            if arrival == t:
+                seqs[str(i)] = scheduler.add_request(
+                    str(i), prompt, params, arrival_time=t, priority=priority, eos_token_ids=eos
+                )
+        abort_now = {str(i) for i, r in enumerate(requests) if r[5] and r[5] == (t, False)}
+        abort_mid = {str(i) for i, r in enumerate(requests) if r[5] and r[5] == (t, True)}
+        for rid in abort_now:
+            if scheduler.abort_request(rid):
+                aborted.add(rid)
+        if scheduler.has_unfinished():
+            running_before = list(scheduler.running)
+            output = scheduler.schedule()
+            check_invariants(scheduler, output, running_before)
+            assert output.scheduled, "stalled"
+            sampled = runner.execute(output)
+            for rid in abort_mid:  # the client left while the step ran
+                if scheduler.abort_request(rid):
+                    aborted.add(rid)
+            scheduler.update_from_output(output, sampled)
+        elif t > max(r[0] for r in requests):
+            break
+    else:
+        pytest.fail("workload did not finish in 1000 steps")
+
+    assert_all_free(scheduler)
+    for rid, request_seqs in seqs.items():
+        for seq in request_seqs:
+            assert seq.is_finished and not seq.page_ids
+            want, status, reason = expected(seq)
+            if seq.status is ABORTED:
+                assert rid in aborted and seq.output_token_ids == want[: seq.num_output_tokens]
+            else:
+                assert (seq.output_token_ids, seq.status, seq.stop_reason) == (want, status, reason)

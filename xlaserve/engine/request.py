@@ -1,0 +1,134 @@
+"""One sample stream of a request (`Sequence`) and its lifecycle status.
+
+A request with `SamplingParams.n == k` becomes k sequences that share a prompt. The scheduler
+moves them WAITING -> RUNNING (-> PREEMPTED -> RUNNING ...) -> FINISHED_*; token-level stop
+conditions are checked here in `Sequence.append_token`, stop strings by the detokenizer (which
+ends the sequence through the scheduler's `finish_sequence`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from xlaserve.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED_STOPPED = enum.auto()  # eos, a stop token id or a stop string
+    FINISHED_LENGTH = enum.auto()  # max_tokens or max_model_len reached
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = frozenset(
+    {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
+)
+
+
+@dataclass(eq=False, kw_only=True)
+class Sequence:
+    """One sample stream: prompt + generated tokens, its KV pages and progress.
+
+    `num_computed_tokens` counts the leading tokens of `all_token_ids` whose K/V are in the
+    cache. A running sequence always has at least one uncomputed token (the last sampled one,
+    or the rest of its prompt); after a preemption it recomputes prompt + outputs so far.
+    Equality is identity (two sequences are never "equal" by content).
+    """
+
+    seq_id: int
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_model_len: int
+    sample_index: int = 0
+    arrival_time: float = 0.0
+    priority: int = 0  # lower value = more important (like vLLM)
+    eos_token_ids: tuple[int, ...] = ()
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    page_ids: list[int] = field(default_factory=list)
+    stop_reason: int | str | None = None
+    num_cached_prompt_tokens: int = 0  # prefix-cache hits at the last admission
+    # Chained content digests of this sequence's full token pages; a memo filled by the
+    # BlockManager (tokens are append-only, so the digests never go stale).
+    page_hashes: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = list(self.prompt_token_ids)
+        self.output_token_ids = list(self.output_token_ids)
+        self.eos_token_ids = tuple(self.eos_token_ids)
+        self._token_ids = self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt + outputs (the live list: read it, never mutate it)."""
+        return self._token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens to feed before the next token can be sampled (1 for a decode)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """True until the prompt (plus, after a preemption, the outputs) is computed.
+
+        A decode feeds exactly the last sampled token; anything else, including the very first
+        step of a one-token prompt, is a prefill.
+        """
+        return self.num_uncomputed_tokens > 1 or not self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_token(self, token_id: int) -> RequestStatus:
+        """Appends a sampled token and applies the token-level stop conditions, in order:
+        max_model_len reached (LENGTH), eos unless ignore_eos (STOPPED, stop_reason None),
+        a stop token id (STOPPED, stop_reason = the id), max_tokens reached (LENGTH).
+        eos and stop token ids do not count before `min_tokens` outputs exist.
+        Returns the new status.
+        """
+        if self.is_finished:
+            raise RuntimeError(f"sequence {self.seq_id} is {self.status.name}; cannot append")
+        self.output_token_ids.append(token_id)
+        self._token_ids.append(token_id)
+        params = self.params
+        if self.num_tokens >= self.max_model_len:
+            return self.finish(RequestStatus.FINISHED_LENGTH)
+        if self.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                return self.finish(RequestStatus.FINISHED_STOPPED)
+            if token_id in params.stop_token_ids:
+                return self.finish(RequestStatus.FINISHED_STOPPED, token_id)
+        if params.max_tokens is not None and self.num_output_tokens >= params.max_tokens:
+            return self.finish(RequestStatus.FINISHED_LENGTH)
+        return self.status
+
+    def finish(self, status: RequestStatus, stop_reason: int | str | None = None) -> RequestStatus:
+        """Marks the sequence finished (pages are freed by the scheduler, not here)."""
+        if not status.is_finished:
+            raise ValueError(f"finish needs a FINISHED_* status, got {status.name}")
+        self.status = status
+        self.stop_reason = stop_reason
+        return status

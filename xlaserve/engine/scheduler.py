@@ -1,0 +1,362 @@
+"""Token-budget continuous batching: chunked prefill, prefix caching, preemption, priority.
+
+One `schedule()` builds one ragged batch: running sequences first (decodes, then the next chunk
+of partial prefills), then waiting sequences admitted while the token budget, the sequence cap
+and the page pool allow. The runner feeds each `ScheduledSeq.token_ids` at positions
+`start_pos...` through `page_ids`, samples a token for those with `sample=True`, and the engine
+hands the tokens back through `update_from_output`.
+
+Samples of one request (`n > 1`) share their prompt pages: sample 0 is scheduled alone; its
+siblings wait until its prompt is computed, then take the prompt's full pages by refcount (from
+the prefix cache, or, with prefix caching off, straight from sample 0's page table) and compute
+only the rest, at least one token.
+
+Preemption is by recomputation: the victim's pages are freed, `num_computed_tokens` drops to 0
+and it waits again; when readmitted it recomputes prompt + outputs so far (prefix-cache hits
+included) and continues decoding exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from xlaserve.engine.block_manager import BlockManager, Prefix
+from xlaserve.engine.request import RequestStatus, Sequence
+from xlaserve.engine.sampling_params import SamplingParams
+
+POLICIES = ("fcfs", "priority")
+
+
+class QueueFullError(RuntimeError):
+    """`add_request` refused: `max_waiting_requests` requests are already waiting."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    page_size: int
+    num_pages: int
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # "fcfs": arrival order; "priority": (priority, arrival) order
+    max_waiting_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("max_model_len", self.max_model_len, minimum=2)
+        if self.max_waiting_requests is not None:
+            _check_int("max_waiting_requests", self.max_waiting_requests, minimum=1)
+        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        # A lone sequence of max_model_len tokens must always fit, or the scheduler could stall.
+        min_pages = math.ceil(self.max_model_len / self.page_size)
+        if self.num_pages < min_pages:
+            raise ValueError(
+                f"num_pages must be >= {min_pages} to hold one sequence of max_model_len "
+                f"{self.max_model_len} in pages of {self.page_size}, got {self.num_pages}"
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= max_model_len ({self.max_model_len}) when "
+                f"chunked prefill is off, got {self.max_num_batched_tokens}"
+            )
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's share of a step."""
+
+    seq: Sequence
+    token_ids: list[int]  # all_token_ids[start_pos : start_pos + len(token_ids)]
+    start_pos: int  # = seq.num_computed_tokens before the step
+    page_ids: list[int]  # the sequence's page table after allocation (a copy)
+    sample: bool  # True when the chunk ends at the last known token: sample the next one
+    num_cached_tokens: int  # prefix-cache tokens reused when the sequence was (re)admitted
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)  # in batch order
+    num_batched_tokens: int = 0
+    preempted: list[Sequence] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    seqs: list[Sequence]
+    prompt_ready: bool = False  # sample 0's prompt is computed: siblings may start
+
+
+class Scheduler:
+    """Device-free continuous-batching scheduler. Not thread-safe: one engine thread owns it."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.block_manager = BlockManager(
+            config.num_pages, config.page_size, config.enable_prefix_caching
+        )
+        self.waiting: list[Sequence] = []  # read-only outside: admission order
+        self.running: list[Sequence] = []  # read-only outside
+        self.num_preemptions = 0
+        self._requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+
+    # ---------------------------------------------------------------- requests
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        arrival_time: float,
+        priority: int = 0,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> list[Sequence]:
+        """Queues a request as `params.n` WAITING sequences and returns them."""
+        max_len = self.config.max_model_len
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a str, got {request_id!r}")
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompt = _token_list("prompt_token_ids", prompt_token_ids)
+        if not prompt:
+            raise ValueError("prompt_token_ids must not be empty")
+        if len(prompt) + 1 > max_len:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens leaves no room for an output token within "
+                f"max_model_len {max_len} (at most {max_len - 1} prompt tokens)"
+            )
+        eos = tuple(_token_list("eos_token_ids", eos_token_ids))
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an int, got {priority!r}")
+        if isinstance(arrival_time, bool) or not isinstance(arrival_time, int | float):
+            raise ValueError(f"arrival_time must be a number, got {arrival_time!r}")
+        limit = self.config.max_waiting_requests
+        if limit is not None and len({s.request_id for s in self.waiting}) >= limit:
+            raise QueueFullError(f"{limit} requests are already waiting (max_waiting_requests)")
+
+        seqs = [
+            Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request_id,
+                sample_index=i,
+                prompt_token_ids=prompt,
+                params=params,
+                arrival_time=float(arrival_time),
+                priority=priority,
+                eos_token_ids=eos,
+                max_model_len=max_len,
+            )
+            for i in range(params.n)
+        ]
+        self._requests[request_id] = _Request(seqs, prompt_ready=params.n == 1)
+        for seq in seqs:
+            self._enqueue(seq, preempted=False)
+        return seqs
+
+    def abort_request(self, request_id: str) -> list[Sequence]:
+        """Ends every unfinished sequence of the request (FINISHED_ABORTED), frees their pages
+        and returns them. Idempotent; an unknown id returns []."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return []
+        aborted = [seq for seq in request.seqs if not seq.is_finished]
+        for seq in aborted:
+            seq.finish(RequestStatus.FINISHED_ABORTED)
+            self._release(seq)
+        return aborted
+
+    def finish_sequence(
+        self, seq: Sequence, status: RequestStatus, stop_reason: int | str | None = None
+    ) -> None:
+        """Ends `seq` for a reason found outside the scheduler (a stop string) and frees its
+        pages. No-op if it already finished."""
+        if seq.is_finished:
+            return
+        seq.finish(status, stop_reason)
+        self._on_finished(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ---------------------------------------------------------------- the step
+
+    def schedule(self) -> SchedulerOutput:
+        """Builds one step's batch under `max_num_batched_tokens` and `max_num_seqs`."""
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[int, ScheduledSeq] = {}
+        preempted: list[Sequence] = []
+
+        # Running sequences: decodes first, then partial prefills, each in policy order.
+        order = sorted(self.running, key=lambda s: (s.is_prefill, self._policy_key(s)))
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if num_new < seq.num_uncomputed_tokens and not self.config.enable_chunked_prefill:
+                continue
+            while not self.block_manager.can_append(seq, num_new):
+                victim = max(self.running, key=self._policy_key)
+                self.preempt(victim)
+                preempted.append(victim)
+                if victim.seq_id in scheduled:
+                    budget += len(scheduled.pop(victim.seq_id).token_ids)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append_slots(seq, num_new)
+                scheduled[seq.seq_id] = self._chunk(seq, num_new)
+                budget -= num_new
+
+        # Waiting sequences, unless this step already had to preempt (no room to grow).
+        if not preempted:
+            for seq in list(self.waiting):
+                if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                    break
+                if not self._requests[seq.request_id].prompt_ready and seq.sample_index > 0:
+                    continue  # a sibling waits for sample 0's prompt pages
+                prefix = self._computed_prefix(seq)
+                num_new = seq.num_tokens - prefix[1]
+                if num_new > budget:
+                    if not self.config.enable_chunked_prefill:
+                        break
+                    num_new = budget
+                if not self.block_manager.can_allocate(seq, num_new, prefix):
+                    break
+                self.block_manager.allocate(seq, num_new, prefix)
+                self.waiting.remove(seq)
+                seq.status = RequestStatus.RUNNING
+                self.running.append(seq)
+                scheduled[seq.seq_id] = self._chunk(seq, num_new)
+                budget -= num_new
+
+        batch = list(scheduled.values())
+        return SchedulerOutput(batch, sum(len(s.token_ids) for s in batch), preempted)
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: dict[int, int]
+    ) -> list[Sequence]:
+        """Applies one executed step: advances computed tokens, appends the sampled tokens
+        (`sampled`: seq_id -> token for every entry with sample=True), caches newly full pages
+        and frees finished sequences. Returns the sequences that finished in this step.
+        Entries whose sequence was aborted or finished since `schedule()` are skipped."""
+        finished: list[Sequence] = []
+        for item in output.scheduled:
+            seq = item.seq
+            if seq.status is not RequestStatus.RUNNING:
+                continue
+            assert seq.num_computed_tokens == item.start_pos, "schedule/update out of step"
+            seq.num_computed_tokens += len(item.token_ids)
+            if item.sample:
+                if seq.seq_id not in sampled:
+                    raise ValueError(f"no sampled token for sequence {seq.seq_id} (sample=True)")
+                seq.append_token(sampled[seq.seq_id])
+            self.block_manager.cache_full_pages(seq)
+            if seq.sample_index == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self._requests[seq.request_id].prompt_ready = True
+            if seq.is_finished:
+                self._on_finished(seq)
+                finished.append(seq)
+        return finished
+
+    # ---------------------------------------------------------------- verbs
+
+    def preempt(self, seq: Sequence) -> None:
+        """Recompute-mode preemption: frees `seq`'s pages and puts it back in waiting."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = RequestStatus.PREEMPTED
+        self.num_preemptions += 1
+        self._enqueue(seq, preempted=True)
+
+    # ---------------------------------------------------------------- internals
+
+    def _policy_key(self, seq: Sequence) -> tuple:
+        """Sort key, most important first; the preemption victim is the max."""
+        if self.config.policy == "priority":
+            return (seq.priority, seq.arrival_time, seq.seq_id)
+        return (seq.arrival_time, seq.seq_id)
+
+    def _enqueue(self, seq: Sequence, *, preempted: bool) -> None:
+        if self.config.policy == "priority":
+            bisect.insort(self.waiting, seq, key=self._policy_key)
+        elif preempted:
+            self.waiting.insert(0, seq)
+        else:
+            self.waiting.append(seq)
+
+    def _computed_prefix(self, seq: Sequence) -> Prefix:
+        if seq.params.prompt_logprobs is not None and seq.sample_index == 0:
+            return [], 0  # every prompt position must be computed to score it
+        if self.block_manager.enable_prefix_caching:
+            return self.block_manager.get_computed_prefix(seq)
+        source = self._requests[seq.request_id].seqs[0]
+        if seq is not source and source.status is RequestStatus.RUNNING:
+            return self.block_manager.shared_prefix(seq, source)
+        return [], 0
+
+    def _chunk(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        end = start + num_new
+        return ScheduledSeq(
+            seq=seq,
+            token_ids=seq.all_token_ids[start:end],
+            start_pos=start,
+            page_ids=list(seq.page_ids),
+            sample=end == seq.num_tokens,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
+        )
+
+    def _on_finished(self, seq: Sequence) -> None:
+        self._release(seq)
+        request = self._requests.get(seq.request_id)
+        if request is None:
+            return
+        if seq.sample_index == 0:  # it may finish before its siblings start
+            request.prompt_ready = True
+        if all(s.is_finished for s in request.seqs):
+            del self._requests[seq.request_id]
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+
+
+def _token_list(name: str, ids: object) -> list[int]:
+    if not isinstance(ids, list | tuple):
+        raise ValueError(f"{name} must be a list of ints, got {type(ids).__name__}")
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"{name} must hold ints >= 0, got {token!r}")
+    return list(ids)
