@@ -31,3 +31,17 @@ def smollm2_hf(smollm2_gguf):
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
     )
     return model.eval()
+
+
+# One engine configuration shared by the engine tests (compiles once per session).
+ENGINE_KWARGS = dict(
+    dtype="float32", max_model_len=512, max_num_seqs=16, max_num_batched_tokens=256
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    """The offline LLM on SmolLM2 with prefix caching on and a roomy KV pool."""
+    from xlaserve import LLM
+
+    return LLM("smollm2-135m-instruct", **ENGINE_KWARGS)

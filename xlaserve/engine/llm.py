@@ -75,8 +75,10 @@ class LLM:
     def _as_prompt_list(prompts) -> list[PromptType]:
         if isinstance(prompts, str | dict):
             return [prompts]
-        if isinstance(prompts, list | tuple) and prompts and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompts
+        if (
+            isinstance(prompts, list | tuple)
+            and prompts
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts)
         ):
             raise ValueError(
                 'token-id prompts must be given as {"prompt_token_ids": [...]} '

@@ -249,7 +249,9 @@ class LLMEngine:
 
     def _record_token(self, state: RequestState, index: int, seq: Sequence, s: SampledToken):
         if s.logprob is not None:
-            state.logprobs[index].append(self._position_logprobs(s.token, s.logprob, s.top_logprobs))
+            state.logprobs[index].append(
+                self._position_logprobs(s.token, s.logprob, s.top_logprobs)
+            )
             state.cumulative_logprob[index] += s.logprob
         detok = state.detokenizers[index]
         if detok is None:
@@ -259,9 +261,7 @@ class LLMEngine:
             if seq.is_finished:  # the same token also ended it by length: the stop string wins
                 seq.finish(RequestStatus.FINISHED_STOPPED, update.stop_str)
             else:
-                self.scheduler.finish_sequence(
-                    seq, RequestStatus.FINISHED_STOPPED, update.stop_str
-                )
+                self.scheduler.finish_sequence(seq, RequestStatus.FINISHED_STOPPED, update.stop_str)
         if seq.is_finished:
             detok.flush()
             self.runner.release(seq.seq_id)

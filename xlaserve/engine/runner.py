@@ -129,7 +129,9 @@ class ModelRunner:
         self.hidden_size = model.config.hidden_size
         self.param_dtype = model.embed[...].dtype
         self.graphdef, self.params = nnx.split(model)
-        self.kv_cache = jnp.zeros(model.kv_cache_shape(config.num_pages, config.page_size), kv_dtype)
+        self.kv_cache = jnp.zeros(
+            model.kv_cache_shape(config.num_pages, config.page_size), kv_dtype
+        )
         self.penalty_state = sampler.PenaltyState.zeros(config.max_num_seqs, self.vocab_size)
         self.penalty_rows: dict[int, int] = {}  # seq_id -> row
         self.free_penalty_rows = list(range(config.max_num_seqs))
@@ -179,9 +181,7 @@ class ModelRunner:
             rows = np.zeros((self.config.max_num_seqs, self.hidden_size), self.param_dtype)
             for num_seqs in self.config.seq_buckets:
                 batch = self._sampling_batch([], num_seqs)
-                out, self.penalty_state = self._sample(
-                    self.params, rows, batch, self.penalty_state
-                )
+                out, self.penalty_state = self._sample(self.params, rows, batch, self.penalty_state)
             jax.block_until_ready(out.tokens)
             self._write_penalty_row(self.config.max_num_seqs, [], [], None)
         self.compiles_at_warmup = self.compiles.count
@@ -244,9 +244,7 @@ class ModelRunner:
                 result.sampled[s.seq.seq_id] = SampledToken(int(tokens[i]))
             else:
                 top = list(zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist(), strict=True))
-                result.sampled[s.seq.seq_id] = SampledToken(
-                    int(tokens[i]), float(token_lp[i]), top
-                )
+                result.sampled[s.seq.seq_id] = SampledToken(int(tokens[i]), float(token_lp[i]), top)
         return result
 
     def _pack_tokens(self, scheduled, bucket: int):
