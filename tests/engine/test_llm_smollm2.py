@@ -85,8 +85,8 @@ def test_greedy_batch_equals_transformers(smollm2_llm, smollm2_hf, batch_tokens)
 
 
 def test_prefix_cache_hits_and_equal_tokens_without_cache(smollm2_llm, small_pool_llm):
-    prompts = [SHARED_PREFIX + q for q in ("Who wrote Hamlet?", "What is 7 squared?",
-                                           "Name the longest river.", "Where is Kyoto?")]  # fmt: skip
+    questions = ("Who wrote Hamlet?", "What is 7 squared?", "Name the longest river.", "Kyoto?")
+    prompts = [SHARED_PREFIX + q for q in questions]
     before = smollm2_llm.get_metrics()["prefix_cache_hits"]
     first = tokens_of(smollm2_llm.generate(prompts[:1], GREEDY, use_tqdm=False))
     cached = first + tokens_of(smollm2_llm.generate(prompts[1:], GREEDY, use_tqdm=False))

@@ -363,7 +363,9 @@ class ModelRunner:
                     position=s.start_pos + 1 + j,
                     token=int(targets[r]),
                     logprob=float(token_lp[r]),
-                    top_logprobs=list(zip(top_ids[r, :k].tolist(), top_lp[r, :k].tolist())),
+                    top_logprobs=list(
+                        zip(top_ids[r, :k].tolist(), top_lp[r, :k].tolist(), strict=True)
+                    ),
                 )
                 for j, r in enumerate(rows)
             ]
