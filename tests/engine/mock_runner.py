@@ -100,3 +100,65 @@ def run_to_completion(
         scheduler.update_from_output(output, runner.execute(output))
         outputs.append(output)
     return outputs
+
+
+class EngineMockRunner:
+    """The mock behind `LLMEngine`'s runner interface (warmup / execute / release / counters).
+
+    Sampled tokens follow MockRunner's rule; when logprobs are asked for, the sampled token's
+    logprob is -(token % 10) / 10 and the top list is the sampled token alone (checkable by hand).
+    """
+
+    def __init__(self, scheduler: Scheduler, vocab_size: int = VOCAB_SIZE) -> None:
+        from xlaserve.engine.runner import CompileCounter
+
+        self.mock = MockRunner(scheduler, vocab_size)
+        self.compiles = CompileCounter()
+        self.compiles_after_warmup = 0
+        self.warmup_seconds = 0.0
+        self.released: list[int] = []
+
+    def warmup(self) -> None:
+        pass
+
+    def release(self, seq_id: int) -> None:
+        self.released.append(seq_id)
+
+    def execute(self, output: SchedulerOutput):
+        from xlaserve.engine.runner import RunnerOutput, SampledToken
+
+        sampled = self.mock.execute(output)
+        result = RunnerOutput()
+        seqs = {item.seq.seq_id: item.seq for item in output.scheduled}
+        for seq_id, token in sampled.items():
+            if seqs[seq_id].params.logprobs is None:
+                result.sampled[seq_id] = SampledToken(token)
+            else:
+                lp = -(token % 10) / 10
+                result.sampled[seq_id] = SampledToken(token, lp, [(token, lp)])
+        return result
+
+
+def mock_engine(*, num_pages: int = 64, max_num_seqs: int = 8, tokenizer=None, **scheduler_kw):
+    """An LLMEngine over the mock runner: page size 4, max_model_len 64, vocab 97, eos 0."""
+    from xlaserve.engine.llm_engine import LLMEngine
+    from xlaserve.engine.scheduler import SchedulerConfig
+
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=scheduler_kw.pop("max_num_batched_tokens", 32),
+        max_model_len=64,
+        page_size=4,
+        num_pages=num_pages,
+        **scheduler_kw,
+    )
+    scheduler = Scheduler(config)
+    return LLMEngine(
+        scheduler,
+        EngineMockRunner(scheduler),
+        tokenizer=tokenizer,
+        vocab_size=VOCAB_SIZE,
+        eos_token_ids=(0,),
+        model_name="mock",
+        dtype="none",
+    )

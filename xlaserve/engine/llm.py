@@ -22,7 +22,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **kwargs):
         args = EngineArgs(**kwargs) if model is None else EngineArgs(model=model, **kwargs)
-        self.engine = LLMEngine(args)
+        self.engine = LLMEngine.from_engine_args(args)
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -49,30 +49,54 @@ class RequestState:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs):
-        self.args = args
+    """Drives one scheduler and one runner. Built from options with `from_engine_args`, or
+    from parts (any runner with `execute`/`release`/`warmup`, e.g. a mock) with the constructor."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        runner,
+        *,
+        tokenizer,
+        vocab_size: int,
+        eos_token_ids: tuple[int, ...],
+        model_name: str = "",
+        dtype: str = "",
+    ):
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_model_len = scheduler.config.max_model_len
+        self.model_name = model_name
+        self.dtype = dtype
+        self.runner.warmup()
+        self.requests: dict[str, RequestState] = {}
+        self._owners: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, index)
+        self._request_ids = itertools.count()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        """Loads the model, sizes the KV cache from the memory budget, compiles every bucket."""
         enable_compilation_cache(args.compilation_cache_dir)
         loaded = load_model(
             args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed
         )
-        self.model_config = loaded.config
-        self.tokenizer = loaded.tokenizer
-        self.dtype = loaded.dtype
-        self.vocab_size = loaded.config.vocab_size
-        self.max_model_len = args.resolve_max_model_len(loaded.config.max_position_embeddings)
         c = loaded.config
-        page_bytes = (
-            c.num_layers * args.page_size * 2 * c.num_kv_heads * c.head_dim
-        ) * jax.numpy.dtype(loaded.dtype).itemsize
+        max_model_len = args.resolve_max_model_len(c.max_position_embeddings)
+        page_bytes = (c.num_layers * args.page_size * 2 * c.num_kv_heads * c.head_dim) * (
+            jax.numpy.dtype(loaded.dtype).itemsize
+        )
         num_pages = kv_cache_pages(
-            args, page_bytes=page_bytes, max_model_len=self.max_model_len, device=jax.devices()[0]
+            args, page_bytes=page_bytes, max_model_len=max_model_len, device=jax.devices()[0]
         )
         max_batched = args.resolve_max_num_batched_tokens()
-        self.scheduler = Scheduler(
+        scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=max_batched,
-                max_model_len=self.max_model_len,
+                max_model_len=max_model_len,
                 page_size=args.page_size,
                 num_pages=num_pages,
                 enable_prefix_caching=args.enable_prefix_caching,
@@ -81,12 +105,12 @@ class LLMEngine:
                 max_waiting_requests=args.max_waiting_requests,
             )
         )
-        self.runner = ModelRunner(
+        runner = ModelRunner(
             loaded.model,
             RunnerConfig(
                 max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=max_batched,
-                max_model_len=self.max_model_len,
+                max_model_len=max_model_len,
                 page_size=args.page_size,
                 num_pages=num_pages,
                 seed=args.seed,
@@ -94,14 +118,19 @@ class LLMEngine:
             ),
             kv_dtype=loaded.dtype,
         )
-        self.runner.warmup()
+        engine = cls(
+            scheduler,
+            runner,
+            tokenizer=loaded.tokenizer,
+            vocab_size=c.vocab_size,
+            eos_token_ids=c.eos_token_ids,
+            model_name=args.model,
+            dtype=jax.numpy.dtype(loaded.dtype).name,
+        )
         logger.info(
-            "warm-up compiled %d graphs in %.1fs", self.runner.compiles.count,
-            self.runner.warmup_seconds,
-        )  # fmt: skip
-        self.requests: dict[str, RequestState] = {}
-        self._owners: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, index)
-        self._request_ids = itertools.count()
+            "warm-up compiled %d graphs in %.1fs", runner.compiles.count, runner.warmup_seconds
+        )
+        return engine
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -159,13 +188,15 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         arrival = time.time() if arrival_time is None else arrival_time
+        # Everything that can refuse the request runs before the scheduler takes it.
+        detokenizers = [self._detokenizer(ids, params) for _ in range(params.n)]
         seqs = self.scheduler.add_request(
             request_id,
             ids,
             params,
             arrival_time=arrival,
             priority=priority,
-            eos_token_ids=self.model_config.eos_token_ids,
+            eos_token_ids=self.eos_token_ids,
         )
         state = RequestState(
             request_id=request_id,
@@ -173,7 +204,7 @@ class LLMEngine:
             prompt_token_ids=ids,
             params=params,
             seqs=seqs,
-            detokenizers=[self._detokenizer(ids, params) for _ in seqs],
+            detokenizers=detokenizers,
             metrics=RequestMetrics(arrival_time=arrival),
             logprobs=[[] for _ in seqs],
             cumulative_logprob=[0.0 for _ in seqs],
@@ -328,7 +359,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "prefix_cache_queries": bm.prefix_cache_queries,
             "prefix_cache_hits": bm.prefix_cache_hits,
-            "kv_pages_total": self.runner.config.num_pages,
+            "kv_pages_total": self.scheduler.config.num_pages,
             "kv_pages_free": bm.num_free_pages,
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
