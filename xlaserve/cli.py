@@ -1,4 +1,4 @@
-"""Command line: `xlaserve generate | convert`."""
+"""Command line: `xlaserve generate | chat | convert`."""
 
 import argparse
 import sys
@@ -15,33 +15,92 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        model=args.model,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+    )
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from xlaserve.checkpoints.loader import load_model
-    from xlaserve.models.generate import greedy_generate
+    from xlaserve import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, load_format=args.load_format, dtype=args.dtype)
-    if loaded.tokenizer is None:
-        raise SystemExit(f"error: model {args.model!r} has no tokenizer to encode the prompt")
-    tok = loaded.tokenizer
-    if args.chat:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
-        )
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    else:
-        ids = tok(args.prompt)["input_ids"]
+    llm = LLM(**engine_kwargs(args))
+    params = SamplingParams(
+        temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed
+    )
     t1 = time.perf_counter()
-    out = greedy_generate(
-        loaded.model, [ids], args.max_tokens, stop_token_ids=loaded.config.eos_token_ids
-    )[0]
+    if args.chat:
+        conversation = [{"role": "user", "content": args.prompt}]
+        out = llm.chat(conversation, params, use_tqdm=False)[0]
+        print(out.outputs[0].text)
+    else:
+        out = llm.generate(args.prompt, params, use_tqdm=False)[0]
+        print(args.prompt + out.outputs[0].text)
     t2 = time.perf_counter()
-    print(args.prompt + tok.decode(out, skip_special_tokens=True))
+    m = llm.get_metrics()
     print(
-        f"[{loaded.source}: {len(ids)} prompt + {len(out)} generated tokens; "
-        f"load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s]",
+        f"[{args.model}: {len(out.prompt_token_ids)} prompt + {len(out.outputs[0].token_ids)} "
+        f"generated tokens ({out.outputs[0].finish_reason}); start-up {t1 - t0:.1f}s "
+        f"(warm-up {m['warmup_seconds']:.1f}s, {m['compiles']} compiles), "
+        f"generate {t2 - t1:.2f}s]",
         file=sys.stderr,
     )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive REPL that streams the assistant's tokens as they are generated."""
+    from xlaserve import SamplingParams
+    from xlaserve.config import EngineArgs
+    from xlaserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_engine_args(EngineArgs(**engine_kwargs(args)))
+    tok = engine.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ValueError(f"model {args.model!r} has no chat template")
+    history: list[dict] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print(
+        "xlaserve chat: empty line or Ctrl-D to quit, /reset to clear the history", file=sys.stderr
+    )
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            del history[int(bool(args.system)) :]
+            continue
+        history.append({"role": "user", "content": line})
+        text = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+        rid = engine.add_request(None, {"prompt": text, "prompt_token_ids": ids}, params)
+        print("assistant> ", end="", flush=True)
+        shown, reply = 0, ""
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == rid:
+                    reply = out.outputs[0].text
+                    print(reply[shown:], end="", flush=True)
+                    shown = len(reply)
+        print()
+        history.append({"role": "assistant", "content": reply})
     return 0
 
 
@@ -66,12 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlaserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="greedy continuation of a prompt")
+    gen = sub.add_parser("generate", help="generate a continuation of one prompt")
     add_model_args(gen)
+    add_engine_args(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat REPL with streamed replies")
+    add_model_args(chat)
+    add_engine_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.set_defaults(func=cmd_chat)
 
     conv = sub.add_parser("convert", help="store converted parameters with orbax")
     add_model_args(conv)

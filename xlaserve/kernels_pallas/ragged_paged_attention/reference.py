@@ -15,7 +15,7 @@ import jax.numpy as jnp
 # K/V positions per block of the online-softmax loop (rounded up to whole pages). The loop runs
 # only over the blocks the longest sequence of the step uses, so the cost follows the real
 # context lengths, not max_model_len.
-KV_BLOCK_TOKENS = 128
+KV_BLOCK_TOKENS = 32
 
 
 def validate_inputs(
