@@ -159,7 +159,7 @@ class ModelRunner:
     def _prompt_logprobs_fn(self, params, hidden, targets):
         model = nnx.merge(self.graphdef, params)
         lp = jax.nn.log_softmax(model.compute_logits(hidden), axis=-1)  # [T, V]
-        top_lp, top_ids = jax.lax.top_k(lp, sampler.MAX_LOGPROBS)
+        top_lp, top_ids = sampler.top_logprobs(lp)
         return jnp.take_along_axis(lp, targets[:, None], -1)[:, 0], top_ids, top_lp
 
     # ---- public -------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def sample(
     def logprobs():
         # Logprobs of the raw model distribution (before penalties and temperature).
         lp = jax.nn.log_softmax(logits, axis=-1)
-        top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
+        top_lp, top_ids = top_logprobs(lp)
         return jnp.take_along_axis(lp, tokens[:, None], -1)[:, 0], top_ids, top_lp
 
     def no_logprobs():
@@ -144,6 +144,15 @@ def sample(
     counts = state.output_counts.at[write_rows, tokens].add(1, mode="drop")
     new_state = PenaltyState(state.prompt_mask, counts, state.logit_bias)
     return SamplerOutput(tokens, token_lp, top_ids, top_lp), new_state
+
+
+def top_logprobs(lp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Best MAX_LOGPROBS (logprob, id) per row; a vocabulary smaller than that is padded
+    with logprob -inf."""
+    k = min(MAX_LOGPROBS, lp.shape[-1])
+    top_lp, top_ids = jax.lax.top_k(lp, k)
+    pad = ((0, 0), (0, MAX_LOGPROBS - k))
+    return jnp.pad(top_lp, pad, constant_values=-jnp.inf), jnp.pad(top_ids, pad)
 
 
 def init_penalty_row(
