@@ -18,6 +18,7 @@ DEFAULT_COMPILATION_CACHE = str(Path.home() / ".cache" / "xlaserve" / "jax")
 # sequences of max_model_len need, capped at this share of available host memory.
 CPU_KV_SHARE = 0.3
 ACCELERATOR_KV_FRACTION = 0.9
+BACKENDS = ("jax", "torch")
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,21 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     max_waiting_requests: int | None = None
     seed: int = 0
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
     compilation_cache_dir: str | None = DEFAULT_COMPILATION_CACHE
     min_token_bucket: int = 16
+    # "jax" (the engine) or "torch" (the torch/Triton parity backend in kernels_cuda/).
+    backend: str = "jax"
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "page_size", "min_token_bucket"):
+        for name in (
+            "max_num_seqs",
+            "page_size",
+            "min_token_bucket",
+            "tensor_parallel_size",
+            "data_parallel_size",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -60,6 +71,8 @@ class EngineArgs:
                 raise ValueError(f"kv_cache_memory must be positive, got {kv}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     def resolve_max_model_len(self, model_max: int) -> int:
         if self.max_model_len is None:

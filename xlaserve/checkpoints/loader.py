@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerBase
 
 from xlaserve.checkpoints import hf, orbax_store
@@ -20,6 +21,8 @@ from xlaserve.models.transformer import (
     model_from_params,
     params_from_hf_tensors,
 )
+from xlaserve.sharding.mesh import MODEL
+from xlaserve.sharding.rules import check_tensor_parallel, init_sharded, placer
 
 LOAD_FORMATS = ("auto", "hf", "gguf", "orbax", "dummy")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -95,13 +98,17 @@ def drop_tied_head(config: TransformerConfig, tensors: dict[str, np.ndarray], so
 
 
 def model_from_hf_tensors(
-    hf_config: dict, tensors: dict[str, np.ndarray], dtype, source: str
+    hf_config: dict, tensors: dict[str, np.ndarray], dtype, source: str, mesh=None
 ) -> tuple[Transformer, TransformerConfig]:
     model_cls, config = resolve_architecture(hf_config)
     drop_tied_head(config, tensors, source)
     check_tensors(expected_hf_tensors(config), tensors, source)
     top, layers = params_from_hf_tensors(config, tensors)
-    return model_from_params(model_cls, config, top, layers, dtype), config
+    place = None
+    if mesh is not None:
+        check_tensor_parallel(config, mesh.shape[MODEL])
+        place = placer(config, mesh)
+    return model_from_params(model_cls, config, top, layers, dtype, place), config
 
 
 def load_model(
@@ -111,20 +118,28 @@ def load_model(
     dtype: str = "auto",
     seed: int = 0,
     with_tokenizer: bool = True,
+    mesh: Mesh | None = None,
 ) -> LoadedModel:
-    """Loads a bundled model name, an HF folder, a GGUF file, an orbax folder or a dummy preset."""
+    """Loads a bundled model name, an HF folder, a GGUF file, an orbax folder or a dummy preset.
+
+    With a mesh, every parameter goes straight into its shards (see sharding/rules.py).
+    """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
     jdtype = resolve_dtype(dtype)
     if load_format == "dummy":
         model_cls, config = preset_config(model)
-        module = model_cls(config, dtype=jdtype, rngs=nnx.Rngs(seed))
+        if mesh is None:
+            module = model_cls(config, dtype=jdtype, rngs=nnx.Rngs(seed))
+        else:
+            check_tensor_parallel(config, mesh.shape[MODEL])
+            module = init_sharded(model_cls, config, dtype=jdtype, seed=seed, mesh=mesh)
         return LoadedModel(module, config, None, model, jdtype)
 
     path = resolve_bundled(model) or Path(model)
     fmt = detect_format(path) if load_format == "auto" else load_format
     if fmt == "orbax":
-        module, config = orbax_store.restore(path, dtype=jdtype)
+        module, config = orbax_store.restore(path, dtype=jdtype, mesh=mesh)
         tokenizer = orbax_store.load_tokenizer(path) if with_tokenizer else None
         return LoadedModel(module, config, tokenizer, str(path), jdtype)
     if fmt == "gguf":
@@ -132,14 +147,18 @@ def load_model(
 
         gguf_path = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
         ckpt = read_gguf(gguf_path)
-        module, config = model_from_hf_tensors(ckpt.config, ckpt.tensors, jdtype, str(gguf_path))
+        module, config = model_from_hf_tensors(
+            ckpt.config, ckpt.tensors, jdtype, str(gguf_path), mesh
+        )
         tokenizer = load_tokenizer(gguf_path) if with_tokenizer else None
         return LoadedModel(module, config, tokenizer, str(gguf_path), jdtype)
     if not hf.is_hf_folder(path):
         raise FileNotFoundError(f"no config.json in {path}")
     hf_config = hf.read_config(path)
     model_cls, _ = resolve_architecture(hf_config)  # fail on the architecture before reading
-    module, config = model_from_hf_tensors(hf_config, hf.read_tensors(path), jdtype, str(path))
+    module, config = model_from_hf_tensors(
+        hf_config, hf.read_tensors(path), jdtype, str(path), mesh
+    )
     tokenizer = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None
     return LoadedModel(module, config, tokenizer, str(path), jdtype)
 

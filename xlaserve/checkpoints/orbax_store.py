@@ -12,11 +12,14 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding
 from transformers import PreTrainedTokenizerBase
 
 from xlaserve.models.layers import RopeScaling
 from xlaserve.models.registry import MODEL_REGISTRY
 from xlaserve.models.transformer import Transformer, TransformerConfig, model_from_params
+from xlaserve.sharding.mesh import MODEL
+from xlaserve.sharding.rules import check_tensor_parallel, logical_rules, placer, spec_for
 
 MARKER = "xlaserve_model.json"
 FORMAT_VERSION = 1
@@ -77,7 +80,8 @@ def save(
     return out
 
 
-def restore(path: str | Path, *, dtype) -> tuple[Transformer, TransformerConfig]:
+def restore(path: str | Path, *, dtype, mesh=None) -> tuple[Transformer, TransformerConfig]:
+    """Restores the parameters; with a mesh, orbax reads each shard straight onto its device."""
     path = Path(path).absolute()
     try:
         meta = json.loads((path / MARKER).read_text())
@@ -88,14 +92,43 @@ def restore(path: str | Path, *, dtype) -> tuple[Transformer, TransformerConfig]
     config = config_from_json(meta["config"])
     model_cls, _ = MODEL_REGISTRY[config.architecture]
     stored = jnp.dtype(meta["dtype"])
+    abstract_model = nnx.eval_shape(lambda: model_cls(config, dtype=stored, rngs=nnx.Rngs(0)))
     abstract = jax.eval_shape(
         lambda: param_tree(model_cls(config, dtype=stored, rngs=nnx.Rngs(0)), stored)
     )
+    place = None
+    if mesh is not None:
+        check_tensor_parallel(config, mesh.shape[MODEL])
+        rules = logical_rules(config, mesh.shape[MODEL])
+        axes = param_axes(abstract_model)
+        abstract = {
+            group: {
+                name: jax.ShapeDtypeStruct(
+                    x.shape,
+                    x.dtype,
+                    sharding=NamedSharding(mesh, spec_for(axes[group][name], rules)),
+                )
+                for name, x in tree.items()
+            }
+            for group, tree in abstract.items()
+        }
+        place = placer(config, mesh)
     if not (path / "params").is_dir():
         raise FileNotFoundError(f"orbax parameters missing: {path / 'params'}")
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.restore(path / "params", abstract)
-    return model_from_params(model_cls, config, tree["top"], tree["layers"], dtype), config
+    model = model_from_params(model_cls, config, tree["top"], tree["layers"], dtype, place)
+    return model, config
+
+
+def param_axes(model: Transformer) -> dict:
+    def axes(owner, name):
+        return getattr(owner, name).get_metadata()["logical_axes"]
+
+    return {
+        "top": {name: axes(model, name) for name in top_names(model)},
+        "layers": {name: axes(model.layers, name) for name in model.layers.names},
+    }
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from xlaserve.config import EngineArgs
-from xlaserve.engine.llm_engine import LLMEngine, PromptType
+from xlaserve.engine.dp_engine import build_engine
+from xlaserve.engine.llm_engine import PromptType
 from xlaserve.engine.outputs import RequestOutput
 from xlaserve.engine.sampling_params import SamplingParams
 
@@ -22,7 +23,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **kwargs):
         args = EngineArgs(**kwargs) if model is None else EngineArgs(model=model, **kwargs)
-        self.engine = LLMEngine.from_engine_args(args)
+        self.engine = build_engine(args)
 
     def get_tokenizer(self):
         return self.engine.tokenizer

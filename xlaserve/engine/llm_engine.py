@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import jax
+from jax.sharding import Mesh
 
 from xlaserve.checkpoints.loader import load_model
 from xlaserve.config import EngineArgs, enable_compilation_cache, kv_cache_pages
@@ -21,6 +22,7 @@ from xlaserve.engine.request import RequestStatus, Sequence
 from xlaserve.engine.runner import ModelRunner, RunnerConfig, SampledToken
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
+from xlaserve.sharding.mesh import MODEL, make_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -77,19 +79,32 @@ class LLMEngine:
         self._request_ids = itertools.count()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
-        """Loads the model, sizes the KV cache from the memory budget, compiles every bucket."""
+    def from_engine_args(cls, args: EngineArgs, mesh: Mesh | None = None) -> "LLMEngine":
+        """Loads the model, sizes the KV cache from the memory budget, compiles every bucket.
+
+        mesh: the devices of this one replica (default: the first tensor_parallel_size devices
+        when tensor_parallel_size > 1, else the default device).
+        """
+        if args.backend == "torch":
+            from xlaserve.kernels_cuda.engine import build_torch_engine
+
+            return build_torch_engine(cls, args, mesh)
         enable_compilation_cache(args.compilation_cache_dir)
+        if mesh is None and args.tensor_parallel_size > 1:
+            mesh = make_mesh(args.tensor_parallel_size)
         loaded = load_model(
-            args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed
+            args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed, mesh=mesh
         )
         c = loaded.config
         max_model_len = args.resolve_max_model_len(c.max_position_embeddings)
         page_bytes = (c.num_layers * args.page_size * 2 * c.num_kv_heads * c.head_dim) * (
             jax.numpy.dtype(loaded.dtype).itemsize
         )
+        devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+        if mesh is not None:  # the cache is split over the KV heads when they divide
+            page_bytes //= mesh.shape[MODEL] if c.num_kv_heads % mesh.shape[MODEL] == 0 else 1
         num_pages = kv_cache_pages(
-            args, page_bytes=page_bytes, max_model_len=max_model_len, device=jax.devices()[0]
+            args, page_bytes=page_bytes, max_model_len=max_model_len, device=devices[0]
         )
         max_batched = args.resolve_max_num_batched_tokens()
         scheduler = Scheduler(
@@ -117,6 +132,7 @@ class LLMEngine:
                 min_token_bucket=args.min_token_bucket,
             ),
             kv_dtype=loaded.dtype,
+            mesh=mesh,
         )
         engine = cls(
             scheduler,

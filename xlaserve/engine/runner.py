@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from xlaserve.engine import sampler
 from xlaserve.engine.scheduler import SchedulerOutput
 from xlaserve.models.attention import AttentionMetadata
 from xlaserve.models.transformer import Transformer
+from xlaserve.sharding import rules
 
 logger = logging.getLogger(__name__)
 LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
@@ -120,31 +122,37 @@ def needs_penalty_state(params) -> bool:
     )
 
 
-class ModelRunner:
-    """Owns the parameters, the paged KV cache and the compiled step functions."""
+class DeviceSteps:
+    """The device half of the runner: parameters, KV cache, penalty state and the jitted steps.
 
-    def __init__(self, model: Transformer, config: RunnerConfig, *, kv_dtype):
+    Every method takes host (numpy) inputs, so a multi-host leader can broadcast exactly these
+    inputs and every process runs the same steps (see sharding/distributed.py). The last
+    forward's outputs stay on the device for the sampling and prompt-logprob steps.
+    """
+
+    def __init__(self, model: Transformer, config: RunnerConfig, *, kv_dtype, mesh=None):
         self.config = config
-        self.vocab_size = model.config.vocab_size
-        self.hidden_size = model.config.hidden_size
-        self.param_dtype = model.embed[...].dtype
+        self.mesh = mesh
         self.graphdef, self.params = nnx.split(model)
-        self.kv_cache = jnp.zeros(
-            model.kv_cache_shape(config.num_pages, config.page_size), kv_dtype
+        cache_shape = model.kv_cache_shape(config.num_pages, config.page_size)
+        state_zeros = partial(
+            sampler.PenaltyState.zeros, config.max_num_seqs, model.config.vocab_size
         )
-        self.penalty_state = sampler.PenaltyState.zeros(config.max_num_seqs, self.vocab_size)
-        self.penalty_rows: dict[int, int] = {}  # seq_id -> row
-        self.free_penalty_rows = list(range(config.max_num_seqs))
-        self.engine_seed = np.uint32(config.seed % 2**32)
-        self.compiles = CompileCounter()
-        self.compiles_at_warmup: int | None = None
-        self.warmup_seconds: float | None = None
+        if mesh is None:
+            self.kv_cache = jnp.zeros(cache_shape, kv_dtype)
+            self.penalty_state = state_zeros()
+        else:
+            self.kv_cache = jax.jit(
+                lambda: jnp.zeros(cache_shape, kv_dtype),
+                out_shardings=rules.kv_cache_sharding(model.config, mesh),
+            )()
+            self.penalty_state = jax.jit(state_zeros, out_shardings=rules.replicated(mesh))()
+        self.rows = self.hidden = None
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,))
         self._sample = jax.jit(self._sample_fn, donate_argnums=(3,))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn)
         self._init_row = jax.jit(sampler.init_penalty_row, donate_argnums=(0,))
 
-    # ---- compiled functions -------------------------------------------------------------
     def _forward_fn(self, params, kv_cache, input_ids, positions, metadata, logits_indices):
         model = nnx.merge(self.graphdef, params)
         kv_cache, hidden = model(input_ids, positions, kv_cache, metadata)  # hidden: [T, D]
@@ -162,6 +170,52 @@ class ModelRunner:
         top_lp, top_ids = sampler.top_logprobs(lp)
         return jnp.take_along_axis(lp, targets[:, None], -1)[:, 0], top_ids, top_lp
 
+    def _put(self, tree):
+        """Host inputs as replicated global arrays when the mesh spans several processes."""
+        if self.mesh is None or jax.process_count() == 1:
+            return tree
+        sharding = rules.replicated(self.mesh)
+        return jax.tree.map(
+            lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: x[i]), tree
+        )
+
+    def forward(self, input_ids, positions, metadata, logits_indices) -> None:
+        args = self._put((input_ids, positions, metadata, logits_indices))
+        self.kv_cache, self.rows, self.hidden = self._forward(self.params, self.kv_cache, *args)
+
+    def sample(self, batch: sampler.SamplingBatch) -> sampler.SamplerOutput:
+        out, self.penalty_state = self._sample(
+            self.params, self.rows, self._put(batch), self.penalty_state
+        )
+        return out
+
+    def prompt_logprobs(self, targets):
+        return self._prompt_logprobs(self.params, self.hidden, self._put(targets))
+
+    def init_penalty_row(self, row, mask, counts, bias) -> None:
+        args = self._put((row, mask, counts, bias))
+        self.penalty_state = self._init_row(self.penalty_state, *args)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A replicated device array as numpy (its local copy, also on multi-host meshes)."""
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+class ModelRunner:
+    """Host half: scheduler batches to padded bucket arrays and device results to tokens."""
+
+    def __init__(self, model: Transformer, config: RunnerConfig, *, kv_dtype, mesh=None):
+        self.config = config
+        self.vocab_size = model.config.vocab_size
+        self.steps = DeviceSteps(model, config, kv_dtype=kv_dtype, mesh=mesh)
+        self.penalty_rows: dict[int, int] = {}  # seq_id -> row
+        self.free_penalty_rows = list(range(config.max_num_seqs))
+        self.engine_seed = np.uint32(config.seed % 2**32)
+        self.compiles = CompileCounter()
+        self.compiles_at_warmup: int | None = None
+        self.warmup_seconds: float | None = None
+
     # ---- public -------------------------------------------------------------------------
     @property
     def compiles_after_warmup(self) -> int:
@@ -175,14 +229,11 @@ class ModelRunner:
         start = time.perf_counter()
         with self.compiles.track():
             for num_tokens in self.config.token_buckets:
-                inputs = self._pack_tokens([], num_tokens)
-                self.kv_cache, _, hidden = self._forward(self.params, self.kv_cache, *inputs)
-                self._prompt_logprobs(self.params, hidden, jnp.zeros(num_tokens, jnp.int32))
-            rows = np.zeros((self.config.max_num_seqs, self.hidden_size), self.param_dtype)
+                self.steps.forward(*self._pack_tokens([], num_tokens))
+                self.steps.prompt_logprobs(np.zeros(num_tokens, np.int32))
             for num_seqs in self.config.seq_buckets:
-                batch = self._sampling_batch([], num_seqs)
-                out, self.penalty_state = self._sample(self.params, rows, batch, self.penalty_state)
-            jax.block_until_ready(out.tokens)
+                out = self.steps.sample(self._sampling_batch([], num_seqs))
+            to_host(out.tokens)
             self._write_penalty_row(self.config.max_num_seqs, [], [], None)
         self.compiles_at_warmup = self.compiles.count
         self.warmup_seconds = time.perf_counter() - start
@@ -212,11 +263,10 @@ class ModelRunner:
         scheduled = out.scheduled
         num_tokens = sum(len(s.token_ids) for s in scheduled)
         bucket = next(b for b in self.config.token_buckets if b >= num_tokens)
-        inputs = self._pack_tokens(scheduled, bucket)
-        self.kv_cache, rows, hidden = self._forward(self.params, self.kv_cache, *inputs)
+        self.steps.forward(*self._pack_tokens(scheduled, bucket))
         result = RunnerOutput()
         if any(s.seq.params.prompt_logprobs is not None for s in scheduled):
-            result.prompt_logprobs = self._collect_prompt_logprobs(scheduled, hidden, bucket)
+            result.prompt_logprobs = self._collect_prompt_logprobs(scheduled, bucket)
         sampling = [s for s in scheduled if s.sample]
         if not sampling:
             return result
@@ -230,12 +280,12 @@ class ModelRunner:
                 )
         num_seqs = next(b for b in self.config.seq_buckets if b >= len(scheduled))
         batch = self._sampling_batch(scheduled, num_seqs)
-        sampled, self.penalty_state = self._sample(self.params, rows, batch, self.penalty_state)
-        tokens = np.asarray(sampled.tokens)
+        sampled = self.steps.sample(batch)
+        tokens = to_host(sampled.tokens)
         want_logprobs = any(s.seq.params.logprobs is not None for s in sampling)
         if want_logprobs:
-            token_lp = np.asarray(sampled.token_logprobs)
-            top_ids, top_lp = np.asarray(sampled.top_ids), np.asarray(sampled.top_logprobs)
+            token_lp = to_host(sampled.token_logprobs)
+            top_ids, top_lp = to_host(sampled.top_ids), to_host(sampled.top_logprobs)
         for i, s in enumerate(scheduled):
             if not s.sample:
                 continue
@@ -333,9 +383,9 @@ class ModelRunner:
         mask, counts, bias = sampler.penalty_row_values(
             prompt_ids, output_ids, logit_bias, self.vocab_size
         )
-        self.penalty_state = self._init_row(self.penalty_state, np.int32(row), mask, counts, bias)
+        self.steps.init_penalty_row(np.int32(row), mask, counts, bias)
 
-    def _collect_prompt_logprobs(self, scheduled, hidden, bucket) -> dict[int, list]:
+    def _collect_prompt_logprobs(self, scheduled, bucket) -> dict[int, list]:
         targets = np.zeros(bucket, np.int32)
         offset, spans = 0, []
         for s in scheduled:
@@ -352,9 +402,7 @@ class ModelRunner:
             offset += n
         if not spans:
             return {}
-        token_lp, top_ids, top_lp = (
-            np.asarray(x) for x in self._prompt_logprobs(self.params, hidden, targets)
-        )
+        token_lp, top_ids, top_lp = (to_host(x) for x in self.steps.prompt_logprobs(targets))
         result = {}
         for s, rows in spans:
             k = s.seq.params.prompt_logprobs

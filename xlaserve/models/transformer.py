@@ -242,11 +242,21 @@ def model_from_params(
     top: dict[str, np.ndarray | jax.Array],
     layers: dict[str, np.ndarray | jax.Array],
     dtype,
+    place=None,
 ) -> Transformer:
-    """A model holding the given parameters, built without materializing a random init."""
+    """A model holding the given parameters, built without materializing a random init.
+
+    place(variable, host_array) -> device array puts each parameter where it belongs (e.g.
+    straight into its shards); by default everything goes to the default device.
+    """
     model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    for name, value in top.items():
-        getattr(model, name).set_value(jnp.asarray(value, dtype=dtype))
-    for name, value in layers.items():
-        getattr(model.layers, name).set_value(jnp.asarray(value, dtype=dtype))
+    jdtype = jnp.dtype(dtype)
+    for owner, values in ((model, top), (model.layers, layers)):
+        for name, value in values.items():
+            variable = getattr(owner, name)
+            if place is None:
+                variable.set_value(jnp.asarray(value, dtype=jdtype))
+            else:
+                host = value if isinstance(value, jax.Array) else np.asarray(value).astype(jdtype)
+                variable.set_value(place(variable, host).astype(jdtype))
     return model

@@ -1,0 +1,78 @@
+"""Tensor and data parallelism give the same tokens as one device; shardings split memory."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from xlaserve.models.registry import preset_config
+from xlaserve.sharding.mesh import make_mesh
+from xlaserve.sharding.rules import (
+    check_tensor_parallel,
+    kv_cache_sharding,
+    param_shardings,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def parallel_results():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests/sharding/tp_dp_check.py")],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("layout", ["tp2/dp1", "tp4/dp1", "tp8/dp1", "tp4/dp2"])
+def test_same_tokens_and_logprobs_as_one_device(parallel_results, model, layout):
+    one = parallel_results[f"{model}/tp1/dp1"]
+    got = parallel_results[f"{model}/{layout}"]
+    assert got["tokens"] == one["tokens"]
+    for a, b in zip(got["logprobs"], one["logprobs"], strict=True):
+        # float32; only the order of the cross-device sums differs.
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert got["compiles_after_warmup"] == 0 and got["pages_back"]
+    if layout.endswith("dp2"):
+        assert all(q > 0 for q in got["replica_queries"])  # both replicas served requests
+
+
+def test_llama_3_8b_tensor_parallel_8_splits_parameters_and_kv_evenly():
+    model_cls, config = preset_config("llama-3-8b")
+    abstract = nnx.eval_shape(lambda: model_cls(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    mesh = jax.sharding.AbstractMesh((1, 8), ("data", "model"))  # shapes only, no devices
+    shardings = param_shardings(abstract, mesh)
+    params = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    total = sum(int(np.prod(p.shape)) * 2 for p in params)
+    per_device = sum(
+        int(np.prod(s.shard_shape(p.shape))) * 2
+        for p, s in zip(params, jax.tree.leaves(shardings), strict=True)
+    )
+    assert abs(per_device - total / 8) / (total / 8) < 0.05, (per_device, total / 8)
+    cache_shape = abstract.kv_cache_shape(num_pages=1024, page_size=16)
+    cache_bytes = int(np.prod(cache_shape)) * 2
+    shard = kv_cache_sharding(config, mesh).shard_shape(cache_shape)
+    assert int(np.prod(shard)) * 2 == cache_bytes // 8
+
+
+def test_head_counts_that_do_not_split_are_refused_with_sizes_that_work():
+    _, config = preset_config("smollm2-135m")  # 9 query heads, 3 KV heads
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 2 .* sizes that work: \[1, 3, 9\]"):
+        check_tensor_parallel(config, 2)
+
+
+def test_mesh_needs_enough_devices():
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        make_mesh(8, 2, devices=jax.devices()[:1] * 8)
