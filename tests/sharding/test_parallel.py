@@ -76,3 +76,40 @@ def test_head_counts_that_do_not_split_are_refused_with_sizes_that_work():
 def test_mesh_needs_enough_devices():
     with pytest.raises(ValueError, match="needs 16 devices"):
         make_mesh(8, 2, devices=jax.devices()[:1] * 8)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_tensor_parallel_equal_one_device(tmp_path):
+    from xlaserve import LLM, SamplingParams
+
+    sys.path.insert(0, str(ROOT))
+    from tests.sharding.multihost_worker import PROMPTS
+    from tests.sharding.tp_dp_check import save
+
+    save("llama", str(tmp_path))
+    alone = LLM(str(tmp_path), dtype="float32", max_model_len=128, max_num_seqs=4,
+                max_num_batched_tokens=64, compilation_cache_dir=None)  # fmt: skip
+    expected = [o.outputs[0].token_ids for o in alone.generate(
+        PROMPTS, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)]  # fmt: skip
+    coordinator = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    worker = str(ROOT / "tests/sharding/multihost_worker.py")
+    procs = [
+        subprocess.Popen([sys.executable, worker, str(tmp_path), coordinator, str(i)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for i in range(2)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    result = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert result["tokens"] == expected
+    assert result["compiles_after_warmup"] == 0

@@ -89,53 +89,10 @@ class LLMEngine:
             from xlaserve.kernels_cuda.engine import build_torch_engine
 
             return build_torch_engine(cls, args, mesh)
-        enable_compilation_cache(args.compilation_cache_dir)
-        if mesh is None and args.tensor_parallel_size > 1:
-            mesh = make_mesh(args.tensor_parallel_size)
-        loaded = load_model(
-            args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed, mesh=mesh
-        )
+        loaded, scheduler_config, runner = build_model_runner(args, mesh)
         c = loaded.config
-        max_model_len = args.resolve_max_model_len(c.max_position_embeddings)
-        page_bytes = (c.num_layers * args.page_size * 2 * c.num_kv_heads * c.head_dim) * (
-            jax.numpy.dtype(loaded.dtype).itemsize
-        )
-        devices = jax.devices() if mesh is None else list(mesh.devices.flat)
-        if mesh is not None:  # the cache is split over the KV heads when they divide
-            page_bytes //= mesh.shape[MODEL] if c.num_kv_heads % mesh.shape[MODEL] == 0 else 1
-        num_pages = kv_cache_pages(
-            args, page_bytes=page_bytes, max_model_len=max_model_len, device=devices[0]
-        )
-        max_batched = args.resolve_max_num_batched_tokens()
-        scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=max_batched,
-                max_model_len=max_model_len,
-                page_size=args.page_size,
-                num_pages=num_pages,
-                enable_prefix_caching=args.enable_prefix_caching,
-                enable_chunked_prefill=args.enable_chunked_prefill,
-                policy=args.scheduling_policy,
-                max_waiting_requests=args.max_waiting_requests,
-            )
-        )
-        runner = ModelRunner(
-            loaded.model,
-            RunnerConfig(
-                max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=max_batched,
-                max_model_len=max_model_len,
-                page_size=args.page_size,
-                num_pages=num_pages,
-                seed=args.seed,
-                min_token_bucket=args.min_token_bucket,
-            ),
-            kv_dtype=loaded.dtype,
-            mesh=mesh,
-        )
         engine = cls(
-            scheduler,
+            Scheduler(scheduler_config),
             runner,
             tokenizer=loaded.tokenizer,
             vocab_size=c.vocab_size,
@@ -147,6 +104,12 @@ class LLMEngine:
             "warm-up compiled %d graphs in %.1fs", runner.compiles.count, runner.warmup_seconds
         )
         return engine
+
+    def shutdown(self) -> None:
+        """Releases followers of a multi-host mesh (they exit their step loop)."""
+        stop = getattr(getattr(self.runner, "steps", None), "stop_followers", None)
+        if stop is not None:
+            stop()
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -380,3 +343,60 @@ class LLMEngine:
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
         }
+
+
+def build_model_runner(args: EngineArgs, mesh: Mesh | None = None):
+    """(loaded model, scheduler config, runner) for these options: the model on its mesh and a
+    KV cache sized from the memory budget. Every process of a multi-host mesh builds the same."""
+    enable_compilation_cache(args.compilation_cache_dir)
+    if mesh is None and (args.tensor_parallel_size > 1 or jax.process_count() > 1):
+        mesh = make_mesh(args.tensor_parallel_size)
+    loaded = load_model(
+        args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed, mesh=mesh
+    )
+    c = loaded.config
+    max_model_len = args.resolve_max_model_len(c.max_position_embeddings)
+    page_bytes = (c.num_layers * args.page_size * 2 * c.num_kv_heads * c.head_dim) * (
+        jax.numpy.dtype(loaded.dtype).itemsize
+    )
+    devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+    if mesh is not None:  # the cache is split over the KV heads when they divide
+        page_bytes //= mesh.shape[MODEL] if c.num_kv_heads % mesh.shape[MODEL] == 0 else 1
+    num_pages = kv_cache_pages(
+        args, page_bytes=page_bytes, max_model_len=max_model_len, device=devices[0]
+    )
+    max_batched = args.resolve_max_num_batched_tokens()
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max_batched,
+        max_model_len=max_model_len,
+        page_size=args.page_size,
+        num_pages=num_pages,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        policy=args.scheduling_policy,
+        max_waiting_requests=args.max_waiting_requests,
+    )
+    runner = ModelRunner(
+        loaded.model,
+        RunnerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            max_model_len=max_model_len,
+            page_size=args.page_size,
+            num_pages=num_pages,
+            seed=args.seed,
+            min_token_bucket=args.min_token_bucket,
+        ),
+        kv_dtype=loaded.dtype,
+        mesh=mesh,
+    )
+    return loaded, scheduler_config, runner
+
+
+def run_follower(args: EngineArgs) -> None:
+    """A non-leader process of a multi-host mesh: same model and steps, no scheduling."""
+    from xlaserve.sharding.distributed import follow
+
+    _, _, runner = build_model_runner(args)
+    follow(runner)

@@ -22,7 +22,7 @@ from xlaserve.engine import sampler
 from xlaserve.engine.scheduler import SchedulerOutput
 from xlaserve.models.attention import AttentionMetadata
 from xlaserve.models.transformer import Transformer
-from xlaserve.sharding import rules
+from xlaserve.sharding import distributed, rules
 
 logger = logging.getLogger(__name__)
 LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
@@ -209,6 +209,8 @@ class ModelRunner:
         self.config = config
         self.vocab_size = model.config.vocab_size
         self.steps = DeviceSteps(model, config, kv_dtype=kv_dtype, mesh=mesh)
+        if jax.process_count() > 1 and jax.process_index() == 0:
+            self.steps = distributed.BroadcastSteps(self.steps)  # followers replay each step
         self.penalty_rows: dict[int, int] = {}  # seq_id -> row
         self.free_penalty_rows = list(range(config.max_num_seqs))
         self.engine_seed = np.uint32(config.seed % 2**32)

@@ -83,8 +83,11 @@ def placer(config: TransformerConfig, mesh: Mesh):
     rules = logical_rules(config, mesh.shape[MODEL])
 
     def place(variable: nnx.Variable, host):
-        axes = variable.get_metadata()["logical_axes"]
-        return jax.device_put(host, NamedSharding(mesh, spec_for(axes, rules)))
+        sharding = NamedSharding(mesh, spec_for(variable.get_metadata()["logical_axes"], rules))
+        if isinstance(host, jax.Array):
+            return jax.device_put(host, sharding)
+        # Each addressable device copies its own slice (also when the mesh spans processes).
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return place
 
