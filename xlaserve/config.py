@@ -41,6 +41,8 @@ class EngineArgs:
     data_parallel_size: int = 1
     compilation_cache_dir: str | None = DEFAULT_COMPILATION_CACHE
     min_token_bucket: int = 16
+    # Explicit token buckets (None: powers of two from min_token_bucket to the token budget).
+    token_buckets: tuple[int, ...] | None = None
     # "jax" (the engine) or "torch" (the torch/Triton parity backend in kernels_cuda/).
     backend: str = "jax"
 
@@ -61,6 +63,17 @@ class EngineArgs:
                 raise ValueError(f"{name} must be an int or None, got {value!r}")
             if value is not None and value < 2:
                 raise ValueError(f"{name} must be >= 2, got {value}")
+        if self.token_buckets is not None and (
+            not isinstance(self.token_buckets, tuple | list)
+            or not self.token_buckets
+            or any(
+                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.token_buckets
+            )
+        ):
+            raise ValueError(
+                "token_buckets must be a non-empty tuple of positive ints, "
+                f"got {self.token_buckets!r}"
+            )
         kv = self.kv_cache_memory
         if kv is not None:
             if isinstance(kv, bool) or not isinstance(kv, int | float):

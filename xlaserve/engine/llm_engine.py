@@ -387,6 +387,7 @@ def build_model_runner(args: EngineArgs, mesh: Mesh | None = None):
             num_pages=num_pages,
             seed=args.seed,
             min_token_bucket=args.min_token_bucket,
+            token_bucket_sizes=tuple(args.token_buckets) if args.token_buckets else None,
         ),
         kv_dtype=loaded.dtype,
         mesh=mesh,

@@ -46,9 +46,15 @@ class RunnerConfig:
     num_pages: int
     seed: int = 0
     min_token_bucket: int = 16
+    # An explicit token-bucket set (e.g. from `xlaserve bench buckets`); the token budget is
+    # always added as the largest bucket.
+    token_bucket_sizes: tuple[int, ...] | None = None
 
     @property
     def token_buckets(self) -> tuple[int, ...]:
+        if self.token_bucket_sizes:
+            sizes = {b for b in self.token_bucket_sizes if b < self.max_num_batched_tokens}
+            return (*sorted(sizes), self.max_num_batched_tokens)
         return power_of_two_buckets(self.min_token_bucket, self.max_num_batched_tokens)
 
     @property
