@@ -1,26 +1,37 @@
-"""Offline throughput of xlaserve vs HF transformers `generate`, side by side in one run.
+"""Offline throughput of xlaserve vs HF transformers `generate`, side by side in one run, with
+the roofline each run is measured against.
 
-Default (issue 3): SmolLM2-135M-Instruct on this machine's CPU, 32 prompts x 64 new tokens,
-greedy, every request generating exactly `--output-len` tokens (ignore_eos on both sides).
-Also measures start-up: warm-up (compile) time with an empty persistent compilation cache
-(cold) and again with the cache filled (warm), each in a fresh process.
+Workloads (`--workload`):
+  text          32 short English prompts (issue 3's CPU comparison; default)
+  fixed:IN/OUT  random token-id prompts of IN tokens, exactly OUT new tokens each
+  sharegpt      a long-tailed synthetic mix (~200 in / ~180 out on average)
 
-    .venv/bin/python benchmarks/throughput.py                       # CPU defaults
-    .venv/bin/python benchmarks/throughput.py --num-prompts 8 --output-len 16 --no-startup
+Every request generates exactly its output length (ignore_eos on both sides). Roofline: each
+step must read the weights plus the live KV cache (bytes / measured copy bandwidth) and do
+2 * params FLOPs per token (FLOPs / measured matmul throughput); the ideal time of a run is the
+sum over its steps of the larger of the two. Batch-1 decode is reported in ms/token against its
+roofline. Start-up (warm-up with an empty and with a filled compilation cache, each in a fresh
+process) is measured with --startup.
 
-Results go to benchmarks/results/throughput-<model>-<device>-<date>.json (and a .md table).
+    .venv/bin/python benchmarks/throughput.py --startup                 # issue 3, CPU
+    .venv/bin/python benchmarks/throughput.py --model llama-3-8b --load-format dummy \\
+        --dtype bfloat16 --workload sharegpt --num-prompts 1000 --max-num-seqs 256 \\
+        --max-num-batched-tokens 2048 --max-model-len 4096             # issue 8, one GPU
 """
 
 import argparse
 import datetime
 import json
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from roofline import copy_bandwidth, device_name, matmul_flops  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TOPICS = [
@@ -37,195 +48,259 @@ TOPICS = [
 ]  # fmt: skip
 
 
-def device_name() -> str:
-    import jax
-
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        cpu = "cpu"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        import os
-
-        return f"{cpu} ({os.cpu_count()} cores)"
-    return getattr(dev, "device_kind", dev.platform)
-
-
-def make_prompts(n: int) -> list[str]:
-    return [f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
+def workload(spec: str, n: int, vocab: int, tokenizer, seed: int = 0):
+    """(prompt token ids, output lengths) for the workload spec."""
+    rng = np.random.default_rng(seed)
+    if spec == "text":
+        if tokenizer is None:
+            raise ValueError("the text workload needs a model with a tokenizer")
+        texts = [f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
+        return [tokenizer(t)["input_ids"] for t in texts], None
+    if spec.startswith("fixed:"):
+        inp, out = (int(x) for x in spec.split(":", 1)[1].split("/"))
+        return [rng.integers(10, vocab, inp).tolist() for _ in range(n)], [out] * n
+    if spec == "sharegpt":
+        ins = np.clip(rng.lognormal(np.log(140), 0.8, n), 4, 1024).astype(int)
+        outs = np.clip(rng.lognormal(np.log(130), 0.8, n), 4, 1024).astype(int)
+        return [rng.integers(10, vocab, k).tolist() for k in ins], outs.tolist()
+    raise ValueError(f"unknown workload {spec!r}")
 
 
-def startup(model: str, dtype: str, cache_dir: str, engine_kw: dict) -> dict:
-    """Start-up of a fresh process: total seconds to a ready engine, warm-up seconds, compiles."""
+def run_xlaserve(llm, prompts, out_lens, default_out: int, repeats: int) -> dict:
+    """Drives the engine step by step, recording live KV tokens and new tokens per step."""
+    from xlaserve import SamplingParams
+
+    engine = llm.engine
+    out_lens = out_lens or [default_out] * len(prompts)
+    runs = []
+    execute = engine.runner.execute
+    for _ in range(repeats):
+        steps = []  # (tokens in the step, KV tokens attended to after it)
+
+        def recording(out, steps=steps):
+            live = sum(s.start_pos + len(s.token_ids) for s in out.scheduled)
+            steps.append((out.num_batched_tokens, live))
+            return execute(out)
+
+        engine.runner.execute = recording
+        start = time.perf_counter()
+        for ids, n in zip(prompts, out_lens, strict=True):
+            params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+            engine.add_request(None, {"prompt_token_ids": ids}, params)
+        generated = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    generated += sum(len(c.token_ids) for c in out.outputs)
+        runs.append((time.perf_counter() - start, generated, steps))
+        engine.runner.execute = execute
+    seconds, generated, steps = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    m = llm.get_metrics()
+    return {
+        "seconds": seconds,
+        "all_seconds": [r[0] for r in runs],
+        "output_tokens": generated,
+        "output_tokens_per_s": generated / seconds,
+        "requests_per_s": len(prompts) / seconds,
+        "steps": steps,
+        "compiles": m["compiles"],
+        "compiles_after_warmup": m["compiles_after_warmup"],
+        "warmup_seconds": m["warmup_seconds"],
+    }
+
+
+def batch1_decode(llm, vocab: int, in_len: int = 128, out_len: int = 128) -> dict:
+    from xlaserve import SamplingParams
+
+    engine = llm.engine
+    ids = np.random.default_rng(1).integers(10, vocab, in_len).tolist()
+    params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
+    engine.add_request(None, {"prompt_token_ids": ids}, params)
+    engine.step()  # prefill (and the first token)
+    start = time.perf_counter()
+    n = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        n += 1
+    return {"ms_per_token": 1e3 * (time.perf_counter() - start) / n, "context": in_len + out_len}
+
+
+def roofline_seconds(steps, param_bytes, kv_bytes_per_token, params, bw, flops) -> float:
+    total = 0.0
+    for new_tokens, live in steps:
+        memory = (param_bytes + live * kv_bytes_per_token) / bw
+        compute = 2 * params * new_tokens / flops
+        total += max(memory, compute)
+    return total
+
+
+def run_transformers(args, prompts, out_lens) -> dict:
+    """HF generate on the same prompts (left-padded batches of --hf-batch), greedy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from xlaserve.checkpoints.presets import resolve_bundled
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.load_format == "dummy":
+        model = hf_dummy(args.model, dtype).to(device)
+    else:
+        path = resolve_bundled(args.model)
+        kw = dict(gguf_file=path.name) if path else {}
+        folder = str(path.parent) if path else args.model
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw).to(device).eval()
+    out_lens = out_lens or [args.output_len] * len(prompts)
+    cache = "static" if device == "cuda" else None
+    with torch.no_grad():
+        start = time.perf_counter()
+        generated = 0
+        for i in range(0, len(prompts), args.hf_batch):
+            batch, outs = prompts[i : i + args.hf_batch], out_lens[i : i + args.hf_batch]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
+                                device=device)  # fmt: skip
+            n = max(outs)
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, cache_implementation=cache,
+                           pad_token_id=0)  # fmt: skip
+            generated += sum(outs)  # tokens the requests asked for (HF pads shorter ones)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "output_tokens": generated,
+            "output_tokens_per_s": generated / seconds, "device": device,
+            "cache_implementation": cache or "dynamic"}  # fmt: skip
+
+
+def hf_dummy(preset: str, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from xlaserve.models.registry import preset_config
+
+    _, c = preset_config(preset)
+    if c.architecture != "LlamaForCausalLM":
+        raise ValueError("HF comparison with dummy weights supports Llama presets")
+    config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                         intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
+                         num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+                         head_dim=c.head_dim, rope_theta=c.rope_theta,
+                         max_position_embeddings=c.max_position_embeddings,
+                         tie_word_embeddings=c.tie_word_embeddings)  # fmt: skip
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def startup(args, cache_dir: str, engine_kw: dict) -> dict:
     code = (
         "import json, time; t = time.perf_counter()\n"
         "from xlaserve import LLM\n"
-        f"llm = LLM({model!r}, dtype={dtype!r}, compilation_cache_dir={cache_dir!r}, "
-        f"**{engine_kw!r})\n"
+        f"llm = LLM({args.model!r}, dtype={args.dtype!r}, load_format={args.load_format!r}, "
+        f"compilation_cache_dir={cache_dir!r}, **{engine_kw!r})\n"
         "m = llm.get_metrics()\n"
         "print(json.dumps({'ready_seconds': time.perf_counter() - t, "
         "'warmup_seconds': m['warmup_seconds'], 'compiles': m['compiles']}))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def run_xlaserve(args, prompts, engine_kw) -> dict:
-    from xlaserve import LLM, SamplingParams
-
-    llm = LLM(args.model, dtype=args.dtype, **engine_kw)
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # touch every path
-    times, tokens = [], None
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        times.append(time.perf_counter() - start)
-        tokens = [o.outputs[0].token_ids for o in outs]
-    m = llm.get_metrics()
-    seconds = statistics.median(times)
-    n_out = sum(len(t) for t in tokens)
-    return {
-        "seconds": seconds,
-        "all_seconds": times,
-        "output_tokens": n_out,
-        "output_tokens_per_s": n_out / seconds,
-        "requests_per_s": len(prompts) / seconds,
-        "compiles": m["compiles"],
-        "compiles_after_warmup": m["compiles_after_warmup"],
-        "warmup_seconds": m["warmup_seconds"],
-        "tokens": tokens,
-    }
-
-
-def run_transformers(args, prompts) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from xlaserve.checkpoints.presets import resolve_bundled
-
-    path = resolve_bundled(args.model)
-    if path is not None:
-        kw = dict(gguf_file=path.name)
-        folder = str(path.parent)
-    else:
-        kw, folder = {}, args.model
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    tok = AutoTokenizer.from_pretrained(folder, **kw)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw).eval()
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    enc = tok(prompts, return_tensors="pt", padding=True)
-    gen = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False)
-    with torch.no_grad():
-        model.generate(**enc, max_new_tokens=2, do_sample=False)  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            out = model.generate(**enc, **gen)
-            times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    n_out = (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts)
-    return {
-        "seconds": seconds,
-        "all_seconds": times,
-        "output_tokens": n_out,
-        "output_tokens_per_s": n_out / seconds,
-        "torch_threads": torch.get_num_threads(),
-    }
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--load-format", default="auto")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--workload", default="text")
     p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=64, help="for the text workload")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--no-startup", action="store_true", help="skip the cold/warm start-up runs")
-    p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=256)
+    p.add_argument("--hf-batch", type=int, default=32)
+    p.add_argument("--startup", action="store_true", help="measure cold and warm start-up")
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--no-batch1", action="store_true")
     args = p.parse_args()
 
-    engine_kw = dict(
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.num_prompts,
-        max_num_batched_tokens=max(256, args.num_prompts),
-    )
-    prompts = make_prompts(args.num_prompts)
-    result = {
-        "benchmark": "offline throughput",
-        "date": datetime.date.today().isoformat(),
-        "device": device_name(),
-        "python": platform.python_version(),
-        "model": args.model,
-        "dtype": args.dtype,
-        "num_prompts": args.num_prompts,
-        "output_len": args.output_len,
-        "engine": engine_kw,
-    }
-    if not args.no_startup:
+    from xlaserve import LLM
+
+    engine_kw = dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                     max_num_batched_tokens=args.max_num_batched_tokens)  # fmt: skip
+    result = {"benchmark": "offline throughput", "date": datetime.date.today().isoformat(),
+              "device": device_name(), "model": args.model, "load_format": args.load_format,
+              "dtype": args.dtype, "workload": args.workload, "num_prompts": args.num_prompts,
+              "engine": engine_kw}  # fmt: skip
+    if args.startup:
         with tempfile.TemporaryDirectory() as cache:
-            result["startup_cold"] = startup(args.model, args.dtype, cache, engine_kw)
-            result["startup_warm"] = startup(args.model, args.dtype, cache, engine_kw)
-    ours = run_xlaserve(args, prompts, engine_kw)
-    result["xlaserve"] = {k: v for k, v in ours.items() if k != "tokens"}
+            result["startup_cold"] = startup(args, cache, engine_kw)
+            result["startup_warm"] = startup(args, cache, engine_kw)
+    llm = LLM(args.model, dtype=args.dtype, load_format=args.load_format, **engine_kw)
+    c = llm.engine.runner.steps
+    params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(c.params))
+    itemsize = np.dtype(c.kv_cache.dtype).itemsize
+    param_bytes = params * itemsize
+    cache_shape = c.kv_cache.shape  # [L, P, ps, 2K, H]
+    kv_per_token = cache_shape[0] * cache_shape[3] * cache_shape[4] * itemsize
+    vocab = llm.engine.vocab_size
+    prompts, out_lens = workload(args.workload, args.num_prompts, vocab, llm.get_tokenizer())
+    bw, flops = copy_bandwidth(), matmul_flops(args.dtype)
+    result["measured"] = {"copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": flops / 1e12}
+    ours = run_xlaserve(llm, prompts, out_lens, args.output_len, args.repeats)
+    ideal = roofline_seconds(ours.pop("steps"), param_bytes, kv_per_token, params, bw, flops)
+    ours["roofline_seconds"] = ideal
+    ours["percent_of_roofline"] = 100 * ideal / ours["seconds"]
+    result["xlaserve"] = ours
+    if not args.no_batch1:
+        b1 = batch1_decode(llm, vocab)
+        roof = (param_bytes + b1["context"] * kv_per_token) / bw * 1e3
+        b1.update(roofline_ms_per_token=roof, percent_of_roofline=100 * roof / b1["ms_per_token"])
+        result["batch1_decode"] = b1
     if not args.no_hf:
-        hf = run_transformers(args, prompts)
+        hf = run_transformers(args, prompts, out_lens)
         result["transformers"] = hf
         result["ratio_output_tokens_per_s"] = (
             ours["output_tokens_per_s"] / hf["output_tokens_per_s"]
         )
     RESULTS.mkdir(exist_ok=True)
-    device_slug = "cpu" if "cores" in result["device"] else result["device"].replace(" ", "-")
-    stem = f"throughput-{args.model}-{device_slug}-{result['date']}"
+    slug = result["device"].split(" (")[0].replace(" ", "-")
+    stem = f"throughput-{Path(args.model).name}-{args.workload.replace(':', '').replace('/', 'x')}"
+    stem += f"-{slug}-{result['date']}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
 
 
 def markdown(r: dict) -> str:
-    x = r["xlaserve"]
+    x, hf = r["xlaserve"], r.get("transformers")
     lines = [
-        f"# Offline throughput: {r['model']} ({r['dtype']}) on {r['device']}, {r['date']}",
-        "",
-        f"{r['num_prompts']} prompts x {r['output_len']} new tokens, greedy, median of runs.",
-        "",
-        "| engine | seconds | output tok/s | ratio |",
-        "|---|---|---|---|",
-    ]
-    hf = r.get("transformers")
-    ratio = r.get("ratio_output_tokens_per_s")
-    lines.append(
+        f"# Throughput: {r['model']} ({r['dtype']}, {r['load_format']}) on {r['device']}, "
+        f"{r['date']}", "",
+        f"Workload {r['workload']}, {r['num_prompts']} prompts, greedy, every request runs to "
+        f"its output length. Measured copy bandwidth {r['measured']['copy_bandwidth_GBps']:.1f} "
+        f"GB/s, matmul {r['measured']['matmul_TFLOPs']:.3f} TFLOP/s.", "",
+        "| engine | seconds | output tok/s | req/s | % of roofline | vs transformers |",
+        "|---|---|---|---|---|---|",
         f"| xlaserve | {x['seconds']:.2f} | {x['output_tokens_per_s']:.1f} | "
-        f"{ratio:.2f}x |" if ratio else
-        f"| xlaserve | {x['seconds']:.2f} | {x['output_tokens_per_s']:.1f} | - |"
-    )  # fmt: skip
+        f"{x['requests_per_s']:.2f} | {x['percent_of_roofline']:.0f}% | "
+        + (f"{r['ratio_output_tokens_per_s']:.2f}x |" if hf else "- |"),
+    ]  # fmt: skip
     if hf:
         lines.append(
-            f"| transformers generate | {hf['seconds']:.2f} | {hf['output_tokens_per_s']:.1f} "
-            "| 1.00x |"
+            f"| transformers generate ({hf['cache_implementation']} cache) | "
+            f"{hf['seconds']:.2f} | {hf['output_tokens_per_s']:.1f} | - | - | 1.00x |"
         )
-    lines += [
-        "",
-        f"Compiles: {x['compiles']} at warm-up, {x['compiles_after_warmup']} after warm-up.",
-    ]
+    lines += ["", f"Compiles: {x['compiles']} at warm-up, {x['compiles_after_warmup']} after."]
+    if "batch1_decode" in r:
+        b = r["batch1_decode"]
+        lines.append(
+            f"Batch-1 decode: {b['ms_per_token']:.2f} ms/token (roofline "
+            f"{b['roofline_ms_per_token']:.2f} ms, {b['percent_of_roofline']:.0f}%)."
+        )
     for key in ("startup_cold", "startup_warm"):
         if key in r:
             s = r[key]
-            lines.append(
-                f"Start-up ({key.split('_')[1]} compilation cache): ready in "
-                f"{s['ready_seconds']:.1f}s, of which warm-up {s['warmup_seconds']:.1f}s "
-                f"({s['compiles']} compiles)."
-            )
+            lines.append(f"Start-up ({key.split('_')[1]} compilation cache): ready in "
+                         f"{s['ready_seconds']:.1f}s, warm-up {s['warmup_seconds']:.1f}s "
+                         f"({s['compiles']} compiles).")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
