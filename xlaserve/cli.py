@@ -1,4 +1,4 @@
-"""Command line: `xlaserve generate | chat | convert`."""
+"""Command line: `xlaserve generate | chat | convert | serve | parity`."""
 
 import argparse
 import sys
@@ -121,6 +121,88 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """gRPC + OpenAI HTTP servers until SIGTERM/SIGINT (exit 0) or an engine failure (exit 1)."""
+    from xlaserve.config import EngineArgs
+    from xlaserve.serving.server import ServerConfig, run_server
+
+    options = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "load_format": args.load_format,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_waiting_requests": args.max_waiting_requests,
+        "kv_cache_memory": args.kv_cache_memory,
+        "scheduling_policy": args.scheduling_policy,
+        "enable_prefix_caching": args.enable_prefix_caching,
+        "seed": args.seed,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "data_parallel_size": args.data_parallel_size,
+    }
+    engine_args = EngineArgs(**{k: v for k, v in options.items() if v is not None})
+    config = ServerConfig(
+        host=args.host,
+        grpc_port=None if args.grpc_port < 0 else args.grpc_port,
+        http_port=None if args.http_port < 0 else args.http_port,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        max_body_bytes=args.max_body_bytes,
+        drain_timeout_s=args.drain_timeout,
+    )
+    try:
+        return run_server(engine_args, config)
+    except OSError as e:  # e.g. a port in use
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _memory(value: str) -> int | float:
+    """--kv-cache-memory: bytes (an int) or a fraction of free memory (a float in (0, 1])."""
+    return float(value) if "." in value else int(value)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--grpc-port", type=int, default=50051, help="0: any free port; -1: off")
+    p.add_argument("--http-port", type=int, default=8000, help="0: any free port; -1: off")
+    p.add_argument("--api-key", default=None, help="required as 'Bearer <key>' except on health")
+    p.add_argument("--served-model-name", default=None, help="model name clients send")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="refuse more (RESOURCE_EXHAUSTED / HTTP 503)")  # fmt: skip
+    p.add_argument("--kv-cache-memory", type=_memory, default=None)
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None)
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   default=None)  # fmt: skip
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=None)
+    p.add_argument("--data-parallel-size", type=int, default=None)
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on shutdown")  # fmt: skip
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    """JAX vs torch on the same checkpoint; exit 1 when logits differ beyond the tolerance."""
+    from xlaserve.kernels_cuda.parity import read_prompts, run_parity
+
+    report = run_parity(
+        args.model,
+        prompts=read_prompts(args.prompts) if args.prompts else None,
+        dtype=args.dtype,
+        max_tokens=args.max_tokens,
+        load_format=args.load_format,
+        device=args.device,
+        attention=args.attention,
+    )
+    print(report.format())
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlaserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(conv)
     conv.add_argument("--out", required=True, help="new (or empty) output folder")
     conv.set_defaults(func=cmd_convert)
+
+    serve = sub.add_parser("serve", help="gRPC (+ JetStream) and OpenAI HTTP servers")
+    add_model_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    par = sub.add_parser("parity", help="compare the JAX and torch backends' logits")
+    par.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, HF folder, .gguf, ...")
+    par.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    par.add_argument(
+        "--load-format", default="auto", choices=("auto", "hf", "gguf", "orbax", "dummy")
+    )
+    par.add_argument("--prompts", default=None, help="file with one prompt per line")
+    par.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per prompt")
+    par.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    par.add_argument("--attention", default="auto", choices=("auto", "reference", "triton"))
+    par.set_defaults(func=cmd_parity)
     return parser
 
 

@@ -314,6 +314,21 @@ def test_held_back_text_is_released_once_the_stop_cannot_match(smol, smol_prompt
     assert detok.flush() == ""
 
 
+def test_released_text_only_grows_and_is_what_was_streamed(smol, smol_prompt):
+    # "ST" may start "STOP": it is in `text` but not yet released; the match then drops it.
+    outputs = encode(smol, "The answer is ST") + encode(smol, "OP now")
+    detok = IncrementalDetokenizer(smol, smol_prompt, stop=["STOP"])
+    streamed, previous = "", ""
+    for t in outputs:
+        update = detok.append([t])
+        streamed += update.delta
+        assert detok.released_text == streamed and detok.released_text.startswith(previous)
+        previous = detok.released_text
+        if update.stop_str:
+            break
+    assert detok.text == streamed == "The answer is "
+
+
 def test_only_a_possible_stop_prefix_is_held_back(smol, smol_prompt):
     detok = IncrementalDetokenizer(smol, smol_prompt, stop=["xyzzy"])
     assert detok.append(encode(smol, "Hello")).delta == "Hello"

@@ -118,6 +118,11 @@ class IncrementalDetokenizer:
         self._ids.extend(token_ids)
         return self._advance(final=False)
 
+    @property
+    def released_text(self) -> str:
+        """Text handed out in deltas so far (`text` without what is held back)."""
+        return "".join(self._released)
+
     def flush(self) -> str:
         """Ends the stream and returns the text still held back.
 

@@ -303,7 +303,10 @@ class LLMEngine:
             completions.append(
                 CompletionOutput(
                     index=i,
-                    text=detok.text if detok is not None else "",
+                    # Unfinished outputs never show text held back for a possible stop string.
+                    text=""
+                    if detok is None
+                    else (detok.text if seq.is_finished else detok.released_text),
                     token_ids=list(seq.output_token_ids),
                     cumulative_logprob=state.cumulative_logprob[i] if want_lp else None,
                     logprobs=list(state.logprobs[i]) if want_lp else None,

@@ -1,0 +1,353 @@
+"""The OpenAI-compatible HTTP server (FastAPI, served by uvicorn on the shared event loop).
+
+Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE streams), GET /v1/models,
+GET /health (no API key), GET /metrics (Prometheus). Every error has OpenAI's body
+{"error": {"message", "type", "param", "code"}}. A client that disconnects aborts its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from xlaserve.engine.async_engine import EngineDeadError, RequestStream
+from xlaserve.engine.outputs import RequestOutput
+from xlaserve.serving.context import ServingContext
+from xlaserve.serving.deltas import DeltaTracker, Usage
+from xlaserve.serving.errors import Kind, ServingError, classify, failed_in_flight
+from xlaserve.serving.metrics import CONTENT_TYPE
+from xlaserve.serving.openai_format import SSE_DONE, ResponseFormatter, sse
+from xlaserve.serving.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
+
+logger = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+def error_response(error: ServingError) -> JSONResponse:
+    return JSONResponse(error.openai_body(), status_code=error.kind.http_status)
+
+
+class GuardMiddleware:
+    """API key (Bearer) on every path but /health, and a cap on request body size (413)."""
+
+    def __init__(self, app, ctx: ServingContext) -> None:
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["path"] not in PUBLIC_PATHS and not self.ctx.authorized(
+            headers.get("authorization")
+        ):
+            missing = "authorization" not in headers
+            error = ServingError(
+                Kind.UNAUTHENTICATED,
+                "missing API key: send the header 'Authorization: Bearer <key>'"
+                if missing
+                else "invalid API key",
+                code="invalid_api_key",
+            )
+            self.ctx.metrics.refused("unauthenticated")
+            return await error_response(error)(scope, receive, send)
+        limit = self.ctx.config.max_body_bytes
+        too_large = ServingError(
+            Kind.TOO_LARGE,
+            f"request body is larger than the limit of {limit} bytes",
+            code="request_too_large",
+        )
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            self.ctx.metrics.refused("invalid")
+            return await error_response(too_large)(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # Read the body here (so a chunked body is capped too), then replay it to the app.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                self.ctx.metrics.refused("invalid")
+                return await error_response(too_large)(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay_receive():
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, replay_receive, send)
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) from several request streams as they come."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((i, output, None))
+        except Exception as e:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait((i, None, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        pending = len(streams)
+        while pending:
+            i, output, error = await queue.get()
+            if error is not None:
+                raise error
+            pending -= output.finished
+            yield i, output
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class OpenAIRoutes:
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    async def _submit_all(self, prompts, params, base_id: str, priority: int, **kw):
+        streams = []
+        try:
+            for i, prompt in enumerate(prompts):
+                streams.append(
+                    await self.ctx.submit(
+                        prompt, params, request_id=f"{base_id}-{i}", priority=priority, **kw
+                    )
+                )
+        except BaseException:
+            self._abort_unfinished(streams)
+            raise
+        return streams
+
+    def _abort_unfinished(self, streams: list[RequestStream]) -> None:
+        for stream in streams:
+            if not stream.finished:
+                self.ctx.engine.abort_nowait(stream.request_id)
+
+    async def completions(self, request: Request):
+        req = parse_body(await request.body(), CompletionRequest)
+        self.ctx.check_model(req.model)
+        prompts = req.prompts()
+        params = self._params(req)
+        fmt = ResponseFormatter(
+            "completion",
+            f"cmpl-{uuid.uuid4().hex}",
+            self.ctx.model_name,
+            n=params.n,
+            top_logprobs=req.logprobs or 0,
+            tokens_as_ids=req.return_tokens_as_token_ids,
+        )
+        streams = await self._submit_all(prompts, params, fmt.id, req.priority)
+        return await self._respond(request, req, fmt, streams, params)
+
+    async def chat_completions(self, request: Request):
+        req = parse_body(await request.body(), ChatCompletionRequest)
+        self.ctx.check_model(req.model)
+        params = self._params(req)
+        tokenizer = self.ctx.engine.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ServingError(Kind.INVALID, f"model {self.ctx.model_name!r} has no chat template")
+        try:
+            text = tokenizer.apply_chat_template(
+                [m.as_template_dict() for m in req.messages],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except Exception as e:  # noqa: BLE001 - e.g. a template that rejects the roles' order
+            raise ServingError(Kind.INVALID, f"messages: the chat template failed: {e}") from e
+        fmt = ResponseFormatter(
+            "chat",
+            f"chatcmpl-{uuid.uuid4().hex}",
+            self.ctx.model_name,
+            n=params.n,
+            top_logprobs=req.top_logprobs or 0,
+            tokens_as_ids=req.return_tokens_as_token_ids,
+        )
+        # The template holds any BOS already: no special tokens added on top (as LLM.chat).
+        streams = await self._submit_all(
+            [{"prompt": text}], params, fmt.id, req.priority, add_special_tokens=False
+        )
+        return await self._respond(request, req, fmt, streams, params)
+
+    @staticmethod
+    def _params(req):
+        try:
+            return req.sampling_params()
+        except ValueError as e:
+            raise classify(e) from e
+
+    async def _respond(self, request: Request, req, fmt, streams, params):
+        if req.stream:
+            return StreamingResponse(
+                self._events(fmt, streams, params, req.include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        collect = asyncio.create_task(self._final_outputs(streams))
+        disconnect = asyncio.create_task(_wait_disconnect(request))
+        try:
+            await asyncio.wait((collect, disconnect), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+            if not collect.done():  # the client went away: stop its requests
+                collect.cancel()
+                self._abort_unfinished(streams)
+        if collect.cancelled():
+            return Response(status_code=499)
+        try:
+            finals = collect.result()
+        except EngineDeadError as e:
+            raise failed_in_flight(e) from e
+        choices, usage = [], Usage(0, 0, 0)
+        for i, output in enumerate(finals):
+            usage = usage + Usage.of(output)
+            for d in DeltaTracker().update(output):
+                choices.append(fmt.choice(i, d, stream=False, first=True))
+        choices.sort(key=lambda c: c["index"])
+        return JSONResponse(fmt.response(choices, usage))
+
+    async def _final_outputs(self, streams: list[RequestStream]) -> list[RequestOutput]:
+        finals: list[RequestOutput | None] = [None] * len(streams)
+        async for i, output in _merged(streams):
+            if output.finished:
+                finals[i] = output
+        return finals
+
+    async def _events(self, fmt: ResponseFormatter, streams, params, include_usage: bool):
+        trackers = [DeltaTracker() for _ in streams]
+        started: set[int] = set()
+        usage = {}
+        try:
+            async for i, output in _merged(streams):
+                for d in trackers[i].update(output):
+                    index = fmt.choice_index(i, d.index)
+                    choice = fmt.choice(i, d, stream=True, first=index not in started)
+                    started.add(index)
+                    yield fmt.chunk([choice], with_usage_field=include_usage)
+                if output.finished:
+                    usage[i] = Usage.of(output)
+            if include_usage:
+                total = sum(usage.values(), Usage(0, 0, 0))
+                yield fmt.chunk([], total, with_usage_field=True)
+            yield SSE_DONE
+        except EngineDeadError as e:
+            yield sse(failed_in_flight(e).openai_body())
+        finally:
+            self._abort_unfinished(streams)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def build_app(ctx: ServingContext) -> GuardMiddleware:
+    """The ASGI app: FastAPI routes behind the API-key and body-size guard."""
+    app = FastAPI(title="xlaserve", docs_url=None, redoc_url=None, openapi_url=None)
+    routes = OpenAIRoutes(ctx)
+
+    @app.exception_handler(ServingError)
+    async def serving_error(request, exc: ServingError):
+        if exc.code != "engine_failed":  # refused before it started (failures count apart)
+            ctx.count_refusal(exc)
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        kind = {404: Kind.NOT_FOUND, 401: Kind.UNAUTHENTICATED}.get(exc.status_code, Kind.INVALID)
+        body = ServingError(kind, f"{request.method} {request.url.path}: {exc.detail}")
+        return JSONResponse(body.openai_body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        logger.exception("internal error in %s", request.url.path)
+        return error_response(ServingError(Kind.INTERNAL, f"internal error: {exc}"))
+
+    @app.get("/health")
+    async def health():
+        if ctx.healthy:
+            return {"status": "SERVING"}
+        reason = str(ctx.engine.error) if ctx.engine.error else "the server is shutting down"
+        return JSONResponse({"status": "NOT_SERVING", "reason": reason}, status_code=503)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {
+            "id": ctx.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "xlaserve",
+            "max_model_len": ctx.engine.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    app.post("/v1/completions")(routes.completions)
+    app.post("/v1/chat/completions")(routes.chat_completions)
+    return GuardMiddleware(app, ctx)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its signal handling: `serve` owns signals and shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        pass
+
+
+async def start_http_server(ctx: ServingContext, host: str, port: int):
+    """Starts uvicorn on the running loop; returns (server, task, bound port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(
+        build_app(ctx),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=30,
+    )
+    server = _Uvicorn(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()  # raises the start-up error
+            raise OSError(f"the HTTP server on {host}:{port} exited during start-up")
+        await asyncio.sleep(0.01)
+    logger.info("HTTP server on %s:%d", host, bound)
+    return server, task, bound

@@ -1,0 +1,127 @@
+"""Prometheus metrics: request outcomes and latencies (recorded as requests finish) and the
+engine's gauges and counters (read from its snapshot at scrape time). One registry per server,
+so several servers in one process never share counters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from xlaserve.engine.async_engine import EngineObserver
+from xlaserve.engine.outputs import RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# stop / length / abort: how a request ended; error: the engine failed under it;
+# invalid / overloaded / unauthenticated / unavailable: refused before it started.
+OUTCOMES = ("stop", "length", "abort", "error", "invalid", "overloaded", "unauthenticated",
+            "unavailable")  # fmt: skip
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+def outcome_of(output: RequestOutput) -> str:
+    reasons = {c.finish_reason for c in output.outputs}
+    if "abort" in reasons:
+        return "abort"
+    return "length" if "length" in reasons else "stop"
+
+
+class ServingMetrics(EngineObserver):
+    """Records finished requests (as the engine's observer) and refusals; renders the text
+    exposition format."""
+
+    def __init__(self, engine_metrics: Callable[[], dict], healthy: Callable[[], bool]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("xlaserve_requests", "Requests by outcome", ["outcome"], registry=r)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        self.ttft = Histogram(
+            "xlaserve_time_to_first_token_seconds",
+            "Arrival to first output token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "xlaserve_time_per_output_token_seconds",
+            "Mean time between output tokens after the first, per request",
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "xlaserve_e2e_request_latency_seconds",
+            "Arrival to last output token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "xlaserve_prompt_tokens", "Prompt tokens of finished requests", registry=r
+        )
+        self.generation_tokens = Counter(
+            "xlaserve_generation_tokens", "Output tokens of finished requests", registry=r
+        )
+        r.register(_EngineCollector(engine_metrics, healthy))
+
+    # ---- observer hooks (engine thread) ------------------------------------------------------
+    def on_request_finished(self, output: RequestOutput) -> None:
+        self.requests.labels(outcome_of(output)).inc()
+        m = output.metrics
+        num_tokens = max((len(c.token_ids) for c in output.outputs), default=0)
+        self.prompt_tokens.inc(len(output.prompt_token_ids))
+        self.generation_tokens.inc(sum(len(c.token_ids) for c in output.outputs))
+        if m.first_token_time is not None:
+            self.ttft.observe(max(m.first_token_time - m.arrival_time, 0.0))
+            if m.finished_time is not None and num_tokens > 1:
+                self.tpot.observe((m.finished_time - m.first_token_time) / (num_tokens - 1))
+        if m.finished_time is not None:
+            self.e2e.observe(max(m.finished_time - m.arrival_time, 0.0))
+
+    def on_requests_failed(self, count: int) -> None:
+        self.requests.labels("error").inc(count)
+
+    # ---- servers ------------------------------------------------------------------------------
+    def refused(self, outcome: str) -> None:
+        self.requests.labels(outcome).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine_metrics: Callable[[], dict], healthy: Callable[[], bool]):
+        self._engine_metrics = engine_metrics
+        self._healthy = healthy
+
+    def collect(self):
+        m = self._engine_metrics()
+
+        def gauge(name, doc, value):
+            return GaugeMetricFamily(f"xlaserve_{name}", doc, value=value)
+
+        def counter(name, doc, value):
+            return CounterMetricFamily(f"xlaserve_{name}", doc, value=value)
+
+        total, free = m["kv_pages_total"], m["kv_pages_free"]
+        queries, hits = m["prefix_cache_queries"], m["prefix_cache_hits"]
+        yield gauge("healthy", "1 while the engine serves, 0 once it failed or drains",
+                    float(self._healthy()))  # fmt: skip
+        yield gauge("num_requests_running", "Sequences being decoded or prefilled",
+                    m["num_running"])  # fmt: skip
+        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled", m["num_waiting"])
+        yield gauge("kv_pages_total", "KV cache pages in the pool", total)
+        yield gauge("kv_pages_free", "KV cache pages not held by any sequence", free)
+        yield gauge("kv_cache_usage_ratio", "Share of KV pages held by sequences",
+                    (total - free) / total if total else 0.0)  # fmt: skip
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                      queries)  # fmt: skip
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache", hits)
+        yield gauge("prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries",
+                    hits / queries if queries else 0.0)  # fmt: skip
+        yield counter("compiles", "XLA compilations (warm-up included)", m["compiles"])
+        yield counter("compiles_after_warmup", "XLA compilations after warm-up (should be 0)",
+                      m["compiles_after_warmup"])  # fmt: skip
+        yield counter("preemptions", "Sequences preempted for KV pages", m["preemptions"])
+        yield counter("engine_steps", "Engine steps run", m.get("num_steps", 0))
