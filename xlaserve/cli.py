@@ -142,6 +142,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "data_parallel_size": args.data_parallel_size,
     }
     engine_args = EngineArgs(**{k: v for k, v in options.items() if v is not None})
+    if args.coordinator_address:
+        from xlaserve.sharding import distributed
+
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        if args.process_id != 0:  # followers run the leader's steps; only process 0 serves
+            from xlaserve.engine.llm_engine import run_follower
+
+            run_follower(engine_args)
+            return 0
     config = ServerConfig(
         host=args.host,
         grpc_port=None if args.grpc_port < 0 else args.grpc_port,
@@ -181,6 +190,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--tensor-parallel-size", type=int, default=None)
     p.add_argument("--data-parallel-size", type=int, default=None)
+    p.add_argument(
+        "--coordinator-address",
+        default=None,
+        help="multi-host: HOST:PORT of process 0 (every process passes the same)",
+    )
+    p.add_argument("--num-processes", type=int, default=1, help="multi-host: processes in all")
+    p.add_argument("--process-id", type=int, default=0, help="multi-host: this process (0..N-1)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20)
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown")  # fmt: skip

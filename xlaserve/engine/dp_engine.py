@@ -76,6 +76,11 @@ class DataParallelEngine:
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.replicas)
 
+    def shutdown(self) -> None:
+        for engine in self.replicas:
+            engine.shutdown()
+        self._pool.shutdown(wait=False)
+
     def get_metrics(self) -> dict:
         per_replica = [e.get_metrics() for e in self.replicas]
         merged = {k: sum(m[k] for m in per_replica) for k in SUMMED_METRICS}

@@ -199,4 +199,9 @@ def run_server(engine_args, config: ServerConfig) -> int:
         auth = "API key required" if config.api_key else "no API key"
         print(f"xlaserve serving {engine.model_name!r}: {', '.join(parts)} ({auth})", flush=True)
 
-    return asyncio.run(serve(engine, config, on_ready=ready, handle_signals=True))
+    try:
+        return asyncio.run(serve(engine, config, on_ready=ready, handle_signals=True))
+    finally:
+        shutdown = getattr(engine.engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()  # releases multi-host followers
