@@ -24,6 +24,9 @@ SUMMED_METRICS = (
     "kv_pages_free",
     "num_running",
     "num_waiting",
+    "steps",
+    "step_seconds",
+    "device_seconds",
 )
 
 

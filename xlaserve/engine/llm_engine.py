@@ -77,6 +77,8 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._owners: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, index)
         self._request_ids = itertools.count()
+        self.num_steps = 0
+        self.step_seconds = 0.0  # wall time inside step(), host and device
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, mesh: Mesh | None = None) -> "LLMEngine":
@@ -221,6 +223,7 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedules, runs and post-processes one batch; returns the requests that progressed."""
+        start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         for seq in scheduled.preempted:
             self.runner.release(seq.seq_id)
@@ -229,7 +232,10 @@ class LLMEngine:
         result = self.runner.execute(scheduled)
         tokens = {seq_id: s.token for seq_id, s in result.sampled.items()}
         self.scheduler.update_from_output(scheduled, tokens)
-        return self._postprocess(scheduled, result)
+        outputs = self._postprocess(scheduled, result)
+        self.num_steps += 1
+        self.step_seconds += time.perf_counter() - start
+        return outputs
 
     def _postprocess(self, scheduled, result) -> list[RequestOutput]:
         now = time.time()
@@ -345,6 +351,11 @@ class LLMEngine:
             "kv_pages_free": bm.num_free_pages,
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
+            "steps": self.num_steps,
+            "step_seconds": self.step_seconds,
+            # From the first dispatch of a step to its sampled tokens on the host; the rest of
+            # step_seconds is host work (scheduling, packing, detokenizing) the device waits on.
+            "device_seconds": getattr(self.runner, "device_seconds", 0.0),
         }
 
 

@@ -223,6 +223,7 @@ class ModelRunner:
         self.compiles = CompileCounter()
         self.compiles_at_warmup: int | None = None
         self.warmup_seconds: float | None = None
+        self.device_seconds = 0.0  # dispatch of a step's forward -> its tokens on the host
 
     # ---- public -------------------------------------------------------------------------
     @property
@@ -271,7 +272,9 @@ class ModelRunner:
         scheduled = out.scheduled
         num_tokens = sum(len(s.token_ids) for s in scheduled)
         bucket = next(b for b in self.config.token_buckets if b >= num_tokens)
-        self.steps.forward(*self._pack_tokens(scheduled, bucket))
+        inputs = self._pack_tokens(scheduled, bucket)
+        dispatched = time.perf_counter()
+        self.steps.forward(*inputs)
         result = RunnerOutput()
         if any(s.seq.params.prompt_logprobs is not None for s in scheduled):
             result.prompt_logprobs = self._collect_prompt_logprobs(scheduled, bucket)
@@ -290,6 +293,7 @@ class ModelRunner:
         batch = self._sampling_batch(scheduled, num_seqs)
         sampled = self.steps.sample(batch)
         tokens = to_host(sampled.tokens)
+        self.device_seconds += time.perf_counter() - dispatched
         want_logprobs = any(s.seq.params.logprobs is not None for s in sampling)
         if want_logprobs:
             token_lp = to_host(sampled.token_logprobs)
