@@ -359,6 +359,33 @@ class LLMEngine:
         }
 
 
+def scheduler_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -> SchedulerConfig:
+    return SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.resolve_max_num_batched_tokens(),
+        max_model_len=max_model_len,
+        page_size=args.page_size,
+        num_pages=num_pages,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        policy=args.scheduling_policy,
+        max_waiting_requests=args.max_waiting_requests,
+    )
+
+
+def runner_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -> RunnerConfig:
+    return RunnerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.resolve_max_num_batched_tokens(),
+        max_model_len=max_model_len,
+        page_size=args.page_size,
+        num_pages=num_pages,
+        seed=args.seed,
+        min_token_bucket=args.min_token_bucket,
+        token_bucket_sizes=tuple(args.token_buckets) if args.token_buckets else None,
+    )
+
+
 def build_model_runner(args: EngineArgs, mesh: Mesh | None = None):
     """(loaded model, scheduler config, runner) for these options: the model on its mesh and a
     KV cache sized from the memory budget. Every process of a multi-host mesh builds the same."""
@@ -379,30 +406,10 @@ def build_model_runner(args: EngineArgs, mesh: Mesh | None = None):
     num_pages = kv_cache_pages(
         args, page_bytes=page_bytes, max_model_len=max_model_len, device=devices[0]
     )
-    max_batched = args.resolve_max_num_batched_tokens()
-    scheduler_config = SchedulerConfig(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=max_batched,
-        max_model_len=max_model_len,
-        page_size=args.page_size,
-        num_pages=num_pages,
-        enable_prefix_caching=args.enable_prefix_caching,
-        enable_chunked_prefill=args.enable_chunked_prefill,
-        policy=args.scheduling_policy,
-        max_waiting_requests=args.max_waiting_requests,
-    )
+    scheduler_config = scheduler_config_for(args, max_model_len, num_pages)
     runner = ModelRunner(
         loaded.model,
-        RunnerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=max_batched,
-            max_model_len=max_model_len,
-            page_size=args.page_size,
-            num_pages=num_pages,
-            seed=args.seed,
-            min_token_bucket=args.min_token_bucket,
-            token_bucket_sizes=tuple(args.token_buckets) if args.token_buckets else None,
-        ),
+        runner_config_for(args, max_model_len, num_pages),
         kv_dtype=loaded.dtype,
         mesh=mesh,
     )
