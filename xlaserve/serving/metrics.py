@@ -124,4 +124,13 @@ class _EngineCollector(Collector):
         yield counter("compiles_after_warmup", "XLA compilations after warm-up (should be 0)",
                       m["compiles_after_warmup"])  # fmt: skip
         yield counter("preemptions", "Sequences preempted for KV pages", m["preemptions"])
-        yield counter("engine_steps", "Engine steps run", m.get("num_steps", 0))
+        # The engine's own step counters (LLMEngine.get_metrics): steps that ran a batch, their
+        # wall time, and the part from dispatch until the sampled tokens reached the host; the
+        # rest of step_seconds is host work per step (scheduling, packing, postprocessing).
+        yield counter("engine_steps", "Engine steps that ran a batch",
+                      m.get("steps", m.get("num_steps", 0)))  # fmt: skip
+        yield counter("engine_step_seconds", "Wall time inside engine steps, host and device",
+                      m.get("step_seconds", 0.0))  # fmt: skip
+        yield counter("engine_device_seconds",
+                      "Time from each step's dispatch until its sampled tokens reached the host",
+                      m.get("device_seconds", 0.0))  # fmt: skip
