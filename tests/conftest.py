@@ -2,6 +2,10 @@ import os
 
 # Tests run on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Triton reads TRITON_INTERPRET when a kernel is defined, and any earlier import of triton in
+# the session (a dependency may do it) fixes it; without an NVIDIA GPU, interpret from the start.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
