@@ -37,6 +37,9 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     max_waiting_requests: int | None = None
     seed: int = 0
+    # Paged attention implementation: auto (cpu: reference, gpu: Pallas GPU kernel, tpu: Mosaic
+    # kernel), or reference / gpu / tpu by name.
+    attention_backend: str = "auto"
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     compilation_cache_dir: str | None = DEFAULT_COMPILATION_CACHE

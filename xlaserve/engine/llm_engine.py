@@ -22,6 +22,7 @@ from xlaserve.engine.request import RequestStatus, Sequence
 from xlaserve.engine.runner import ModelRunner, RunnerConfig, SampledToken
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
+from xlaserve.models.attention import resolve_backend
 from xlaserve.sharding.mesh import MODEL, make_mesh
 
 logger = logging.getLogger(__name__)
@@ -390,11 +391,13 @@ def build_model_runner(args: EngineArgs, mesh: Mesh | None = None):
     """(loaded model, scheduler config, runner) for these options: the model on its mesh and a
     KV cache sized from the memory budget. Every process of a multi-host mesh builds the same."""
     enable_compilation_cache(args.compilation_cache_dir)
+    resolve_backend(args.attention_backend)  # a ValueError naming the choices
     if mesh is None and (args.tensor_parallel_size > 1 or jax.process_count() > 1):
         mesh = make_mesh(args.tensor_parallel_size)
     loaded = load_model(
         args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed, mesh=mesh
     )
+    loaded.model.attention_backend = args.attention_backend  # validated before loading
     c = loaded.config
     max_model_len = args.resolve_max_model_len(c.max_position_embeddings)
     page_bytes = (c.num_layers * args.page_size * 2 * c.num_kv_heads * c.head_dim) * (

@@ -3,6 +3,12 @@
 The engine keeps every layer's cache in one array [L, P, page_size, 2K, H]. Layer `l` is
 addressed as pages `l * P + page` of the flattened [L * P, page_size, 2K, H] view, so both the
 cache write and the attention read touch only that layer's pages, in place.
+
+Backends (`ATTENTION_BACKENDS`): "reference" (plain jnp, the CPU path), "tpu" (Mosaic
+kernels for the cache write and the attention), "gpu" (XLA scatter for the write, the Triton
+attention kernel), and "auto", which picks by `jax.default_backend()`: tpu -> "tpu",
+gpu -> "gpu", anything else -> "reference". A kernel backend named on a CPU host runs in its
+interpreter (slow; for tests); naming one on the other accelerator is a ValueError.
 """
 
 from dataclasses import dataclass
@@ -10,10 +16,23 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from xlaserve.kernels_pallas.kv_cache_update import reference as kv_update_reference
-from xlaserve.kernels_pallas.ragged_paged_attention import reference as rpa_reference
+from xlaserve.kernels_pallas.kv_cache_update import kv_cache_update
+from xlaserve.kernels_pallas.ragged_paged_attention import ragged_paged_attention, resolve_impl
 
-ATTENTION_BACKENDS = ("reference",)
+ATTENTION_BACKENDS = ("auto", "reference", "tpu", "gpu")
+
+
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+    """The concrete backend ("reference", "tpu" or "gpu") that `backend` means on `platform`.
+
+    Raises ValueError naming the choices for an unknown backend, or when a kernel backend
+    cannot run on the platform.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"attention backend {backend!r} is not available; choose from {ATTENTION_BACKENDS}"
+        )
+    return resolve_impl(backend, platform)
 
 
 @jax.tree_util.register_dataclass
@@ -49,20 +68,20 @@ def write_and_attend(
     """Writes layer `layer`'s new K/V, then attends over it.
 
     q: [T, N, H]; new_kv: [T, 2K, H]; kv_cache: [L, P, page_size, 2K, H]; layer: i32 scalar.
+    backend: one of ATTENTION_BACKENDS (see the module docstring).
     Returns (kv_cache, out [T, N, H]).
     """
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(
-            f"attention backend {backend!r} is not available; choose from {ATTENTION_BACKENDS}"
-        )
+    impl = resolve_backend(backend)
+    interpret = impl != "reference" and jax.default_backend() == "cpu"
     num_layers, num_pages, page_size = kv_cache.shape[:3]
     flat = kv_cache.reshape(num_layers * num_pages, *kv_cache.shape[2:])  # [L*P, ps, 2K, H]
     first_page = layer * num_pages
     slots = jnp.where(
         metadata.slot_mapping >= 0, metadata.slot_mapping + first_page * page_size, -1
     )
-    flat = kv_update_reference.kv_cache_update(new_kv, flat, slots)
-    out = rpa_reference.ragged_paged_attention(
+    update_impl = "tpu" if impl == "tpu" else "reference"
+    flat = kv_cache_update(new_kv, flat, slots, impl=update_impl, interpret=interpret)
+    out = ragged_paged_attention(
         q,
         flat,
         metadata.kv_lens,
@@ -71,5 +90,7 @@ def write_and_attend(
         metadata.num_seqs,
         sm_scale=sm_scale,
         sliding_window=sliding_window,
+        impl=impl,
+        interpret=interpret,
     )
     return flat.reshape(kv_cache.shape), out

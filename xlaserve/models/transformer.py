@@ -124,7 +124,7 @@ class Transformer(nnx.Module):
         *,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
-        attention_backend: str = "reference",
+        attention_backend: str = "auto",
     ):
         self.config = config
         self.attention_backend = attention_backend
