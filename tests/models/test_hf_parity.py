@@ -17,11 +17,24 @@ PROMPT_LENS = (37, 16, 1, 9)
 PAGE_SIZE = 8
 
 
-@pytest.fixture(scope="module", params=sorted(TINY))
+# "stacked": layers run by lax.scan over [L, ...] weights (accelerators); "unstacked": one
+# call per layer with fused q/k/v and gate/up weights (the CPU engine, `unstack_layers`).
+LAYOUTS = ("stacked", "unstacked")
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(name, layout) for name in sorted(TINY) for layout in LAYOUTS],
+    ids=lambda p: "-".join(p),
+)
 def tiny(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    hf_model = save_tiny_model(request.param, folder)
-    return request.param, hf_model, load_model(str(folder), dtype="float32")
+    name, layout = request.param
+    folder = tmp_path_factory.mktemp(name)
+    hf_model = save_tiny_model(name, folder)
+    loaded = load_model(str(folder), dtype="float32")
+    if layout == "unstacked":
+        loaded.model.unstack_layers()
+    return name, hf_model, loaded
 
 
 def hf_logits(hf_model, tokens: list[int]) -> np.ndarray:

@@ -398,10 +398,16 @@ def build_model_runner(args: EngineArgs, mesh: Mesh | None = None):
         args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed, mesh=mesh
     )
     loaded.model.attention_backend = args.attention_backend  # validated before loading
+    on_cpu = jax.default_backend() == "cpu"
+    if mesh is None and on_cpu:
+        loaded.model.unstack_layers()  # separate per-layer buffers: see unstack_layers
+    # XLA's CPU backend has no 16-bit float scatter: it would convert the whole cache to
+    # float32 and back around every cache write, so the CPU keeps the cache in float32.
+    kv_dtype = jax.numpy.float32 if on_cpu else loaded.dtype
     c = loaded.config
     max_model_len = args.resolve_max_model_len(c.max_position_embeddings)
     page_bytes = (c.num_layers * args.page_size * 2 * c.num_kv_heads * c.head_dim) * (
-        jax.numpy.dtype(loaded.dtype).itemsize
+        jax.numpy.dtype(kv_dtype).itemsize
     )
     devices = jax.devices() if mesh is None else list(mesh.devices.flat)
     if mesh is not None:  # the cache is split over the KV heads when they divide
@@ -413,7 +419,7 @@ def build_model_runner(args: EngineArgs, mesh: Mesh | None = None):
     runner = ModelRunner(
         loaded.model,
         runner_config_for(args, max_model_len, num_pages),
-        kv_dtype=loaded.dtype,
+        kv_dtype=kv_dtype,
         mesh=mesh,
     )
     return loaded, scheduler_config, runner

@@ -17,6 +17,9 @@ from xlaserve.models.attention import AttentionMetadata, write_and_attend
 from xlaserve.models.layers import (
     RopeScaling,
     apply_rope,
+    at_least_two_rows,
+    fused_swiglu,
+    linear,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
@@ -115,6 +118,18 @@ class DecoderLayers(nnx.Module):
         return {name: getattr(self, name)[...] for name in self.names}
 
 
+class DecoderLayer(nnx.Module):
+    """One layer's parameters as arrays of their own (see `Transformer.unstack_layers`)."""
+
+    def __init__(self, values: dict[str, jax.Array], logical_axes: dict[str, tuple]):
+        self.names = tuple(values)
+        for name, value in values.items():
+            setattr(self, name, nnx.Param(value, logical_axes=logical_axes[name]))
+
+    def params(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM over a flat ragged token batch and a paged KV cache."""
 
@@ -157,9 +172,7 @@ class Transformer(nnx.Module):
             x, kv_cache = carry
             p, layer = layer_inputs
             h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)  # [T, D]
-            q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]  # [T, N*H], [T, K*H], [T, K*H]
-            if c.attention_bias:
-                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+            q, k, v = project_qkv(h, p, c)  # [T, N*H], [T, K*H], [T, K*H]
             q = q.reshape(num_tokens, c.num_heads, c.head_dim)  # [T, N, H]
             k = k.reshape(num_tokens, c.num_kv_heads, c.head_dim)  # [T, K, H]
             v = v.reshape(num_tokens, c.num_kv_heads, c.head_dim)  # [T, K, H]
@@ -178,28 +191,83 @@ class Transformer(nnx.Module):
                 sliding_window=c.sliding_window,
                 backend=self.attention_backend,
             )  # attn: [T, N, H]
-            x = x + attn.reshape(num_tokens, c.num_heads * c.head_dim) @ p["wo"]
+            x = x + linear(attn.reshape(num_tokens, c.num_heads * c.head_dim), p["wo"])
             h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-            x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
+            if "w_gate_up" in p:
+                x = x + fused_swiglu(h, p["w_gate_up"], p["w_down"])
+            else:
+                x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
             return (x, kv_cache), None
 
-        layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
-        (x, kv_cache), _ = jax.lax.scan(
-            layer_step, (x, kv_cache), (self.layers.stacked(), layer_ids)
-        )
+        if isinstance(self.layers, DecoderLayers):
+            layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+            (x, kv_cache), _ = jax.lax.scan(
+                layer_step, (x, kv_cache), (self.layers.stacked(), layer_ids)
+            )
+        else:  # unstacked: one call per layer, each reading its own weight buffers
+            for i, layer in enumerate(self.layers):
+                (x, kv_cache), _ = layer_step((x, kv_cache), (layer.params(), i))
         return kv_cache, rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+
+    def unstack_layers(self) -> None:
+        """Gives every layer's parameters arrays of their own; the layers then run unrolled.
+
+        The q/k/v projections become one [D, (N + 2K) * H] matmul and gate/up one [D, 2F]
+        matmul: fewer, wider matmuls run faster at decode batch sizes. For one device (the
+        fused output axes are not sharded).
+
+        A scan slices each layer's weights out of the stacked [L, ...] arrays. On accelerators
+        the slice feeds the matmul directly, but XLA's CPU backend copies it on every step
+        (about a third of a SmolLM2 decode step), while separate buffers are read in place.
+        Unrolled graphs take longer to compile as depth grows, so this is for the CPU.
+        """
+        if not isinstance(self.layers, DecoderLayers):
+            return
+        stacked = self.layers
+        axes = {
+            name: getattr(stacked, name).get_metadata()["logical_axes"][1:]
+            for name in stacked.names
+        }
+        values = stacked.stacked()
+        fused = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+        if self.config.attention_bias:
+            fused["bqkv"] = ("bq", "bk", "bv")
+        for name, parts in fused.items():
+            values[name] = jnp.concatenate([values.pop(part) for part in parts], axis=-1)
+            axes[name] = axes[parts[0]][:-1] + (None,)  # the fused output axis is not sharded
+        self.layers = nnx.List(
+            DecoderLayer({name: array[i] for name, array in values.items()}, axes)
+            for i in range(self.config.num_layers)
+        )
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Logits f32[S, V] for the selected hidden rows [S, D]."""
-        if self.config.tie_word_embeddings:
-            logits = hidden @ self.embed[...].T
-        else:
-            logits = hidden @ self.lm_head[...]
-        return logits.astype(jnp.float32)
+        weight = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
+        rows = at_least_two_rows(hidden.astype(weight.dtype))
+        # The tied embedding is [V, D]: contract its D axis directly, without a transpose.
+        contract = ((1,), (1,)) if self.config.tie_word_embeddings else ((1,), (0,))
+        logits = jax.lax.dot_general(
+            rows, weight, (contract, ((), ())), preferred_element_type=jnp.float32
+        )
+        return logits[: hidden.shape[0]]
 
     def kv_cache_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
         c = self.config
         return (c.num_layers, num_pages, page_size, 2 * c.num_kv_heads, c.head_dim)
+
+
+def project_qkv(h: jax.Array, p: dict[str, jax.Array], c: TransformerConfig):
+    """q [T, N*H], k and v [T, K*H] from the normed hidden states [T, D] (fused or not)."""
+    if "wqkv" not in p:
+        q, k, v = linear(h, p["wq"]), linear(h, p["wk"]), linear(h, p["wv"])
+        if c.attention_bias:
+            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+        return q, k, v
+    qkv = linear(h, p["wqkv"])
+    if c.attention_bias:
+        qkv = qkv + p["bqkv"]
+    q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
 
 
 def expected_hf_tensors(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
