@@ -7,6 +7,7 @@ H head dim, L layers.
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -163,50 +164,25 @@ class Transformer(nnx.Module):
         Returns (updated kv_cache, final-normed hidden states [T, D]).
         """
         c = self.config
-        num_tokens = input_ids.shape[0]
         x = self.embed[...][input_ids]  # [T, D]
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)  # host constant
         cos, sin = rope_cos_sin(positions, inv_freq)  # [T, H/2]
 
-        def layer_step(carry, layer_inputs):
-            x, kv_cache = carry
-            p, layer = layer_inputs
-            h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)  # [T, D]
-            q, k, v = project_qkv(h, p, c)  # [T, N*H], [T, K*H], [T, K*H]
-            q = q.reshape(num_tokens, c.num_heads, c.head_dim)  # [T, N, H]
-            k = k.reshape(num_tokens, c.num_kv_heads, c.head_dim)  # [T, K, H]
-            v = v.reshape(num_tokens, c.num_kv_heads, c.head_dim)  # [T, K, H]
-            if c.qk_norm:
-                q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
-                k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            new_kv = jnp.stack([k, v], axis=2).reshape(num_tokens, 2 * c.num_kv_heads, c.head_dim)
-            kv_cache, attn = write_and_attend(
-                q,
-                new_kv,
-                kv_cache,
-                layer,
-                metadata,
-                sm_scale=c.head_dim**-0.5,
-                sliding_window=c.sliding_window,
-                backend=self.attention_backend,
-            )  # attn: [T, N, H]
-            x = x + linear(attn.reshape(num_tokens, c.num_heads * c.head_dim), p["wo"])
-            h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-            if "w_gate_up" in p:
-                x = x + fused_swiglu(h, p["w_gate_up"], p["w_down"])
-            else:
-                x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
-            return (x, kv_cache), None
-
+        layer_fn = partial(decoder_layer, config=c, backend=self.attention_backend)
         if isinstance(self.layers, DecoderLayers):
+
+            def layer_step(carry, layer_inputs):
+                return layer_fn(*carry, *layer_inputs, cos, sin, metadata), None
+
             layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
             (x, kv_cache), _ = jax.lax.scan(
                 layer_step, (x, kv_cache), (self.layers.stacked(), layer_ids)
             )
         else:  # unstacked: one call per layer, each reading its own weight buffers
             for i, layer in enumerate(self.layers):
-                (x, kv_cache), _ = layer_step((x, kv_cache), (layer.params(), i))
+                x, kv_cache = layer_fn(
+                    x, kv_cache, layer.params(), jnp.int32(i), cos, sin, metadata
+                )
         return kv_cache, rms_norm(x, self.final_norm[...], c.rms_norm_eps)
 
     def unstack_layers(self) -> None:
@@ -254,6 +230,53 @@ class Transformer(nnx.Module):
     def kv_cache_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
         c = self.config
         return (c.num_layers, num_pages, page_size, 2 * c.num_kv_heads, c.head_dim)
+
+
+@partial(jax.jit, static_argnames=("config", "backend"))
+def decoder_layer(
+    x: jax.Array,
+    kv_cache: jax.Array,
+    p: dict[str, jax.Array],
+    layer: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    metadata: AttentionMetadata,
+    *,
+    config: TransformerConfig,
+    backend: str,
+) -> tuple[jax.Array, jax.Array]:
+    """One decoder layer: (x [T, D], kv_cache) -> (x, kv_cache with this layer's K/V written).
+
+    Jitted so that the unrolled CPU forward traces and lowers one layer, not one per layer
+    (XLA inlines the calls, so each still reads its own weight buffers).
+    """
+    c = config
+    num_tokens = x.shape[0]
+    h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)  # [T, D]
+    q, k, v = project_qkv(h, p, c)  # [T, N*H], [T, K*H], [T, K*H]
+    q = q.reshape(num_tokens, c.num_heads, c.head_dim)  # [T, N, H]
+    k = k.reshape(num_tokens, c.num_kv_heads, c.head_dim)  # [T, K, H]
+    v = v.reshape(num_tokens, c.num_kv_heads, c.head_dim)  # [T, K, H]
+    if c.qk_norm:
+        q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    new_kv = jnp.stack([k, v], axis=2).reshape(num_tokens, 2 * c.num_kv_heads, c.head_dim)
+    kv_cache, attn = write_and_attend(
+        q,
+        new_kv,
+        kv_cache,
+        layer,
+        metadata,
+        sm_scale=c.head_dim**-0.5,
+        sliding_window=c.sliding_window,
+        backend=backend,
+    )  # attn: [T, N, H]
+    x = x + linear(attn.reshape(num_tokens, c.num_heads * c.head_dim), p["wo"])
+    h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    if "w_gate_up" in p:
+        return x + fused_swiglu(h, p["w_gate_up"], p["w_down"]), kv_cache
+    return x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"]), kv_cache
 
 
 def project_qkv(h: jax.Array, p: dict[str, jax.Array], c: TransformerConfig):
