@@ -43,9 +43,19 @@ def copy_bandwidth(megabytes: int | None = None) -> float:
     return 2 * x.nbytes / _median_time(copy, x)
 
 
+def read_bandwidth(megabytes: int | None = None) -> float:
+    """Bytes per second of reading a large array once (a sum): what streaming weights and KV
+    from memory gets. On the CPU this is several times the copy figure above."""
+    if megabytes is None:
+        megabytes = 256 if jax.default_backend() == "cpu" else 2048
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    return x.nbytes / _median_time(jax.jit(jnp.sum), x)
+
+
 def matmul_flops(dtype: str = "float32") -> float:
-    """FLOP/s of a large square matmul in the given dtype."""
+    """FLOP/s of a large square matmul in the given dtype, accumulated in float32 (as the
+    engine's matmuls are)."""
     n = 2048 if jax.default_backend() == "cpu" else 8192
     a = jnp.ones((n, n), jnp.dtype(dtype))
-    mm = jax.jit(lambda x: x @ x)
+    mm = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     return 2 * n**3 / _median_time(mm, a)

@@ -6,8 +6,10 @@ Workloads (`--workload`):
   fixed:IN/OUT  random token-id prompts of IN tokens, exactly OUT new tokens each
   sharegpt      a long-tailed synthetic mix (~200 in / ~180 out on average)
 
-Every request generates exactly its output length (ignore_eos on both sides). Roofline: each
-step must read the weights plus the live KV cache (bytes / measured copy bandwidth) and do
+Every request generates exactly its output length (ignore_eos on both sides). transformers runs
+at each dtype of --hf-dtypes (default float32 and bfloat16), so the table shows the ratio against
+its default (float32) and at matched precision. Roofline: each
+step must read the weights plus the live KV cache (bytes / measured read bandwidth) and do
 2 * params FLOPs per token (FLOPs / measured matmul throughput); the ideal time of a run is the
 sum over its steps of the larger of the two. Batch-1 decode is reported in ms/token against its
 roofline. Start-up (warm-up with an empty and with a filled compilation cache, each in a fresh
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from roofline import copy_bandwidth, device_name, matmul_flops  # noqa: E402
+from roofline import device_name, matmul_flops, read_bandwidth  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TOPICS = [
@@ -134,14 +136,14 @@ def roofline_seconds(steps, param_bytes, kv_bytes_per_token, params, bw, flops) 
     return total
 
 
-def run_transformers(args, prompts, out_lens) -> dict:
+def run_transformers(args, prompts, out_lens, dtype_name: str) -> dict:
     """HF generate on the same prompts (left-padded batches of --hf-batch), greedy."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from xlaserve.checkpoints.presets import resolve_bundled
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.load_format == "dummy":
         model = hf_dummy(args.model, dtype).to(device)
@@ -167,7 +169,7 @@ def run_transformers(args, prompts, out_lens) -> dict:
                            pad_token_id=0)  # fmt: skip
             generated += sum(outs)  # tokens the requests asked for (HF pads shorter ones)
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "output_tokens": generated,
+    return {"seconds": seconds, "output_tokens": generated, "dtype": dtype_name,
             "output_tokens_per_s": generated / seconds, "device": device,
             "cache_implementation": cache or "dynamic"}  # fmt: skip
 
@@ -207,7 +209,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--load-format", default="auto")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--hf-dtypes", default="float32,bfloat16", help="comma-separated")
     p.add_argument("--workload", default="text")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--output-len", type=int, default=64, help="for the text workload")
@@ -222,6 +225,7 @@ def main() -> None:
     args = p.parse_args()
 
     from xlaserve import LLM
+    from xlaserve.checkpoints.loader import resolve_dtype
 
     engine_kw = dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                      max_num_batched_tokens=args.max_num_batched_tokens)  # fmt: skip
@@ -234,16 +238,18 @@ def main() -> None:
             result["startup_cold"] = startup(args, cache, engine_kw)
             result["startup_warm"] = startup(args, cache, engine_kw)
     llm = LLM(args.model, dtype=args.dtype, load_format=args.load_format, **engine_kw)
+    dtype = np.dtype(resolve_dtype(args.dtype)).name
+    result["dtype"] = dtype
     c = llm.engine.runner.steps
-    params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(c.params))
-    itemsize = np.dtype(c.kv_cache.dtype).itemsize
-    param_bytes = params * itemsize
+    leaves = __import__("jax").tree.leaves(c.params)
+    params = sum(int(np.prod(x.shape)) for x in leaves)
+    param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
     cache_shape = c.kv_cache.shape  # [L, P, ps, 2K, H]
-    kv_per_token = cache_shape[0] * cache_shape[3] * cache_shape[4] * itemsize
+    kv_per_token = cache_shape[0] * cache_shape[3] * cache_shape[4] * c.kv_cache.dtype.itemsize
     vocab = llm.engine.vocab_size
     prompts, out_lens = workload(args.workload, args.num_prompts, vocab, llm.get_tokenizer())
-    bw, flops = copy_bandwidth(), matmul_flops(args.dtype)
-    result["measured"] = {"copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": flops / 1e12}
+    bw, flops = read_bandwidth(), matmul_flops(dtype)
+    result["measured"] = {"read_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": flops / 1e12}
     ours = run_xlaserve(llm, prompts, out_lens, args.output_len, args.repeats)
     ideal = roofline_seconds(ours.pop("steps"), param_bytes, kv_per_token, params, bw, flops)
     ours["roofline_seconds"] = ideal
@@ -255,38 +261,39 @@ def main() -> None:
         b1.update(roofline_ms_per_token=roof, percent_of_roofline=100 * roof / b1["ms_per_token"])
         result["batch1_decode"] = b1
     if not args.no_hf:
-        hf = run_transformers(args, prompts, out_lens)
-        result["transformers"] = hf
-        result["ratio_output_tokens_per_s"] = (
-            ours["output_tokens_per_s"] / hf["output_tokens_per_s"]
-        )
+        del llm  # free the engine's memory for transformers
+        for hf_dtype in args.hf_dtypes.split(","):
+            hf = run_transformers(args, prompts, out_lens, hf_dtype)
+            hf["ratio"] = ours["output_tokens_per_s"] / hf["output_tokens_per_s"]
+            result.setdefault("transformers", []).append(hf)
     RESULTS.mkdir(exist_ok=True)
     slug = result["device"].split(" (")[0].replace(" ", "-")
     stem = f"throughput-{Path(args.model).name}-{args.workload.replace(':', '').replace('/', 'x')}"
-    stem += f"-{slug}-{result['date']}"
+    stem += f"-{dtype}-{slug}-{result['date']}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
 
 
 def markdown(r: dict) -> str:
-    x, hf = r["xlaserve"], r.get("transformers")
+    x, hfs = r["xlaserve"], r.get("transformers", [])
+    ratios = " / ".join(f"{hf['ratio']:.2f}x {hf['dtype']}" for hf in hfs) or "-"
     lines = [
         f"# Throughput: {r['model']} ({r['dtype']}, {r['load_format']}) on {r['device']}, "
         f"{r['date']}", "",
         f"Workload {r['workload']}, {r['num_prompts']} prompts, greedy, every request runs to "
-        f"its output length. Measured copy bandwidth {r['measured']['copy_bandwidth_GBps']:.1f} "
-        f"GB/s, matmul {r['measured']['matmul_TFLOPs']:.3f} TFLOP/s.", "",
-        "| engine | seconds | output tok/s | req/s | % of roofline | vs transformers |",
-        "|---|---|---|---|---|---|",
-        f"| xlaserve | {x['seconds']:.2f} | {x['output_tokens_per_s']:.1f} | "
-        f"{x['requests_per_s']:.2f} | {x['percent_of_roofline']:.0f}% | "
-        + (f"{r['ratio_output_tokens_per_s']:.2f}x |" if hf else "- |"),
+        f"its output length. Measured read bandwidth {r['measured']['read_bandwidth_GBps']:.1f} "
+        f"GB/s, {r['dtype']} matmul {r['measured']['matmul_TFLOPs']:.3f} TFLOP/s.", "",
+        "| engine | dtype | seconds | output tok/s | req/s | % of roofline | xlaserve ÷ this |",
+        "|---|---|---|---|---|---|---|",
+        f"| xlaserve | {r['dtype']} | {x['seconds']:.2f} | {x['output_tokens_per_s']:.1f} | "
+        f"{x['requests_per_s']:.2f} | {x['percent_of_roofline']:.0f}% | {ratios} |",
     ]  # fmt: skip
-    if hf:
+    for hf in hfs:
         lines.append(
-            f"| transformers generate ({hf['cache_implementation']} cache) | "
-            f"{hf['seconds']:.2f} | {hf['output_tokens_per_s']:.1f} | - | - | 1.00x |"
+            f"| transformers generate ({hf['cache_implementation']} cache) | {hf['dtype']} | "
+            f"{hf['seconds']:.2f} | {hf['output_tokens_per_s']:.1f} | - | - | "
+            f"{hf['ratio']:.2f}x |"
         )
     lines += ["", f"Compiles: {x['compiles']} at warm-up, {x['compiles_after_warmup']} after."]
     if "batch1_decode" in r:
