@@ -139,7 +139,10 @@ class DeviceSteps:
     def __init__(self, model: Transformer, config: RunnerConfig, *, kv_dtype, mesh=None):
         self.config = config
         self.mesh = mesh
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # Plain nested dicts of arrays: jit flattens them in C++ on every call, where nnx
+        # Variables would cost a Python callback per parameter per step.
+        self.params = state.to_pure_dict()
         cache_shape = model.kv_cache_shape(config.num_pages, config.page_size)
         state_zeros = partial(
             sampler.PenaltyState.zeros, config.max_num_seqs, model.config.vocab_size
