@@ -57,7 +57,8 @@ def default_device() -> torch.device:
 
 
 def resolve_torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on CUDA and float32 on the CPU (as the JAX loader does per platform)."""
+    """`auto` is bfloat16 on CUDA and float32 on the CPU, where this backend is the float32
+    numerical reference (the JAX engine's CPU `auto` may be bfloat16: see resolve_dtype)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in TORCH_DTYPES:
