@@ -118,3 +118,13 @@ def test_rows_without_penalties_ignore_the_state():
     out, st = sample(np.stack([LOGITS]), batch(1, temperature=[0.0]), st)
     assert out.tokens.tolist() == [0]
     assert int(jnp.sum(st.output_counts)) == 0
+
+
+def test_first_argmax_matches_argmax_including_ties_and_masked_rows():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (64, 1000)).astype(np.float32)  # many ties: first index must win
+    x[5] = -np.inf  # a fully masked row picks index 0, like argmax
+    x[6, :10] = np.inf
+    got = np.asarray(sampler.first_argmax(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32
