@@ -45,7 +45,7 @@ def config_from_json(data: dict) -> TransformerConfig:
 
 def param_tree(model: Transformer, dtype) -> dict:
     top = {name: getattr(model, name)[...].astype(dtype) for name in top_names(model)}
-    layers = {name: arr.astype(dtype) for name, arr in model.layers.stacked().items()}
+    layers = {name: arr.astype(dtype) for name, arr in model.layers.values().items()}
     return {"top": top, "layers": layers}
 
 

@@ -106,7 +106,16 @@ def init_value(name: str, shape: tuple[int, ...], dtype, key: jax.Array) -> jax.
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-class DecoderLayers(nnx.Module):
+class NamedParams(nnx.Module):
+    """A module whose parameters are the attributes listed in `names`."""
+
+    names: tuple[str, ...]
+
+    def values(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+class DecoderLayers(NamedParams):
     """All decoder layers, each parameter stacked along a leading L axis."""
 
     def __init__(self, config: TransformerConfig, *, dtype, rngs: nnx.Rngs):
@@ -115,20 +124,14 @@ class DecoderLayers(nnx.Module):
             value = init_value(name, (config.num_layers, *shape), dtype, rngs.params())
             setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes)))
 
-    def stacked(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in self.names}
 
-
-class DecoderLayer(nnx.Module):
+class DecoderLayer(NamedParams):
     """One layer's parameters as arrays of their own (see `Transformer.unstack_layers`)."""
 
     def __init__(self, values: dict[str, jax.Array], logical_axes: dict[str, tuple]):
         self.names = tuple(values)
         for name, value in values.items():
             setattr(self, name, nnx.Param(value, logical_axes=logical_axes[name]))
-
-    def params(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in self.names}
 
 
 class Transformer(nnx.Module):
@@ -176,12 +179,12 @@ class Transformer(nnx.Module):
 
             layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
             (x, kv_cache), _ = jax.lax.scan(
-                layer_step, (x, kv_cache), (self.layers.stacked(), layer_ids)
+                layer_step, (x, kv_cache), (self.layers.values(), layer_ids)
             )
         else:  # unstacked: one call per layer, each reading its own weight buffers
             for i, layer in enumerate(self.layers):
                 x, kv_cache = layer_fn(
-                    x, kv_cache, layer.params(), jnp.int32(i), cos, sin, metadata
+                    x, kv_cache, layer.values(), jnp.int32(i), cos, sin, metadata
                 )
         return kv_cache, rms_norm(x, self.final_norm[...], c.rms_norm_eps)
 
@@ -204,7 +207,7 @@ class Transformer(nnx.Module):
             name: getattr(stacked, name).get_metadata()["logical_axes"][1:]
             for name in stacked.names
         }
-        values = stacked.stacked()
+        values = stacked.values()
         fused = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
         if self.config.attention_bias:
             fused["bqkv"] = ("bq", "bk", "bv")
