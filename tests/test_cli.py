@@ -12,7 +12,7 @@ def test_convert_then_load_gives_same_tokens(tmp_path, capsys):
     save_tiny_model("qwen2", tmp_path / "hf")
     assert main(["convert", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ox"),
                  "--dtype", "float32"]) == 0  # fmt: skip
-    assert "converted" in capsys.readouterr().out
+    assert "stored float32 (source float32)" in capsys.readouterr().out
     prompt = np.arange(3, 20).tolist()
     a = greedy_generate(load_model(str(tmp_path / "hf"), dtype="float32").model, [prompt], 8)
     b = greedy_generate(load_model(str(tmp_path / "ox"), dtype="float32").model, [prompt], 8)

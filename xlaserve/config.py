@@ -6,7 +6,7 @@ the number of KV pages) are returned by functions, never written back into the o
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -21,33 +21,57 @@ ACCELERATOR_KV_FRACTION = 0.9
 BACKENDS = ("jax", "torch")
 
 
+def _opt(default, help: str):
+    """A field with its command-line help (the CLI flags are generated from these fields)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class EngineArgs:
-    model: str = DEFAULT_MODEL
-    dtype: str = "auto"
-    load_format: str = "auto"
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int | None = None  # None: max(512, max_num_seqs)
-    page_size: int = 16
-    # Bytes (int), a fraction of free device memory after weights (float in (0, 1]), or None.
-    kv_cache_memory: int | float | None = None
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    scheduling_policy: str = "fcfs"
-    max_waiting_requests: int | None = None
-    seed: int = 0
-    # Paged attention implementation: auto (cpu: reference, gpu: Pallas GPU kernel, tpu: Mosaic
-    # kernel), or reference / gpu / tpu by name.
-    attention_backend: str = "auto"
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    compilation_cache_dir: str | None = DEFAULT_COMPILATION_CACHE
-    min_token_bucket: int = 16
-    # Explicit token buckets (None: powers of two from min_token_bucket to the token budget).
-    token_buckets: tuple[int, ...] | None = None
-    # "jax" (the engine) or "torch" (the torch/Triton parity backend in kernels_cuda/).
-    backend: str = "jax"
+    """Every engine option; `xlaserve generate | chat | serve | bench` take each as a flag."""
+
+    model: str = _opt(DEFAULT_MODEL, "bundled name, HF folder, .gguf file or orbax folder")
+    dtype: str = _opt(
+        "auto",
+        "auto, float32, bfloat16 or float16 (auto: bfloat16 on TPU/GPU "
+        "and on CPUs with bfloat16 dot instructions, else float32)",
+    )
+    load_format: str = _opt("auto", "auto, hf, gguf, orbax or dummy (random weights of a preset)")
+    max_model_len: int | None = _opt(None, "longest prompt + output (default: the model's)")
+    max_num_seqs: int = _opt(32, "sequences per step at most")
+    max_num_batched_tokens: int | None = _opt(
+        None,
+        "token budget per step (default: max(512, max_num_seqs)); longer prompts are "
+        "prefilled in chunks",
+    )
+    page_size: int = _opt(16, "tokens per KV-cache page")
+    kv_cache_memory: int | float | None = _opt(
+        None,
+        "KV cache size: bytes (int) or a fraction of free device memory after the "
+        "weights (float in (0, 1])",
+    )
+    enable_prefix_caching: bool = _opt(True, "reuse KV pages of identical prompt prefixes")
+    enable_chunked_prefill: bool = _opt(True, "split long prompts over several steps")
+    scheduling_policy: str = _opt("fcfs", "fcfs or priority")
+    max_waiting_requests: int | None = _opt(
+        None, "refuse new requests beyond this many waiting (None: no limit)"
+    )
+    seed: int = _opt(0, "engine seed (sampling of requests without their own seed)")
+    attention_backend: str = _opt(
+        "auto",
+        "paged attention: auto (cpu: reference, gpu: Pallas GPU, tpu: Mosaic), "
+        "reference, gpu or tpu",
+    )
+    tensor_parallel_size: int = _opt(1, "devices each replica's weights are split over")
+    data_parallel_size: int = _opt(1, "engine replicas")
+    compilation_cache_dir: str | None = _opt(
+        DEFAULT_COMPILATION_CACHE, "persistent XLA compilation cache (None: off)"
+    )
+    min_token_bucket: int = _opt(16, "smallest token bucket of the power-of-two set")
+    token_buckets: tuple[int, ...] | None = _opt(
+        None, "explicit token buckets, e.g. 16,64,256 (the token budget is always added)"
+    )
+    backend: str = _opt("jax", "jax (the engine) or torch (the torch/Triton parity backend)")
 
     def __post_init__(self):
         for name in (

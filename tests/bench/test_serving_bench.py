@@ -1,23 +1,14 @@
 """The serving benchmark end to end: in-process on a tiny random model over both protocols, and
 against a running (mock-engine) server whose engine counters it scrapes from /metrics."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.models.tiny_configs import save_tiny_model
 from tests.serving.helpers import API_KEY, start_mock_server
-
-SPEC = importlib.util.spec_from_file_location(
-    "serving_bench", Path(__file__).parents[2] / "benchmarks" / "serving.py"
-)
-bench = importlib.util.module_from_spec(SPEC)
-sys.modules[SPEC.name] = bench  # dataclasses look their module up
-SPEC.loader.exec_module(bench)
+from xlaserve.bench import serve as bench
 
 NUM, INPUT_LEN, OUTPUT_LEN = 4, 8, 5
 WORKLOAD = ["--num-prompts", str(NUM), "--input-len", str(INPUT_LEN),

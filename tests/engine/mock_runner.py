@@ -4,28 +4,52 @@ Rule: the token sampled for a sequence is the sum of all its tokens so far (prom
 i.e. everything up to and including the chunk fed this step) modulo `vocab_size` (97).
 Example: prompt [1, 2, 3] -> 6 (1+2+3), then 12 (1+2+3+6), 24, 48, 96, 95 (192 % 97), ...
 
-The mock keeps a fake KV cache (page id -> token id per slot) and computes that sum from what it
-reads back through the page table, the way attention would. Before each chunk it checks that
-every earlier position already holds the right token (this covers prefix-cache hits and shared
-sibling pages), that the fed tokens are the sequence's next ones, and that no page it writes is
-shared with another sequence. A wrong page table therefore fails loudly or yields wrong tokens.
+Like a real runner, the mock sees only the `SchedulerOutput` diff: it keeps its own `InputBatch`
+and takes each step's chunks from it. It checks every chunk against the scheduler's live state
+(so the diff protocol is under test too: a missing token, page or finished id shows), and keeps
+a fake KV cache (page id -> token id per slot) from which it computes that sum, the way
+attention would read it. Before each chunk it checks that every earlier position already holds
+the right token (this covers prefix-cache hits and shared sibling pages), that the fed tokens
+are the sequence's next ones, and that no page it writes is shared with another sequence. A
+wrong page table therefore fails loudly or yields wrong tokens.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
+from xlaserve.engine.input_batch import Chunk, InputBatch
 from xlaserve.engine.request import RequestStatus
+from xlaserve.engine.runner_api import (
+    DeviceInfo,
+    KVCacheSpec,
+    RunnerOutput,
+    RunnerStats,
+    SampledToken,
+)
 from xlaserve.engine.sampling_params import SamplingParams
-from xlaserve.engine.scheduler import Scheduler, SchedulerOutput
+from xlaserve.engine.scheduler import Scheduler
+from xlaserve.engine.scheduler_output import SchedulerOutput
 
 VOCAB_SIZE = 97
 
 
 class MockRunner:
     def __init__(self, scheduler: Scheduler, vocab_size: int = VOCAB_SIZE) -> None:
+        config = scheduler.config
+        self.scheduler = scheduler  # read only to check the chunks against the truth
         self.block_manager = scheduler.block_manager
-        self.page_size = scheduler.config.page_size
+        self.page_size = config.page_size
         self.vocab_size = vocab_size
+        self.batch = InputBatch(
+            max_num_seqs=config.max_num_seqs,
+            pages_per_seq=math.ceil(config.max_model_len / config.page_size),
+            page_size=config.page_size,
+            vocab_size=vocab_size,
+        )
         self.kv: dict[int, list[int | None]] = {}  # page id -> token id in each slot
+        self.last_chunks: list[Chunk] = []  # what the latest execute() ran, in batch order
 
     def read(self, page_ids: list[int], num_tokens: int) -> list[int | None]:
         """Tokens at positions 0..num_tokens-1 as stored in the pages."""
@@ -35,31 +59,60 @@ class MockRunner:
         ]
 
     def execute(self, output: SchedulerOutput) -> dict[int, int]:
-        """Writes every fed token into its slot, returns seq_id -> next token for sample=True."""
+        """Applies the diff, writes every fed token into its slot and returns
+        seq_id -> next token for each chunk that samples."""
+        # Announced once, and only for sequences the runner holds.
+        assert all(i in self.batch for i in output.finished_seq_ids), output.finished_seq_ids
+        chunks = self.batch.update(output)
+        # Chunks hold the batch's live page tables; keep what this step saw for the tests.
+        self.last_chunks = [replace(c, page_ids=list(c.page_ids)) for c in chunks]
+        self._check_batch(output, chunks)
         size = self.page_size
         writer: dict[int, int] = {}  # page -> the sequence writing it this step
         sampled: dict[int, int] = {}
-        for item in output.scheduled:
-            seq = item.seq
-            start, end = item.start_pos, item.start_pos + len(item.token_ids)
-            assert item.token_ids, f"seq {seq.seq_id}: empty chunk"
-            assert item.token_ids == seq.all_token_ids[start:end], f"seq {seq.seq_id}: wrong tokens"
-            assert item.sample == (end == seq.num_tokens)
-            pages = item.page_ids
-            assert len(set(pages)) == len(pages), f"seq {seq.seq_id}: page twice in {pages}"
+        for c in chunks:
+            start, end = c.start_pos, c.start_pos + len(c.token_ids)
+            pages = c.page_ids
+            assert len(set(pages)) == len(pages), f"seq {c.seq_id}: page twice in {pages}"
             assert all(0 <= p < self.block_manager.num_pages for p in pages), pages
-            assert len(pages) * size >= end, f"seq {seq.seq_id}: {pages} too small for {end}"
-            assert self.read(pages, start) == seq.all_token_ids[:start], (
-                f"seq {seq.seq_id}: pages {pages} do not hold its first {start} tokens"
+            assert len(pages) * size >= end, f"seq {c.seq_id}: {pages} too small for {end}"
+            known = self.batch.token_ids(c.seq_id)
+            assert self.read(pages, start) == known[:start], (
+                f"seq {c.seq_id}: pages {pages} do not hold its first {start} tokens"
             )
-            for pos, token in enumerate(item.token_ids, start):
+            for pos, token in enumerate(c.token_ids, start):
                 page = pages[pos // size]
-                assert writer.setdefault(page, seq.seq_id) == seq.seq_id, f"page {page} shared"
+                assert writer.setdefault(page, c.seq_id) == c.seq_id, f"page {page} shared"
                 assert self.block_manager.ref_counts[page] == 1, f"write to shared page {page}"
                 self.kv.setdefault(page, [None] * size)[pos % size] = token
-            if item.sample:
-                sampled[seq.seq_id] = sum(self.read(pages, end)) % self.vocab_size
+            if c.sample:
+                sampled[c.seq_id] = sum(self.read(pages, end)) % self.vocab_size
         return sampled
+
+    def _check_batch(self, output: SchedulerOutput, chunks: list[Chunk]) -> None:
+        """The batch rebuilt from diffs equals the scheduler's truth, chunk by chunk."""
+        scheduler = self.scheduler
+        new_ids = [s.seq_id for s in output.new_seqs]
+        cached_ids = [s.seq_id for s in output.cached_seqs]
+        assert sorted(new_ids + cached_ids) == sorted(output.num_scheduled_tokens)
+        assert not set(cached_ids) & output.finished_seq_ids, "a sequence that left is cached"
+        # Exactly the running sequences are in the batch: every one that left was announced.
+        assert len(self.batch) == scheduler.num_running
+        assert all(s.seq_id in self.batch for s in scheduler.running)
+        assert [c.seq_id for c in chunks] == list(output.num_scheduled_tokens)
+        for c in chunks:
+            seq = scheduler.get_sequence(c.seq_id)
+            assert seq is not None and seq.status is RequestStatus.RUNNING, c.seq_id
+            start, end = c.start_pos, c.start_pos + len(c.token_ids)
+            assert c.token_ids, f"seq {c.seq_id}: empty chunk"
+            assert len(c.token_ids) == output.num_scheduled_tokens[c.seq_id]
+            assert start == seq.num_computed_tokens, f"seq {c.seq_id}: starts at {start}"
+            assert self.batch.token_ids(c.seq_id) == seq.all_token_ids, f"seq {c.seq_id}: tokens"
+            assert self.batch.output_token_ids(c.seq_id) == seq.output_token_ids
+            assert self.batch.params(c.seq_id) is seq.params
+            assert c.token_ids == seq.all_token_ids[start:end], f"seq {c.seq_id}: wrong tokens"
+            assert c.sample == (end == seq.num_tokens)
+            assert c.page_ids == self.block_manager.page_ids(seq), f"seq {c.seq_id}: pages"
 
 
 def reference_output(
@@ -90,53 +143,59 @@ def reference_output(
 
 def run_to_completion(
     scheduler: Scheduler, runner: MockRunner, *, max_steps: int = 10_000
-) -> list[SchedulerOutput]:
-    """Steps until nothing is left unfinished; returns every step's SchedulerOutput."""
-    outputs = []
+) -> list[tuple[SchedulerOutput, list[Chunk]]]:
+    """Steps until nothing is left unfinished; returns every step's (output, chunks run)."""
+    steps = []
     while scheduler.has_unfinished():
-        assert len(outputs) < max_steps, "scheduler did not finish"
+        assert len(steps) < max_steps, "scheduler did not finish"
         output = scheduler.schedule()
-        assert output.scheduled, "scheduler stalled with unfinished sequences"
+        assert not output.is_empty, "scheduler stalled with unfinished sequences"
         scheduler.update_from_output(output, runner.execute(output))
-        outputs.append(output)
-    return outputs
+        steps.append((output, runner.last_chunks))
+    return steps
 
 
 class EngineMockRunner:
-    """The mock behind `LLMEngine`'s runner interface (warmup / execute / release / counters).
+    """The mock behind the `Runner` protocol (xlaserve/engine/runner_api.py), for `LLMEngine`.
 
     Sampled tokens follow MockRunner's rule; when logprobs are asked for, the sampled token's
     logprob is -(token % 10) / 10 and the top list is the sampled token alone (checkable by hand).
     """
 
-    def __init__(self, scheduler: Scheduler, vocab_size: int = VOCAB_SIZE) -> None:
-        from xlaserve.engine.runner import CompileCounter
+    kv_cache_spec = KVCacheSpec(
+        num_layers=1, page_size=4, num_kv_heads=1, head_dim=2, dtype="float32"
+    )
 
+    def __init__(self, scheduler: Scheduler, vocab_size: int = VOCAB_SIZE) -> None:
         self.mock = MockRunner(scheduler, vocab_size)
-        self.compiles = CompileCounter()
-        self.compiles_after_warmup = 0
-        self.warmup_seconds = 0.0
-        self.released: list[int] = []
+        self.warmed_up = False
+        self.left_batch: list[int] = []  # seq ids seen in finished_seq_ids, in arrival order
+        self._stats = RunnerStats()
 
     def warmup(self) -> None:
-        pass
+        self.warmed_up = True
+        self._stats.warmup_seconds = 0.0
 
-    def release(self, seq_id: int) -> None:
-        self.released.append(seq_id)
-
-    def execute(self, output: SchedulerOutput):
-        from xlaserve.engine.runner import RunnerOutput, SampledToken
-
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        self.left_batch.extend(sorted(output.finished_seq_ids))
         sampled = self.mock.execute(output)
         result = RunnerOutput()
-        seqs = {item.seq.seq_id: item.seq for item in output.scheduled}
         for seq_id, token in sampled.items():
-            if seqs[seq_id].params.logprobs is None:
+            if self.mock.batch.params(seq_id).logprobs is None:
                 result.sampled[seq_id] = SampledToken(token)
             else:
                 lp = -(token % 10) / 10
                 result.sampled[seq_id] = SampledToken(token, lp, [(token, lp)])
         return result
+
+    def device_info(self) -> DeviceInfo:
+        return DeviceInfo(platform="mock", num_devices=1)
+
+    def stats(self) -> RunnerStats:
+        return self._stats
+
+    def shutdown(self) -> None:
+        pass
 
 
 def mock_engine(*, num_pages: int = 64, max_num_seqs: int = 8, tokenizer=None, **scheduler_kw):
@@ -148,7 +207,7 @@ def mock_engine(*, num_pages: int = 64, max_num_seqs: int = 8, tokenizer=None, *
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=scheduler_kw.pop("max_num_batched_tokens", 32),
         max_model_len=64,
-        page_size=4,
+        page_size=EngineMockRunner.kv_cache_spec.page_size,
         num_pages=num_pages,
         **scheduler_kw,
     )

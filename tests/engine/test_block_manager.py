@@ -32,18 +32,18 @@ def test_allocate_append_free_counts_pages():
     bm = BlockManager(num_pages=4, page_size=2, enable_prefix_caching=False)
     s = seq([1, 2, 3])
     bm.allocate(s, 3)
-    assert s.page_ids == [0, 1] and bm.ref_counts == [1, 1, 0, 0]
+    assert bm.page_ids(s) == [0, 1] and bm.ref_counts == [1, 1, 0, 0]
     assert (bm.num_free_pages, bm.usage) == (2, 0.5)
     s.num_computed_tokens = 3
     s.append_token(9)
     assert bm.can_append(s, 1)
     bm.append_slots(s, 1)  # position 3 still fits page 1
-    assert s.page_ids == [0, 1]
+    assert bm.page_ids(s) == [0, 1]
     assert bm.can_append(s, 5) and not bm.can_append(s, 6)  # 3 + 5 = 8 tokens = 4 pages
     bm.append_slots(s, 3)
-    assert s.page_ids == [0, 1, 2]
+    assert bm.page_ids(s) == [0, 1, 2]
     bm.free(s)
-    assert s.page_ids == [] and bm.ref_counts == [0] * 4 and bm.num_free_pages == 4
+    assert bm.page_ids(s) == [] and bm.ref_counts == [0] * 4 and bm.num_free_pages == 4
 
 
 def test_freed_pages_are_reused_least_recently_freed_first():
@@ -56,7 +56,7 @@ def test_freed_pages_are_reused_least_recently_freed_first():
     assert bm.free_queue() == [4, 5, 3, 2, 1, 0]
     c = seq([9] * 8)
     compute(bm, c, 6)  # 3 pages: never-used 4 and 5, then b's page 3 (freed first)
-    assert c.page_ids == [4, 5, 3]
+    assert bm.page_ids(c) == [4, 5, 3]
     # b's first page is still cached: a new sequence finds it, its second page is gone.
     d = seq([5, 6, 7, 8, 1])
     assert bm.get_computed_prefix(d) == ([2], 2)
@@ -69,9 +69,10 @@ def test_cached_prefix_never_covers_the_last_token():
     bm = BlockManager(num_pages=8, page_size=2, enable_prefix_caching=True)
     a = seq([1, 2, 3, 4])
     compute(bm, a)
-    assert bm.is_cached(a.page_ids[0]) and bm.is_cached(a.page_ids[1])
-    assert bm.get_computed_prefix(seq([1, 2, 3, 4])) == ([a.page_ids[0]], 2)
-    assert bm.get_computed_prefix(seq([1, 2, 3, 4, 5])) == (a.page_ids[:2], 4)
+    pages = bm.page_ids(a)
+    assert bm.is_cached(pages[0]) and bm.is_cached(pages[1])
+    assert bm.get_computed_prefix(seq([1, 2, 3, 4])) == ([pages[0]], 2)
+    assert bm.get_computed_prefix(seq([1, 2, 3, 4, 5])) == (pages[:2], 4)
     assert bm.get_computed_prefix(seq([1, 2])) == ([], 0)
 
 
@@ -94,8 +95,9 @@ def test_only_computed_pages_are_cached():
     bm.allocate(a, 6)
     a.num_computed_tokens = 3  # a chunk of 3: page 0 full, page 1 half
     bm.cache_full_pages(a)
-    assert [bm.is_cached(p) for p in a.page_ids] == [True, False, False]
-    assert bm.get_computed_prefix(seq([1, 2, 3, 4, 5, 6])) == ([a.page_ids[0]], 2)
+    pages = bm.page_ids(a)
+    assert [bm.is_cached(p) for p in pages] == [True, False, False]
+    assert bm.get_computed_prefix(seq([1, 2, 3, 4, 5, 6])) == ([pages[0]], 2)
 
 
 def test_shared_pages_are_refcounted():
@@ -103,11 +105,12 @@ def test_shared_pages_are_refcounted():
     a, b = seq([1, 2, 3]), seq([1, 2, 4])
     compute(bm, a)
     compute(bm, b)
-    assert b.page_ids[0] == a.page_ids[0] and b.num_cached_prompt_tokens == 2
-    assert bm.ref_counts[a.page_ids[0]] == 2
+    shared = bm.page_ids(a)[0]
+    assert bm.page_ids(b)[0] == shared and b.num_cached_prompt_tokens == 2
+    assert bm.ref_counts[shared] == 2
     assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (6, 2)
     bm.free(a)
-    assert bm.ref_counts[b.page_ids[0]] == 1 and bm.num_free_pages == 6
+    assert bm.ref_counts[shared] == 1 and bm.num_free_pages == 6
     bm.free(b)
     assert bm.num_free_pages == 8 and not any(bm.ref_counts)
 
@@ -128,14 +131,33 @@ def test_shared_prefix_for_siblings_without_caching():
     bm = BlockManager(num_pages=8, page_size=2, enable_prefix_caching=False)
     first, sibling = seq([1, 2, 3, 4, 5]), seq([1, 2, 3, 4, 5])
     compute(bm, first)
-    assert not any(bm.is_cached(p) for p in first.page_ids)
+    first_pages = bm.page_ids(first)
+    assert not any(bm.is_cached(p) for p in first_pages)
     assert bm.get_computed_prefix(sibling) == ([], 0)
     prefix = bm.shared_prefix(sibling, first)
-    assert prefix == (first.page_ids[:2], 4)
+    assert prefix == (first_pages[:2], 4)
     bm.allocate(sibling, 1, prefix)
-    assert sibling.page_ids[:2] == first.page_ids[:2] and sibling.num_computed_tokens == 4
-    assert [bm.ref_counts[p] for p in first.page_ids] == [2, 2, 1]
+    assert bm.page_ids(sibling)[:2] == first_pages[:2] and sibling.num_computed_tokens == 4
+    assert [bm.ref_counts[p] for p in first_pages] == [2, 2, 1]
     assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (0, 0)
+
+
+def test_page_tables_are_per_sequence_and_go_with_free():
+    # The manager owns the tables: a freed (preempted) sequence holds nothing, and when it is
+    # admitted again it takes its own cached pages back and gets a fresh table.
+    bm = BlockManager(num_pages=6, page_size=2, enable_prefix_caching=True)
+    a, b = seq([1, 2, 3, 4, 5]), seq([6, 7, 8])
+    compute(bm, a)
+    compute(bm, b)
+    assert (bm.page_ids(a), bm.page_ids(b)) == ([0, 1, 2], [3, 4])
+    bm.free(a)
+    assert bm.page_ids(a) == [] and bm.page_ids(b) == [3, 4]
+    a.num_computed_tokens = 0
+    a.append_token(9)  # it had sampled a token before it was preempted: 6 tokens now
+    assert bm.get_computed_prefix(a) == ([0, 1], 4)
+    bm.allocate(a, 2)
+    assert bm.page_ids(a) == [0, 1, 5] and a.num_computed_tokens == 4
+    assert bm.ref_counts == [1, 1, 0, 1, 1, 1] and bm.free_queue() == [2]
 
 
 @pytest.mark.parametrize("kwargs", [{"num_pages": 0}, {"page_size": True}, {"page_size": 1.5}])

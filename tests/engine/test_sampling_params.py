@@ -84,12 +84,20 @@ def test_rejects_bad_values(kwargs, message):
 
 
 def test_boundaries_are_accepted():
-    SamplingParams(
+    # Every value sits on the edge of its range; each is kept as given (as a plain number).
+    p = SamplingParams(
         temperature=0, top_p=1, top_k=1, min_p=1, presence_penalty=-2, frequency_penalty=2,
         repetition_penalty=1e-3, logprobs=20, prompt_logprobs=0, min_tokens=16,
         logit_bias={0: -100, 1: 100}, seed=-1,
     )  # fmt: skip
-    SamplingParams(logprobs=0, prompt_logprobs=20, max_tokens=1, min_tokens=1)
+    assert (p.temperature, p.top_p, p.top_k, p.min_p) == (0.0, 1.0, 1, 1.0)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (-2.0, 2.0, 1e-3)
+    assert (p.logprobs, p.prompt_logprobs, p.seed) == (20, 0, -1)
+    assert (p.min_tokens, p.max_tokens) == (16, 16)
+    assert p.logit_bias == {0: -100.0, 1: 100.0}
+    assert type(p.top_p) is float and type(p.presence_penalty) is float and p.greedy
+    p = SamplingParams(logprobs=0, prompt_logprobs=20, max_tokens=1, min_tokens=1)
+    assert (p.logprobs, p.prompt_logprobs, p.max_tokens, p.min_tokens) == (0, 20, 1, 1)
 
 
 def test_validate_for_model():

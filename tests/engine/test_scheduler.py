@@ -11,6 +11,7 @@ from tests.engine.mock_runner import MockRunner, reference_output, run_to_comple
 from xlaserve.engine.request import RequestStatus, Sequence
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler import POLICIES, Scheduler, SchedulerConfig
+from xlaserve.engine.scheduler_output import CachedSequence, NewSequence
 
 STOPPED, LENGTH = RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH
 ABORTED = RequestStatus.FINISHED_ABORTED
@@ -26,14 +27,20 @@ def make(**overrides) -> tuple[Scheduler, MockRunner]:
 
 
 def step(scheduler, runner):
+    """One schedule / execute / update; returns (output, chunks the runner ran)."""
     output = scheduler.schedule()
-    finished = scheduler.update_from_output(output, runner.execute(output))
-    return output, finished
+    scheduler.update_from_output(output, runner.execute(output))
+    return output, runner.last_chunks
 
 
-def chunks(output):
-    """(seq_id, start_pos, number of tokens, sample) per scheduled entry, in batch order."""
-    return [(s.seq.seq_id, s.start_pos, len(s.token_ids), s.sample) for s in output.scheduled]
+def layout(chunks):
+    """(seq_id, start_pos, number of tokens, sample) per chunk, in batch order."""
+    return [(c.seq_id, c.start_pos, len(c.token_ids), c.sample) for c in chunks]
+
+
+def new_seq(output, seq: Sequence) -> NewSequence:
+    [entry] = [s for s in output.new_seqs if s.seq_id == seq.seq_id]
+    return entry
 
 
 def expected(seq: Sequence):
@@ -56,12 +63,12 @@ def assert_all_free(scheduler):
 def test_single_request_worked_by_hand():
     scheduler, runner = make()
     [seq] = scheduler.add_request("a", [1, 2, 3], SamplingParams(max_tokens=5), arrival_time=0)
-    outputs = run_to_completion(scheduler, runner)
+    steps = run_to_completion(scheduler, runner)
     # 1+2+3 = 6; 6+6 = 12; 24; 48; 96
     assert seq.output_token_ids == [6, 12, 24, 48, 96]
     assert seq.status is LENGTH and seq.stop_reason is None
-    assert [s.token_ids for o in outputs for s in o.scheduled] == [[1, 2, 3], [6], [12], [24], [48]]
-    assert [s.start_pos for o in outputs for s in o.scheduled] == [0, 3, 4, 5, 6]
+    assert [c.token_ids for _, cs in steps for c in cs] == [[1, 2, 3], [6], [12], [24], [48]]
+    assert [c.start_pos for _, cs in steps for c in cs] == [0, 3, 4, 5, 6]
     assert_all_free(scheduler)
     assert not scheduler.has_unfinished()
 
@@ -72,11 +79,12 @@ def test_token_budget_and_seq_cap():
         scheduler.add_request(r, [1] * 5, SamplingParams(max_tokens=3), arrival_time=i)[0]
         for i, r in enumerate("abc")
     )
-    out, _ = step(scheduler, runner)
-    assert chunks(out) == [(a.seq_id, 0, 5, True), (b.seq_id, 0, 3, False)]
-    assert out.num_batched_tokens == 8
-    out, _ = step(scheduler, runner)  # c stays out: the cap is 2 sequences
-    assert chunks(out) == [(a.seq_id, 5, 1, True), (b.seq_id, 3, 2, True)]
+    out, cs = step(scheduler, runner)
+    assert layout(cs) == [(a.seq_id, 0, 5, True), (b.seq_id, 0, 3, False)]
+    assert out.num_scheduled_tokens == {a.seq_id: 5, b.seq_id: 3}
+    assert out.total_num_scheduled_tokens == 8
+    out, cs = step(scheduler, runner)  # c stays out: the cap is 2 sequences
+    assert layout(cs) == [(a.seq_id, 5, 1, True), (b.seq_id, 3, 2, True)]
     assert c.status is RequestStatus.WAITING
     run_to_completion(scheduler, runner)
     assert [s.output_token_ids for s in (a, b, c)] == [expected(s)[0] for s in (a, b, c)]
@@ -88,10 +96,10 @@ def test_decodes_go_before_prefills():
     [a] = scheduler.add_request("a", [5], SamplingParams(max_tokens=9), arrival_time=0, priority=1)
     step(scheduler, runner)
     [b] = scheduler.add_request("b", [1] * 20, SamplingParams(max_tokens=2), arrival_time=1)
-    out, _ = step(scheduler, runner)
-    assert chunks(out) == [(a.seq_id, 1, 1, True), (b.seq_id, 0, 3, False)]
-    out, _ = step(scheduler, runner)
-    assert chunks(out) == [(a.seq_id, 2, 1, True), (b.seq_id, 3, 3, False)]
+    _, cs = step(scheduler, runner)
+    assert layout(cs) == [(a.seq_id, 1, 1, True), (b.seq_id, 0, 3, False)]
+    _, cs = step(scheduler, runner)
+    assert layout(cs) == [(a.seq_id, 2, 1, True), (b.seq_id, 3, 3, False)]
 
 
 def test_chunked_prefill_equals_unchunked_run():
@@ -99,12 +107,14 @@ def test_chunked_prefill_equals_unchunked_run():
     params = SamplingParams(max_tokens=6)
     scheduler, runner = make(max_num_batched_tokens=4)
     [seq] = scheduler.add_request("a", prompt, params, arrival_time=0)
-    outputs = run_to_completion(scheduler, runner)
-    assert [chunks(o)[0][1:] for o in outputs[:3]] == [(0, 4, False), (4, 4, False), (8, 2, True)]
+    steps = run_to_completion(scheduler, runner)
+    first_chunks = [layout(cs)[0][1:] for _, cs in steps[:3]]
+    assert first_chunks == [(0, 4, False), (4, 4, False), (8, 2, True)]
 
     whole, whole_runner = make(enable_chunked_prefill=False)
     [ref] = whole.add_request("a", prompt, params, arrival_time=0)
-    assert chunks(run_to_completion(whole, whole_runner)[0])[0][1:] == (0, 10, True)
+    _, first_chunks = run_to_completion(whole, whole_runner)[0]
+    assert layout(first_chunks)[0][1:] == (0, 10, True)
     assert seq.output_token_ids == ref.output_token_ids == expected(seq)[0]
 
 
@@ -112,10 +122,10 @@ def test_prefill_that_does_not_fit_waits_when_chunking_is_off():
     scheduler, runner = make(max_num_batched_tokens=64, enable_chunked_prefill=False)
     [a] = scheduler.add_request("a", [1] * 60, SamplingParams(max_tokens=3), arrival_time=0)
     [b] = scheduler.add_request("b", [2] * 10, SamplingParams(max_tokens=3), arrival_time=1)
-    out, _ = step(scheduler, runner)
-    assert chunks(out) == [(a.seq_id, 0, 60, True)]  # b's 10 tokens exceed the 4 left
-    out, _ = step(scheduler, runner)
-    assert chunks(out) == [(a.seq_id, 60, 1, True), (b.seq_id, 0, 10, True)]
+    _, cs = step(scheduler, runner)
+    assert layout(cs) == [(a.seq_id, 0, 60, True)]  # b's 10 tokens exceed the 4 left
+    _, cs = step(scheduler, runner)
+    assert layout(cs) == [(a.seq_id, 60, 1, True), (b.seq_id, 0, 10, True)]
 
 
 def test_prefix_cache_hit_skips_full_pages():
@@ -123,21 +133,22 @@ def test_prefix_cache_hit_skips_full_pages():
     bm = scheduler.block_manager
     prompt = list(range(1, 11))  # 10 tokens: pages [1..4] [5..8] [9 10]
     [a] = scheduler.add_request("a", prompt, SamplingParams(max_tokens=1), arrival_time=0)
-    out, _ = step(scheduler, runner)
-    a_pages = out.scheduled[0].page_ids
+    _, [chunk] = step(scheduler, runner)
+    a_pages = list(chunk.page_ids)
     assert a.is_finished and bm.num_free_pages == bm.num_pages  # freed, still cached
 
     [b] = scheduler.add_request("b", prompt[:8] + [50, 51, 52], SamplingParams(), arrival_time=1)
-    out, _ = step(scheduler, runner)
-    [item] = out.scheduled
-    assert (item.start_pos, item.token_ids, item.num_cached_tokens) == (8, [50, 51, 52], 8)
-    assert item.page_ids[:2] == a_pages[:2]
+    out, [chunk] = step(scheduler, runner)
+    assert out.finished_seq_ids == {a.seq_id}
+    assert (chunk.start_pos, chunk.token_ids) == (8, [50, 51, 52])
+    assert new_seq(out, b).num_computed_tokens == 8  # two cached pages
+    assert chunk.page_ids[:2] == a_pages[:2]
     assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (10 + 11, 8)
 
     # An identical, page-aligned prompt: the last page is recomputed so logits exist.
     [c] = scheduler.add_request("c", prompt[:8], SamplingParams(max_tokens=2), arrival_time=2)
-    out, _ = step(scheduler, runner)
-    assert chunks(out)[-1] == (c.seq_id, 4, 4, True)
+    _, cs = step(scheduler, runner)
+    assert layout(cs)[-1] == (c.seq_id, 4, 4, True)
     run_to_completion(scheduler, runner)
     assert b.output_token_ids == expected(b)[0] and c.output_token_ids == expected(c)[0]
     assert_all_free(scheduler)
@@ -147,10 +158,9 @@ def test_prefix_caching_off_never_hits():
     scheduler, runner = make(enable_prefix_caching=False)
     for i in range(2):
         [seq] = scheduler.add_request(str(i), list(range(1, 11)), SamplingParams(), arrival_time=i)
-        out, _ = step(scheduler, runner)
-        assert [(s.start_pos, s.num_cached_tokens) for s in out.scheduled if s.seq is seq] == [
-            (0, 0)
-        ]
+        out, cs = step(scheduler, runner)
+        assert [c.start_pos for c in cs if c.seq_id == seq.seq_id] == [0]
+        assert new_seq(out, seq).num_computed_tokens == 0
     bm = scheduler.block_manager
     assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (0, 0)
 
@@ -161,16 +171,14 @@ def test_siblings_share_prompt_pages(caching):
     bm = scheduler.block_manager
     prompt = [7, 1, 2, 8, 1, 8, 2, 8, 4]  # 9 tokens: 2 full pages + 1 token
     seqs = scheduler.add_request("a", prompt, SamplingParams(n=3, max_tokens=4), arrival_time=0)
-    out, _ = step(scheduler, runner)
-    assert chunks(out) == [(seqs[0].seq_id, 0, 9, True)]  # siblings wait for the prompt
-    out, _ = step(scheduler, runner)
-    first = out.scheduled[0].page_ids
-    assert chunks(out) == [(seqs[0].seq_id, 9, 1, True)] + [
-        (s.seq_id, 8, 1, True) for s in seqs[1:]
-    ]
-    for item in out.scheduled[1:]:
-        assert item.page_ids[:2] == first[:2] and item.num_cached_tokens == 8
-        assert item.page_ids[2] not in first  # the partial page is private
+    _, cs = step(scheduler, runner)
+    assert layout(cs) == [(seqs[0].seq_id, 0, 9, True)]  # siblings wait for the prompt
+    out, cs = step(scheduler, runner)
+    first = cs[0].page_ids
+    assert layout(cs) == [(seqs[0].seq_id, 9, 1, True)] + [(s.seq_id, 8, 1, True) for s in seqs[1:]]
+    for sibling, chunk in zip(seqs[1:], cs[1:], strict=True):
+        assert chunk.page_ids[:2] == first[:2] and new_seq(out, sibling).num_computed_tokens == 8
+        assert chunk.page_ids[2] not in first  # the partial page is private
     assert [bm.ref_counts[p] for p in first[:2]] == [3, 3]
     run_to_completion(scheduler, runner)
     assert seqs[0].output_token_ids == seqs[1].output_token_ids == seqs[2].output_token_ids
@@ -189,12 +197,13 @@ def test_preemption_in_a_tiny_pool_gives_the_big_pool_result():
         ]
         preempted = []
         while scheduler.has_unfinished():
-            running_before = list(scheduler.running)
+            running_before = {s.seq_id for s in scheduler.running}
             out, _ = step(scheduler, runner)
-            preempted += out.preempted
-            if out.preempted:  # a step that had to preempt admits nobody
-                assert all(s.seq in running_before for s in out.scheduled)
-                assert not any(s.seq in out.preempted for s in out.scheduled)
+            preempted += out.preempted_seq_ids
+            if out.preempted_seq_ids:  # a step that had to preempt admits nobody
+                scheduled = set(out.num_scheduled_tokens)
+                assert scheduled <= running_before and not out.new_seqs
+                assert not scheduled & set(out.preempted_seq_ids)
         assert len(preempted) == scheduler.num_preemptions
         assert (scheduler.num_preemptions > 0) == (num_pages == 8)
         results.append([s.output_token_ids for s in seqs])
@@ -214,23 +223,24 @@ def test_preemption_victim(policy):
     preempted = []
     while scheduler.has_unfinished():
         out, _ = step(scheduler, runner)
-        preempted += out.preempted
+        preempted += out.preempted_seq_ids
     victim = low if policy == "priority" else high  # fcfs: the latest arrival
-    assert preempted[0] is victim
+    assert preempted[0] == victim.seq_id
     assert [low.output_token_ids, high.output_token_ids] == [expected(low)[0], expected(high)[0]]
     assert_all_free(scheduler)
 
 
 def test_abort_waiting_and_running_frees_pages():
     scheduler, runner = make(max_num_seqs=1)
+    bm = scheduler.block_manager
     [a] = scheduler.add_request("a", [1] * 9, SamplingParams(), arrival_time=0)
     [b] = scheduler.add_request("b", [2] * 9, SamplingParams(n=1), arrival_time=1)
     step(scheduler, runner)
     assert a.status is RequestStatus.RUNNING and b.status is RequestStatus.WAITING
-    assert len(a.page_ids) == 3
+    assert len(bm.page_ids(a)) == 3
     assert scheduler.abort_request("b") == [b]
     assert scheduler.abort_request("a") == [a]
-    assert a.status is b.status is ABORTED and not a.page_ids
+    assert a.status is b.status is ABORTED and not bm.page_ids(a)
     assert scheduler.abort_request("a") == [] and scheduler.abort_request("nope") == []
     assert not scheduler.has_unfinished()
     assert_all_free(scheduler)
@@ -254,11 +264,110 @@ def test_finish_sequence_for_a_stop_string():
     step(scheduler, runner)
     step(scheduler, runner)
     scheduler.finish_sequence(seqs[0], STOPPED, "###")
-    assert seqs[0].stop_reason == "###" and not seqs[0].page_ids
+    assert seqs[0].stop_reason == "###" and not scheduler.block_manager.page_ids(seqs[0])
     scheduler.finish_sequence(seqs[0], LENGTH)  # already finished: no-op
     assert seqs[0].status is STOPPED
+    out, _ = step(scheduler, runner)
+    assert out.finished_seq_ids == {seqs[0].seq_id}
+    assert seqs[0].seq_id not in out.num_scheduled_tokens and seqs[0].seq_id not in runner.batch
     run_to_completion(scheduler, runner)
     assert seqs[1].status is LENGTH
+    assert_all_free(scheduler)
+
+
+# ---------------------------------------------------------------- the output is a diff
+
+
+def test_first_step_sends_the_whole_sequence_then_only_what_changed():
+    # Prompt of 10 in pages of 4 under a budget of 4: chunks 0-3, 4-7, 8-9, then decodes.
+    # Fresh pool: pages are handed out as 0, 1, 2, 3. sum(prompt) = 39 -> 39, 78, 59, 21.
+    scheduler, runner = make(max_num_batched_tokens=4)
+    params = SamplingParams(max_tokens=4)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    [seq] = scheduler.add_request("a", prompt, params, arrival_time=0)
+    out, _ = step(scheduler, runner)
+    assert out.new_seqs == (
+        NewSequence(
+            seq_id=seq.seq_id,
+            request_id="a",
+            sample_index=0,
+            token_ids=tuple(prompt),
+            num_prompt_tokens=10,
+            params=params,
+            page_ids=(0,),
+            num_computed_tokens=0,
+        ),
+    )
+    assert (out.cached_seqs, out.num_scheduled_tokens) == ((), {seq.seq_id: 4})
+    cached = []
+    while scheduler.has_unfinished():
+        out, _ = step(scheduler, runner)
+        assert out.new_seqs == () and out.finished_seq_ids == frozenset()
+        cached += out.cached_seqs
+    i = seq.seq_id
+    assert cached == [
+        CachedSequence(i, new_token_ids=(), new_page_ids=(1,), num_computed_tokens=4),
+        CachedSequence(i, new_token_ids=(), new_page_ids=(2,), num_computed_tokens=8),
+        CachedSequence(i, new_token_ids=(39,), new_page_ids=(), num_computed_tokens=10),
+        CachedSequence(i, new_token_ids=(78,), new_page_ids=(), num_computed_tokens=11),
+        CachedSequence(i, new_token_ids=(59,), new_page_ids=(3,), num_computed_tokens=12),
+    ]
+    assert seq.output_token_ids == [39, 78, 59, 21]
+
+
+def test_a_preempted_sequence_leaves_the_batch_and_returns_whole():
+    scheduler, runner = make(max_model_len=16, page_size=2, num_pages=8)
+    seqs = {
+        s.seq_id: s
+        for i in range(4)
+        for s in scheduler.add_request(
+            str(i), [i + 1] * 6, SamplingParams(max_tokens=8), arrival_time=i
+        )
+    }
+    away: dict[int, tuple[int, ...]] = {}  # preempted seq -> its tokens when it left
+    returned = []  # the NewSequence entries that brought a preempted sequence back
+    while scheduler.has_unfinished():
+        out, cs = step(scheduler, runner)
+        assert set(out.preempted_seq_ids) <= out.finished_seq_ids
+        assert not {c.seq_id for c in out.cached_seqs} & set(away)
+        for new in out.new_seqs:
+            if new.seq_id in away:
+                assert new.token_ids == away.pop(new.seq_id)  # prompt + outputs so far
+                assert new.num_prompt_tokens == 6
+                [chunk] = [c for c in cs if c.seq_id == new.seq_id]
+                assert chunk.start_pos == new.num_computed_tokens
+                returned.append(new)
+        for seq_id in out.preempted_seq_ids:
+            assert seq_id not in runner.batch and seq_id not in out.num_scheduled_tokens
+            away[seq_id] = tuple(seqs[seq_id].all_token_ids)
+    assert scheduler.num_preemptions == len(returned) > 0 and not away
+    assert any(len(new.token_ids) > new.num_prompt_tokens for new in returned)
+    assert [s.output_token_ids for s in seqs.values()] == [expected(s)[0] for s in seqs.values()]
+
+
+def test_sequences_that_leave_are_announced_once_in_the_next_output():
+    scheduler, runner = make(max_num_seqs=3)
+    [done] = scheduler.add_request("done", [1, 2, 3], SamplingParams(max_tokens=1), arrival_time=0)
+    [gone] = scheduler.add_request("gone", [4] * 5, SamplingParams(), arrival_time=1)
+    [mid] = scheduler.add_request("mid", [6] * 3, SamplingParams(), arrival_time=2)
+    [late] = scheduler.add_request("late", [7] * 2, SamplingParams(), arrival_time=3)
+    out, _ = step(scheduler, runner)
+    assert out.finished_seq_ids == frozenset()
+    assert done.is_finished and late.status is RequestStatus.WAITING  # the cap is 3
+    scheduler.abort_request("gone")
+    scheduler.abort_request("late")  # never entered the batch: nothing to announce
+    out = scheduler.schedule()
+    assert out.finished_seq_ids == {done.seq_id, gone.seq_id}
+    assert list(out.num_scheduled_tokens) == [mid.seq_id]
+    sampled = runner.execute(out)
+    scheduler.abort_request("mid")  # while the step ran
+    scheduler.update_from_output(out, sampled)
+    assert not scheduler.has_unfinished()
+    out = scheduler.schedule()  # nothing to run, but the runner must still drop mid
+    assert out.is_empty and out.finished_seq_ids == {mid.seq_id}
+    assert runner.execute(out) == {} and len(runner.batch) == 0
+    out = scheduler.schedule()
+    assert out.is_empty and out.finished_seq_ids == frozenset()
     assert_all_free(scheduler)
 
 
@@ -379,33 +488,43 @@ def test_max_waiting_requests():
 # ---------------------------------------------------------------- property test
 
 
-def check_invariants(scheduler: Scheduler, output, running_before: list[Sequence]) -> None:
+def check_invariants(scheduler: Scheduler, output, running_before: set[int]) -> None:
     bm, config = scheduler.block_manager, scheduler.config
-    if output.preempted:  # a step that had to preempt admits nobody
-        assert all(s.seq in running_before for s in output.scheduled)
-        assert not any(s.seq in output.preempted for s in output.scheduled)
-    owners = Counter(p for s in scheduler.running for p in s.page_ids)
+    scheduled = set(output.num_scheduled_tokens)
+    new_ids = [s.seq_id for s in output.new_seqs]
+    cached_ids = [s.seq_id for s in output.cached_seqs]
+    # Sequences already in the batch arrive as diffs, newly admitted ones whole; nothing else.
+    assert set(new_ids) == scheduled - running_before and len(new_ids) == len(set(new_ids))
+    assert sorted(cached_ids) == sorted(scheduled & running_before)
+    # Of the sequences that left since the last step only this step's victims were running.
+    assert set(output.preempted_seq_ids) <= output.finished_seq_ids
+    assert output.finished_seq_ids & running_before == set(output.preempted_seq_ids)
+    if output.preempted_seq_ids:  # a step that had to preempt admits nobody
+        assert scheduled <= running_before and not new_ids
+        assert not scheduled & set(output.preempted_seq_ids)
+    owners = Counter(p for s in scheduler.running for p in bm.page_ids(s))
     for seq in scheduler.running:
-        assert len(set(seq.page_ids)) == len(seq.page_ids)
-        assert all(0 <= p < bm.num_pages for p in seq.page_ids)
+        pages = bm.page_ids(seq)
+        assert len(set(pages)) == len(pages)
+        assert all(0 <= p < bm.num_pages for p in pages)
     for seq in scheduler.waiting:
-        assert not seq.page_ids and seq.num_computed_tokens == 0
+        assert not bm.page_ids(seq) and seq.num_computed_tokens == 0
     assert [bm.ref_counts[p] for p in range(bm.num_pages)] == [
         owners[p] for p in range(bm.num_pages)
     ]
     assert bm.num_free_pages == sum(1 for c in bm.ref_counts if c == 0)
     shared = {p for p, c in owners.items() if c > 1}
     for seq in scheduler.running:  # a shared page is full, computed and (if caching) cached
-        for i, p in enumerate(seq.page_ids):
+        for i, p in enumerate(bm.page_ids(seq)):
             if p in shared:
                 assert (i + 1) * config.page_size <= seq.num_computed_tokens
                 assert bm.is_cached(p) or not bm.enable_prefix_caching
     if not bm.enable_prefix_caching:  # only siblings share
         for p in shared:
-            assert len({s.request_id for s in scheduler.running if p in s.page_ids}) == 1
+            assert len({s.request_id for s in scheduler.running if p in bm.page_ids(s)}) == 1
     assert len(scheduler.running) <= config.max_num_seqs
-    assert output.num_batched_tokens <= config.max_num_batched_tokens
-    assert len({s.seq.seq_id for s in output.scheduled}) == len(output.scheduled)
+    assert output.total_num_scheduled_tokens <= config.max_num_batched_tokens
+    assert all(n >= 1 for n in output.num_scheduled_tokens.values())
 
 
 @st.composite
@@ -471,10 +590,10 @@ def test_random_workloads_keep_invariants_and_exact_outputs(scenario):
             if scheduler.abort_request(rid):
                 aborted.add(rid)
         if scheduler.has_unfinished():
-            running_before = list(scheduler.running)
+            running_before = {s.seq_id for s in scheduler.running}
             output = scheduler.schedule()
             check_invariants(scheduler, output, running_before)
-            assert output.scheduled, "stalled"
+            assert not output.is_empty, "stalled"
             sampled = runner.execute(output)
             for rid in abort_mid:  # the client left while the step ran
                 if scheduler.abort_request(rid):
@@ -488,7 +607,7 @@ def test_random_workloads_keep_invariants_and_exact_outputs(scenario):
     assert_all_free(scheduler)
     for rid, request_seqs in seqs.items():
         for seq in request_seqs:
-            assert seq.is_finished and not seq.page_ids
+            assert seq.is_finished and not scheduler.block_manager.page_ids(seq)
             want, status, reason = expected(seq)
             if seq.status is ABORTED:
                 assert rid in aborted and seq.output_token_ids == want[: seq.num_output_tokens]

@@ -10,7 +10,7 @@ from tests.models.tiny_configs import save_tiny_model
 from xlaserve import SamplingParams
 from xlaserve.checkpoints.loader import load_model
 from xlaserve.engine.llm_engine import LLMEngine
-from xlaserve.engine.runner import RunnerConfig
+from xlaserve.engine.runner_api import KVCacheSpec, RunnerConfig
 from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
 from xlaserve.kernels_cuda.loader import load_torch_model
 from xlaserve.kernels_cuda.runner import TorchModelRunner
@@ -38,7 +38,11 @@ def engine(folder, attention: str, num_pages: int) -> LLMEngine:
                   page_size=PAGE_SIZE, num_pages=num_pages)  # fmt: skip
     return LLMEngine(
         Scheduler(SchedulerConfig(**limits)),
-        TorchModelRunner(loaded.model, RunnerConfig(**limits)),
+        TorchModelRunner(
+            loaded.model,
+            RunnerConfig(**limits),
+            KVCacheSpec.for_model(loaded.config, page_size=PAGE_SIZE, dtype="float32"),
+        ),
         tokenizer=None,
         vocab_size=loaded.config.vocab_size,
         eos_token_ids=(),

@@ -117,4 +117,13 @@ def test_greedy_penalties_and_logprobs_match_the_jax_sampler():
 
 @pytest.mark.parametrize("seed", [0, 2**32 - 1])
 def test_stream_seeds_fit_a_torch_generator(seed):
-    torch.Generator().manual_seed(sampler.stream_seed(seed, 2**31 - 1, 10**6))
+    # Extreme request seeds, streams and steps give a seed in [0, 2**63) that a generator keeps
+    # exactly (no wrap-around that could merge two streams), the same one every time.
+    for stream, step in ((0, 0), (2**31 - 1, 10**6), (-1, 0)):
+        value = sampler.stream_seed(seed, stream, step)
+        assert 0 <= value < 2**63
+        assert torch.Generator().manual_seed(value).initial_seed() == value
+        assert sampler.stream_seed(seed, stream, step) == value
+    # Neighbouring triples get different seeds.
+    triples = [(seed, 0, 0), (seed, 1, 0), (seed, 0, 1), (seed ^ 1, 0, 0), (seed, 2**31 - 1, 10**6)]
+    assert len({sampler.stream_seed(*t) for t in triples}) == len(triples)

@@ -18,8 +18,9 @@ PAGE_SIZE = 8
 
 
 # "stacked": layers run by lax.scan over [L, ...] weights (accelerators); "unstacked": one
-# call per layer with fused q/k/v and gate/up weights (the CPU engine, `unstack_layers`).
-LAYOUTS = ("stacked", "unstacked")
+# call per layer with fused q/k/v and gate/up weights (the CPU engine, `unstack_layers`), fixed
+# by the loader.
+LAYOUTS = ("stacked", "per_layer")
 
 
 @pytest.fixture(
@@ -31,9 +32,7 @@ def tiny(request, tmp_path_factory):
     name, layout = request.param
     folder = tmp_path_factory.mktemp(name)
     hf_model = save_tiny_model(name, folder)
-    loaded = load_model(str(folder), dtype="float32")
-    if layout == "unstacked":
-        loaded.model.unstack_layers()
+    loaded = load_model(str(folder), dtype="float32", layer_layout=layout)
     return name, hf_model, loaded
 
 
@@ -88,9 +87,7 @@ BF16_ERROR_RATIO = 1.25
 @pytest.mark.parametrize("name", ["llama3", "qwen2"])
 def test_bfloat16_logits_as_close_to_float32_as_transformers_bfloat16(name, layout, tmp_path):
     hf_model = save_tiny_model(name, tmp_path)
-    loaded = load_model(str(tmp_path), dtype="bfloat16")
-    if layout == "unstacked":
-        loaded.model.unstack_layers()
+    loaded = load_model(str(tmp_path), dtype="bfloat16", layer_layout=layout)
     prompt = np.random.default_rng(2).integers(0, loaded.config.vocab_size, 37).tolist()
     runner = PagedModelRunner(loaded.model, num_seqs=1, max_len=40, page_size=PAGE_SIZE)
     ours = np.asarray(runner.step([prompt], all_logits=True).all_logits, np.float32)

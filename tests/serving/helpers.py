@@ -50,7 +50,7 @@ class ControlledRunner:
         if self.delay:
             time.sleep(self.delay)
         self.steps += 1
-        self.max_batch = max(self.max_batch, len(output.scheduled))
+        self.max_batch = max(self.max_batch, output.num_seqs)
         return self.inner.execute(output)
 
     def __getattr__(self, name):

@@ -13,7 +13,7 @@ from tests.serving.helpers import pages_all_free, wait_until
 from xlaserve import SamplingParams
 from xlaserve.config import EngineArgs
 from xlaserve.engine.async_engine import AsyncEngine
-from xlaserve.engine.llm_engine import LLMEngine
+from xlaserve.engine.builder import build_replica
 from xlaserve.serving.client import AsyncXlaServeClient
 from xlaserve.serving.proto import jetstream_pb2 as js
 from xlaserve.serving.proto import jetstream_pb2_grpc as js_grpc
@@ -42,7 +42,7 @@ def reference(smollm2_llm):
 @pytest.fixture(scope="module")
 def served(reference):
     """A server over its own engine (an engine is driven by one thread only)."""
-    engine = AsyncEngine(LLMEngine.from_engine_args(EngineArgs(model=MODEL, **ENGINE_KWARGS)))
+    engine = AsyncEngine(build_replica(EngineArgs(model=MODEL, **ENGINE_KWARGS)))
     server = ServerThread(engine, ServerConfig(grpc_port=0, http_port=0))
     server.start()
     yield server.endpoints, engine

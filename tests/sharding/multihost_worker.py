@@ -26,7 +26,7 @@ def main() -> None:
                       max_num_batched_tokens=64, tensor_parallel_size=8,
                       compilation_cache_dir=None)  # fmt: skip
     if process_id != 0:
-        from xlaserve.engine.llm_engine import run_follower
+        from xlaserve.engine.builder import run_follower
 
         run_follower(args)
         return

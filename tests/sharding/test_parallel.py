@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from xlaserve.engine.runner_api import KVCacheSpec
 from xlaserve.models.registry import preset_config
 from xlaserve.sharding.mesh import make_mesh
 from xlaserve.sharding.rules import (
@@ -61,10 +62,11 @@ def test_llama_3_8b_tensor_parallel_8_splits_parameters_and_kv_evenly():
         for p, s in zip(params, jax.tree.leaves(shardings), strict=True)
     )
     assert abs(per_device - total / 8) / (total / 8) < 0.05, (per_device, total / 8)
-    cache_shape = abstract.kv_cache_shape(num_pages=1024, page_size=16)
+    spec = KVCacheSpec.for_model(config, page_size=16, dtype="bfloat16", kv_head_shards=8)
+    cache_shape = spec.shape(num_pages=1024)
     cache_bytes = int(np.prod(cache_shape)) * 2
     shard = kv_cache_sharding(config, mesh).shard_shape(cache_shape)
-    assert int(np.prod(shard)) * 2 == cache_bytes // 8
+    assert int(np.prod(shard)) * 2 == cache_bytes // 8 == 1024 * spec.page_bytes
 
 
 def test_head_counts_that_do_not_split_are_refused_with_sizes_that_work():

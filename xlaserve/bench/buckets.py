@@ -10,18 +10,20 @@ distribution of tokens per step, then scores candidate bucket sets by expected s
 (padding included, from the measured step times) and compile count.
 """
 
+import argparse
 import math
 import statistics
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import jax
 import numpy as np
 
+from xlaserve.cli_args import add_engine_args, engine_args_from
 from xlaserve.config import EngineArgs
-from xlaserve.engine.llm_engine import build_model_runner
-from xlaserve.engine.runner import power_of_two_buckets
+from xlaserve.engine.builder import build_runner
+from xlaserve.engine.input_batch import Chunk, pack_tokens
+from xlaserve.engine.runner_api import power_of_two_buckets
 
 
 @dataclass(frozen=True)
@@ -75,15 +77,16 @@ def bucket_of(n: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
 
 def synthetic_batch(num_tokens: int, max_num_seqs: int, context: int, page_size: int):
     """`num_tokens` new tokens over min(num_tokens, max_num_seqs) sequences with `context`
-    tokens already cached each (decode-like rows plus one prefill chunk taking the rest)."""
+    tokens already cached each (decode-like rows plus one prefill chunk taking the rest), as
+    the input batch's chunks."""
     seqs = min(num_tokens, max_num_seqs)
     sizes = [1] * (seqs - 1) + [num_tokens - (seqs - 1)]
     batch, next_page = [], 0
-    for n in sizes:
+    for i, n in enumerate(sizes):
         total = context + n
         pages = list(range(next_page, next_page + -(-total // page_size)))
         next_page += len(pages)
-        batch.append(SimpleNamespace(token_ids=[1] * n, start_pos=context, page_ids=pages))
+        batch.append(Chunk(i, [1] * n, context, pages, True))
     return batch
 
 
@@ -106,7 +109,11 @@ def memory_bytes(compiled) -> int | None:
 
 def sweep(args: EngineArgs, *, repeats: int = 5, context: int = 128) -> dict:
     """Measures every token and sequence bucket of the engine configured by `args`."""
-    _, sched, runner = build_model_runner(args)
+    if args.backend != "jax":
+        raise ValueError(
+            f"the bucket sweep measures the JAX backend's graphs, not {args.backend!r}"
+        )
+    _, _, runner = build_runner(args)
     steps, cfg = runner.steps, runner.config
     if (context + cfg.max_num_batched_tokens) > cfg.num_pages * cfg.page_size:
         context = max(0, cfg.num_pages * cfg.page_size // cfg.max_num_seqs - cfg.page_size)
@@ -115,23 +122,23 @@ def sweep(args: EngineArgs, *, repeats: int = 5, context: int = 128) -> dict:
         batch = synthetic_batch(
             t, cfg.max_num_seqs, min(context, cfg.max_model_len - t), cfg.page_size
         )
-        inputs = runner._pack_tokens(batch, t)
+        inputs = pack_tokens(batch, t, cfg.max_num_seqs, cfg.pages_per_seq, cfg.page_size)
         lowered_at = time.perf_counter()
-        compiled = steps._forward.lower(steps.params, steps.kv_cache, *inputs).compile()
+        compiled = steps.forward_graph.lower(steps.params, steps.kv_cache, inputs).compile()
         compile_s = time.perf_counter() - lowered_at
-        steps.forward(*inputs)  # first run through the jit cache (compiled above)
+        steps.forward(inputs)  # first run through the jit cache (compiled above)
 
         def run(inputs=inputs):
-            steps.forward(*inputs)
+            steps.forward(inputs)
             return steps.rows
 
         step_s = timed(run, repeats)
         rows.append(dict(kind="tokens", bucket=t, compile_s=compile_s, step_s=step_s,
                          tokens_per_s=t / step_s, memory_bytes=memory_bytes(compiled)))  # fmt: skip
     for s in cfg.seq_buckets:
-        batch = runner._sampling_batch([], s)
+        batch = runner.empty_sampling_rows(s)
         lowered_at = time.perf_counter()
-        compiled = steps._sample.lower(
+        compiled = steps.sample_graph.lower(
             steps.params, steps.rows, batch, steps.penalty_state
         ).compile()
         compile_s = time.perf_counter() - lowered_at
@@ -140,8 +147,8 @@ def sweep(args: EngineArgs, *, repeats: int = 5, context: int = 128) -> dict:
                          tokens_per_s=s / step_s, memory_bytes=memory_bytes(compiled)))  # fmt: skip
     return {
         "model": args.model,
-        "device": jax.devices()[0].device_kind if hasattr(jax.devices()[0], "device_kind") else "",
-        "platform": jax.default_backend(),
+        "device": runner.device_info().device_kind,
+        "platform": runner.device_info().platform,
         "max_num_seqs": cfg.max_num_seqs,
         "max_num_batched_tokens": cfg.max_num_batched_tokens,
         "context": context,
@@ -272,31 +279,28 @@ def write_results(result: dict, rec: dict, out_dir) -> list:
     return [*paths, stem.with_suffix(".png")]
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+SWEEP_DEFAULTS = dict(max_model_len=1024, max_num_seqs=32, max_num_batched_tokens=512,
+                      min_token_bucket=8)  # fmt: skip
 
-    p = argparse.ArgumentParser(prog="xlaserve bench buckets", description=__doc__)
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--load-format", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--token-buckets", default=None, help="comma-separated, default powers of 2")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p, defaults=SWEEP_DEFAULTS)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--context", type=int, default=128, help="cached tokens per sequence")
     p.add_argument("--profile", default="sharegpt", help="sharegpt or fixed:IN/OUT")
     p.add_argument("--out", default="benchmarks/results")
-    a = p.parse_args(argv)
-    buckets = tuple(int(x) for x in a.token_buckets.split(",")) if a.token_buckets else None
-    args = EngineArgs(
-        model=a.model, load_format=a.load_format, dtype=a.dtype, max_model_len=a.max_model_len,
-        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-        token_buckets=buckets, min_token_bucket=8,
-    )  # fmt: skip
-    result = sweep(args, repeats=a.repeats, context=a.context)
+
+
+def run(a: argparse.Namespace) -> int:
+    result = sweep(engine_args_from(a), repeats=a.repeats, context=a.context)
     rec = recommend(result, TrafficProfile.parse(a.profile))
     for path in write_results(result, rec, a.out):
         print(path)
     print(explain(rec))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="xlaserve bench buckets", description=__doc__)
+    add_arguments(p)
+    return run(p.parse_args(argv))

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from xlaserve.checkpoints import hf, orbax_store
 from xlaserve.checkpoints.presets import resolve_bundled
 from xlaserve.checkpoints.tokenizer import load_tokenizer
+from xlaserve.models.attention import resolve_backend
 from xlaserve.models.registry import preset_config, resolve_architecture
 from xlaserve.models.transformer import (
     Transformer,
@@ -25,6 +26,10 @@ from xlaserve.sharding.mesh import MODEL
 from xlaserve.sharding.rules import check_tensor_parallel, init_sharded, placer
 
 LOAD_FORMATS = ("auto", "hf", "gguf", "orbax", "dummy")
+# Weight layouts: "stacked" (one [L, ...] array per parameter, layers run in a lax.scan) or
+# "per_layer" (buffers of their own per layer, q/k/v and gate/up fused; see
+# Transformer.unstack_layers: the CPU engine's layout).
+LAYER_LAYOUTS = ("stacked", "per_layer")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Buffers some checkpoints carry that are derived from the config, not parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -147,13 +152,30 @@ def load_model(
     seed: int = 0,
     with_tokenizer: bool = True,
     mesh: Mesh | None = None,
+    attention_backend: str = "auto",
+    layer_layout: str = "stacked",
 ) -> LoadedModel:
-    """Loads a bundled model name, an HF folder, a GGUF file, an orbax folder or a dummy preset.
+    """Loads a bundled model name, an HF folder, a GGUF file, an orbax folder or a dummy preset,
+    in its final form: the attention backend and the weight layout (`LAYER_LAYOUTS`) are fixed
+    here and nothing changes the model afterwards.
 
     With a mesh, every parameter goes straight into its shards (see sharding/rules.py).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+    if layer_layout not in LAYER_LAYOUTS:
+        raise ValueError(f"layer_layout {layer_layout!r} is not one of {LAYER_LAYOUTS}")
+    resolve_backend(attention_backend)  # a ValueError naming the choices, before loading
+    if layer_layout == "per_layer" and mesh is not None:
+        raise ValueError("layer_layout 'per_layer' is for one device (fused axes are unsharded)")
+    loaded = _load(model, load_format, dtype, seed, with_tokenizer, mesh)
+    loaded.model.attention_backend = attention_backend
+    if layer_layout == "per_layer":
+        loaded.model.unstack_layers()
+    return loaded
+
+
+def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: bool, mesh):
     jdtype = resolve_dtype(dtype)
     if load_format == "dummy":
         model_cls, config = preset_config(model)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -62,9 +63,7 @@ def save(
     dtype,
     source: str,
 ) -> Path:
-    out = Path(out_dir).absolute()
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output folder is not empty: {out}")
+    out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out / "params", param_tree(model, dtype))
@@ -80,8 +79,16 @@ def save(
     return out
 
 
-def restore(path: str | Path, *, dtype, mesh=None) -> tuple[Transformer, TransformerConfig]:
-    """Restores the parameters; with a mesh, orbax reads each shard straight onto its device."""
+def check_out_dir(out_dir: str | Path) -> Path:
+    """The absolute output folder; FileExistsError if it exists and is not empty."""
+    out = Path(out_dir).absolute()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder is not empty: {out}")
+    return out
+
+
+def read_meta(path: str | Path) -> dict:
+    """The folder's xlaserve_model.json (config, dtype, source), its format version checked."""
     path = Path(path).absolute()
     try:
         meta = json.loads((path / MARKER).read_text())
@@ -89,6 +96,13 @@ def restore(path: str | Path, *, dtype, mesh=None) -> tuple[Transformer, Transfo
         raise ValueError(f"corrupt xlaserve orbax folder {path}: {e}") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')}")
+    return meta
+
+
+def restore(path: str | Path, *, dtype, mesh=None) -> tuple[Transformer, TransformerConfig]:
+    """Restores the parameters; with a mesh, orbax reads each shard straight onto its device."""
+    path = Path(path).absolute()
+    meta = read_meta(path)
     config = config_from_json(meta["config"])
     model_cls, _ = MODEL_REGISTRY[config.architecture]
     stored = jnp.dtype(meta["dtype"])
@@ -115,10 +129,26 @@ def restore(path: str | Path, *, dtype, mesh=None) -> tuple[Transformer, Transfo
         place = placer(config, mesh)
     if not (path / "params").is_dir():
         raise FileNotFoundError(f"orbax parameters missing: {path / 'params'}")
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(path / "params", abstract)
+    tree = restore_tree(path / "params", abstract, sharded=mesh is not None)
     model = model_from_params(model_cls, config, tree["top"], tree["layers"], dtype, place)
     return model, config
+
+
+def restore_tree(params_dir: Path, abstract: dict, *, sharded: bool) -> dict:
+    """Sharded: jax Arrays in the abstract tree's shardings (each shard read onto its device).
+    Otherwise numpy arrays, so that the parameters end up uncommitted on the default device,
+    exactly like those of the HF and GGUF paths. Restoring them as jax Arrays would commit them
+    to the device recorded at save time; jit outputs computed from committed parameters are
+    committed too (the KV cache, the penalty state), and a graph warmed up while those were
+    still uncommitted is lowered again on its first real step."""
+    if sharded:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(params_dir, abstract)
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(
+            params_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=as_numpy)
+        )
 
 
 def param_axes(model: Transformer) -> dict:

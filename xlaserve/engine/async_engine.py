@@ -25,7 +25,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from xlaserve.engine.llm_engine import LLMEngine, PromptType
+from xlaserve.engine.intake import PromptType
+from xlaserve.engine.llm_engine import LLMEngine
 from xlaserve.engine.outputs import RequestOutput
 from xlaserve.engine.sampling_params import SamplingParams
 
@@ -343,51 +344,21 @@ class AsyncEngine:
 
     def _add(self, command: _Add) -> None:
         stream = command.stream
-        try:
-            prompt = self._tokenized(command)
+        try:  # tokenized here: the tokenizer is not safe to share between threads
             self.engine.add_request(
                 stream.request_id,
-                prompt,
+                command.prompt,
                 command.params,
                 arrival_time=command.arrival_time,
                 priority=command.priority,
+                add_special_tokens=command.add_special_tokens,
+                check_length=command.check_length,
             )
         except Exception as e:  # noqa: BLE001 - refused: the caller gets the reason
             command.future.set_exception(e)
             return
         self._streams[stream.request_id] = stream
         command.future.set_result(None)
-
-    def _tokenized(self, command: _Add) -> dict:
-        """The prompt as {"prompt"?, "prompt_token_ids"}, tokenized here (the tokenizer is not
-        safe to share between threads), checked against max_model_len. Token ids themselves are
-        validated by the engine."""
-        prompt = command.prompt
-        if isinstance(prompt, list | tuple):
-            prompt = {"prompt_token_ids": list(prompt)}
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            ids = prompt["prompt_token_ids"]
-        else:
-            text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
-            if isinstance(prompt, dict) and "prompt" not in prompt:
-                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
-            if not isinstance(text, str):
-                raise ValueError(f"prompt must be text or token ids, got {type(text).__name__}")
-            if not text:
-                raise ValueError("prompt is empty")
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
-            ids = self.tokenizer(text, add_special_tokens=command.add_special_tokens)["input_ids"]
-            prompt = {"prompt": text, "prompt_token_ids": list(ids)}
-        max_tokens = command.params.max_tokens
-        if command.check_length and max_tokens is not None and isinstance(ids, list) and ids:
-            room = self.max_model_len - len(ids)
-            if max_tokens > room >= 1:
-                raise ValueError(
-                    f"max_tokens {max_tokens} does not fit: the prompt has {len(ids)} tokens and "
-                    f"max_model_len is {self.max_model_len}, leaving room for {room}"
-                )
-        return prompt
 
     def _abort(self, request_id: str) -> bool:
         output = self.engine.abort_request(request_id)
@@ -448,7 +419,8 @@ class AsyncEngine:
 
     @staticmethod
     def _refuse(command, error: Exception) -> None:
-        _settle(getattr(command, "future", None), error=error)
+        if isinstance(command, _Add | _Abort):
+            _settle(command.future, error=error)
 
 
 def _settle(future: concurrent.futures.Future | None, result=None, *, error=None) -> None:

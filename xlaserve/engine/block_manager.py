@@ -1,7 +1,8 @@
 """The KV page pool: reference counts, a prefix cache of full pages, LRU eviction.
 
-A sequence's K/V live in `page_size`-token pages listed in `seq.page_ids` (its page table):
-token at position p sits in page `page_ids[p // page_size]`, slot `p % page_size`.
+A sequence's K/V live in `page_size`-token pages listed in its page table, which this class
+owns (`page_ids(seq)`): token at position p sits in page `page_ids[p // page_size]`, slot
+`p % page_size`.
 
 Prefix caching: once all tokens of a page are computed, the page is registered under the key
 `(parent_digest, tokens_of_the_page)`, where `parent_digest` is a SHA-256 chain over all earlier
@@ -24,6 +25,7 @@ from xlaserve.engine.request import Sequence
 # (digest of all earlier pages, token ids of this page)
 CacheKey = tuple[bytes, tuple[int, ...]]
 Prefix = tuple[list[int], int]  # (page ids, number of tokens they hold)
+_NO_PAGES: list[int] = []  # what page_ids() returns for a sequence holding none (never mutated)
 
 
 class BlockManager:
@@ -41,6 +43,10 @@ class BlockManager:
         self._page_key: list[CacheKey | None] = [None] * num_pages
         self._cache: dict[CacheKey, int] = {}
         self._num_hashed: dict[int, int] = {}  # seq_id -> leading pages already registered
+        self._tables: dict[int, list[int]] = {}  # seq_id -> page table
+        # seq_id -> chained digests of the sequence's full token pages (a memo: tokens are
+        # append-only, so they never go stale while the sequence holds or seeks pages).
+        self._hashes: dict[int, list[bytes]] = {}
         self.prefix_cache_queries = 0  # tokens looked up at admission
         self.prefix_cache_hits = 0  # tokens found computed in the cache
 
@@ -58,6 +64,10 @@ class BlockManager:
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
+
+    def page_ids(self, seq: Sequence) -> list[int]:
+        """The sequence's page table (the live list: read it, never mutate it)."""
+        return self._tables.get(seq.seq_id, _NO_PAGES)
 
     def is_cached(self, page_id: int) -> bool:
         return self._page_key[page_id] is not None
@@ -93,8 +103,9 @@ class BlockManager:
         """
         assert seq.prompt_token_ids == source.prompt_token_ids
         num_tokens = min(seq.num_prompt_tokens, source.num_computed_tokens, seq.num_tokens - 1)
-        num_pages = min(num_tokens // self.page_size, len(source.page_ids))
-        return list(source.page_ids[:num_pages]), num_pages * self.page_size
+        source_pages = self.page_ids(source)
+        num_pages = min(num_tokens // self.page_size, len(source_pages))
+        return list(source_pages[:num_pages]), num_pages * self.page_size
 
     # ---------------------------------------------------------------- verbs
 
@@ -113,7 +124,7 @@ class BlockManager:
 
         Sets `seq.num_computed_tokens` (and `num_cached_prompt_tokens`) to the prefix length.
         """
-        assert not seq.page_ids, f"sequence {seq.seq_id} already holds pages"
+        assert seq.seq_id not in self._tables, f"sequence {seq.seq_id} already holds pages"
         pages, num_cached = self.get_computed_prefix(seq) if prefix is None else prefix
         assert num_cached % self.page_size == 0 and len(pages) * self.page_size == num_cached
         assert 0 < num_new_tokens and num_cached + num_new_tokens <= seq.num_tokens
@@ -122,7 +133,9 @@ class BlockManager:
                 del self._free[page]
             self.ref_counts[page] += 1
         num_new_pages = self.pages_for(num_cached + num_new_tokens) - len(pages)
-        seq.page_ids = list(pages) + [self._take_free_page() for _ in range(num_new_pages)]
+        self._tables[seq.seq_id] = list(pages) + [
+            self._take_free_page() for _ in range(num_new_pages)
+        ]
         seq.num_computed_tokens = num_cached
         seq.num_cached_prompt_tokens = num_cached
         self._num_hashed[seq.seq_id] = len(pages) if self.enable_prefix_caching else 0
@@ -132,13 +145,14 @@ class BlockManager:
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Whether `seq` can grow to hold `num_new_tokens` tokens past its computed ones."""
-        need = self.pages_for(seq.num_computed_tokens + num_new_tokens) - len(seq.page_ids)
+        need = self.pages_for(seq.num_computed_tokens + num_new_tokens) - len(self.page_ids(seq))
         return need <= len(self._free)
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grows `seq`'s page table to hold `num_new_tokens` tokens past its computed ones."""
-        need = self.pages_for(seq.num_computed_tokens + num_new_tokens) - len(seq.page_ids)
-        seq.page_ids.extend(self._take_free_page() for _ in range(need))
+        table = self._tables[seq.seq_id]
+        need = self.pages_for(seq.num_computed_tokens + num_new_tokens) - len(table)
+        table.extend(self._take_free_page() for _ in range(need))
 
     def cache_full_pages(self, seq: Sequence) -> None:
         """Registers `seq`'s newly full, computed pages in the prefix cache.
@@ -151,10 +165,11 @@ class BlockManager:
             return
         size = self.page_size
         tokens = seq.all_token_ids
-        num_full = min(seq.num_computed_tokens // size, len(seq.page_ids))
+        table = self.page_ids(seq)
+        num_full = min(seq.num_computed_tokens // size, len(table))
         start = self._num_hashed.get(seq.seq_id, 0)
         for i in range(start, num_full):
-            page = seq.page_ids[i]
+            page = table[i]
             if self._page_key[page] is not None:  # a prefix hit: already registered
                 continue
             key = (self._digest(seq, i - 1), tuple(tokens[i * size : (i + 1) * size]))
@@ -167,13 +182,13 @@ class BlockManager:
         """Releases `seq`'s pages (refcount - 1). Pages reaching 0 join the free queue with
         their cache key kept. Tail pages are queued first: they are evicted first, which keeps
         the longer-lived shared prefixes (page chains are only useful from their start)."""
-        for page in reversed(seq.page_ids):
+        for page in reversed(self._tables.pop(seq.seq_id, _NO_PAGES)):
             self.ref_counts[page] -= 1
             assert self.ref_counts[page] >= 0, f"page {page} freed twice"
             if self.ref_counts[page] == 0:
                 self._free[page] = None
-        seq.page_ids = []
         self._num_hashed.pop(seq.seq_id, None)
+        self._hashes.pop(seq.seq_id, None)
 
     # ---------------------------------------------------------------- internals
 
@@ -193,7 +208,7 @@ class BlockManager:
         """Chained digest of `seq`'s pages 0..page_index (b"" for page_index -1)."""
         if page_index < 0:
             return b""
-        hashes = seq.page_hashes
+        hashes = self._hashes.setdefault(seq.seq_id, [])
         size = self.page_size
         tokens = seq.all_token_ids
         while len(hashes) <= page_index:

@@ -5,14 +5,16 @@ New requests go to the replica with the least outstanding work (running + waitin
 each step advances every busy replica on its own thread (device work releases the GIL).
 """
 
+import dataclasses
 import itertools
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-from xlaserve.config import EngineArgs
-from xlaserve.engine.llm_engine import LLMEngine, PromptType
+from xlaserve.engine.intake import PromptType, RequestIntake, check_request_id
+from xlaserve.engine.llm_engine import LLMEngine
 from xlaserve.engine.outputs import RequestOutput
+from xlaserve.engine.runner_api import DeviceInfo
 from xlaserve.engine.sampling_params import SamplingParams
-from xlaserve.sharding.mesh import make_mesh, replica_meshes
 
 SUMMED_METRICS = (
     "compiles",
@@ -31,10 +33,13 @@ SUMMED_METRICS = (
 
 
 class DataParallelEngine:
-    def __init__(self, args: EngineArgs):
-        mesh = make_mesh(args.tensor_parallel_size, args.data_parallel_size)
-        self.replicas = [LLMEngine.from_engine_args(args, m) for m in replica_meshes(mesh)]
+    """Replicas built by `xlaserve.engine.builder.build_engine`; requests pass the intake once,
+    here, and go to a replica already validated."""
+
+    def __init__(self, replicas: list[LLMEngine]):
+        self.replicas = replicas
         first = self.replicas[0]
+        self.intake: RequestIntake = first.intake
         self.tokenizer = first.tokenizer
         self.vocab_size = first.vocab_size
         self.max_model_len = first.max_model_len
@@ -52,13 +57,25 @@ class DataParallelEngine:
         request_id: str | None,
         prompt: PromptType,
         params: SamplingParams | None = None,
-        **kwargs,
+        *,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        add_special_tokens: bool = True,
+        check_length: bool = False,
     ) -> str:
-        request_id = f"dp-{next(self._request_ids)}" if request_id is None else str(request_id)
-        if request_id in self._owner:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        request_id = f"dp-{next(self._request_ids)}" if request_id is None else request_id
+        check_request_id(request_id, self._owner)
+        request = self.intake.process(
+            request_id,
+            prompt,
+            params,
+            arrival_time=time.time() if arrival_time is None else arrival_time,
+            priority=priority,
+            add_special_tokens=add_special_tokens,
+            check_length=check_length,
+        )
         engine = min(self.replicas, key=self._load)
-        engine.add_request(request_id, prompt, params, **kwargs)
+        engine.add_engine_request(request)
         self._owner[request_id] = engine
         return request_id
 
@@ -84,16 +101,28 @@ class DataParallelEngine:
             engine.shutdown()
         self._pool.shutdown(wait=False)
 
+    def device_info(self) -> DeviceInfo:
+        """All replicas' devices; the mesh shape gains a `data` axis of the replica count."""
+        infos = [e.device_info() for e in self.replicas]
+        return dataclasses.replace(
+            infos[0],
+            num_devices=sum(i.num_devices for i in infos),
+            mesh_shape={**infos[0].mesh_shape, "data": len(infos)},
+            parameter_count=sum(i.parameter_count for i in infos),
+            parameter_bytes=sum(i.parameter_bytes for i in infos),
+        )
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.replicas[0].max_num_seqs
+
+    @property
+    def page_size(self) -> int:
+        return self.replicas[0].page_size
+
     def get_metrics(self) -> dict:
         per_replica = [e.get_metrics() for e in self.replicas]
         merged = {k: sum(m[k] for m in per_replica) for k in SUMMED_METRICS}
         merged["warmup_seconds"] = max(m["warmup_seconds"] or 0.0 for m in per_replica)
         merged["replicas"] = per_replica
         return merged
-
-
-def build_engine(args: EngineArgs) -> LLMEngine | DataParallelEngine:
-    """The engine for these options: one replica, or a data-parallel set of them."""
-    if args.data_parallel_size > 1:
-        return DataParallelEngine(args)
-    return LLMEngine.from_engine_args(args)

@@ -6,12 +6,11 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from xlaserve.config import EngineArgs
-from xlaserve.engine.dp_engine import build_engine
-from xlaserve.engine.llm_engine import PromptType
+from xlaserve.engine.builder import build_engine
+from xlaserve.engine.intake import Conversation, PromptType, prompt_list
 from xlaserve.engine.outputs import RequestOutput
 from xlaserve.engine.sampling_params import SamplingParams
-
-Conversation = list[dict]
+from xlaserve.errors import InvalidRequestError
 
 
 class LLM:
@@ -39,16 +38,17 @@ class LLM:
     ) -> list[RequestOutput]:
         """Outputs in input order. A prompt is text, {"prompt_token_ids": [...]}, or
         {"prompt": text}; a list of them is a batch. One SamplingParams or one per prompt."""
-        prompt_list = self._as_prompt_list(prompts)
+        prompts = prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
         else:
             params_list = list(sampling_params)
-            if len(params_list) != len(prompt_list):
-                raise ValueError(
-                    f"got {len(params_list)} sampling params for {len(prompt_list)} prompts"
+            if len(params_list) != len(prompts):
+                raise InvalidRequestError(
+                    "sampling_params",
+                    f"got {len(params_list)} sampling params for {len(prompts)} prompts",
                 )
-        return self._run(prompt_list, params_list, use_tqdm)
+        return self._run(prompts, params_list, use_tqdm)
 
     def chat(
         self,
@@ -58,36 +58,14 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """Applies the model's chat template to one conversation or a list of them."""
-        tok = self.get_tokenizer()
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise ValueError("this model has no chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = []
-        for conv in conversations:
-            text = tok.apply_chat_template(
-                conv, add_generation_prompt=add_generation_prompt, tokenize=False
-            )
-            # The template already holds any BOS; do not let the tokenizer add another.
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        if not isinstance(conversations, list | tuple) or not conversations:
+            raise InvalidRequestError("messages", "messages must be a non-empty list")
+        prompts = [
+            {"messages": conv, "add_generation_prompt": add_generation_prompt}
+            for conv in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
-
-    @staticmethod
-    def _as_prompt_list(prompts) -> list[PromptType]:
-        if isinstance(prompts, str | dict):
-            return [prompts]
-        if (
-            isinstance(prompts, list | tuple)
-            and prompts
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts)
-        ):
-            raise ValueError(
-                'token-id prompts must be given as {"prompt_token_ids": [...]} '
-                "(a bare list is read as a list of prompts)"
-            )
-        if not isinstance(prompts, list | tuple) or not prompts:
-            raise ValueError("prompts must be a prompt or a non-empty list of prompts")
-        return list(prompts)
 
     def _run(self, prompts, params_list, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine

@@ -1,16 +1,14 @@
-"""The engine: add_request / step / abort_request over the scheduler, runner and detokenizer."""
+"""The engine: add_request / step / abort_request over the scheduler, a runner and the
+detokenizer. Assembled by `xlaserve.engine.builder.build_engine`, or from parts (any `Runner`,
+e.g. the tests' mock) with the constructor."""
 
 import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 
-import jax
-from jax.sharding import Mesh
-
-from xlaserve.checkpoints.loader import load_model
-from xlaserve.config import EngineArgs, enable_compilation_cache, kv_cache_pages
 from xlaserve.engine.detokenizer import IncrementalDetokenizer
+from xlaserve.engine.intake import EngineRequest, PromptType, RequestIntake, check_request_id
 from xlaserve.engine.outputs import (
     CompletionOutput,
     Logprob,
@@ -19,11 +17,9 @@ from xlaserve.engine.outputs import (
     RequestOutput,
 )
 from xlaserve.engine.request import RequestStatus, Sequence
-from xlaserve.engine.runner import ModelRunner, RunnerConfig, SampledToken
+from xlaserve.engine.runner_api import DeviceInfo, Runner, SampledToken
 from xlaserve.engine.sampling_params import SamplingParams
-from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
-from xlaserve.models.attention import resolve_backend
-from xlaserve.sharding.mesh import MODEL, make_mesh
+from xlaserve.engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +28,6 @@ FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
 }
-
-# A prompt: text, token ids, or {"prompt": text} / {"prompt_token_ids": ids}.
-PromptType = str | list[int] | dict
 
 
 @dataclass
@@ -52,13 +45,12 @@ class RequestState:
 
 
 class LLMEngine:
-    """Drives one scheduler and one runner. Built from options with `from_engine_args`, or
-    from parts (any runner with `execute`/`release`/`warmup`, e.g. a mock) with the constructor."""
+    """Drives one scheduler and one runner (see `xlaserve.engine.runner_api.Runner`)."""
 
     def __init__(
         self,
         scheduler: Scheduler,
-        runner,
+        runner: Runner,
         *,
         tokenizer,
         vocab_size: int,
@@ -74,6 +66,9 @@ class LLMEngine:
         self.max_model_len = scheduler.config.max_model_len
         self.model_name = model_name
         self.dtype = dtype
+        self.intake = RequestIntake(
+            tokenizer, vocab_size=vocab_size, max_model_len=self.max_model_len
+        )
         self.runner.warmup()
         self.requests: dict[str, RequestState] = {}
         self._owners: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, index)
@@ -81,71 +76,11 @@ class LLMEngine:
         self.num_steps = 0
         self.step_seconds = 0.0  # wall time inside step(), host and device
 
-    @classmethod
-    def from_engine_args(cls, args: EngineArgs, mesh: Mesh | None = None) -> "LLMEngine":
-        """Loads the model, sizes the KV cache from the memory budget, compiles every bucket.
-
-        mesh: the devices of this one replica (default: the first tensor_parallel_size devices
-        when tensor_parallel_size > 1, else the default device).
-        """
-        if args.backend == "torch":
-            from xlaserve.kernels_cuda.engine import build_torch_engine
-
-            return build_torch_engine(cls, args, mesh)
-        loaded, scheduler_config, runner = build_model_runner(args, mesh)
-        c = loaded.config
-        engine = cls(
-            Scheduler(scheduler_config),
-            runner,
-            tokenizer=loaded.tokenizer,
-            vocab_size=c.vocab_size,
-            eos_token_ids=c.eos_token_ids,
-            model_name=args.model,
-            dtype=jax.numpy.dtype(loaded.dtype).name,
-        )
-        logger.info(
-            "warm-up compiled %d graphs in %.1fs", runner.compiles.count, runner.warmup_seconds
-        )
-        return engine
-
     def shutdown(self) -> None:
-        """Releases followers of a multi-host mesh (they exit their step loop)."""
-        stop = getattr(getattr(self.runner, "steps", None), "stop_followers", None)
-        if stop is not None:
-            stop()
+        """Releases what the runner holds beyond this process (multi-host followers)."""
+        self.runner.shutdown()
 
     # ---- requests -------------------------------------------------------------------------
-    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
-            return prompt, self.tokenizer(prompt)["input_ids"]
-        if isinstance(prompt, list | tuple):
-            return None, self._check_ids(prompt)
-        raise ValueError(f"prompt must be a string, token ids or a dict, got {type(prompt)}")
-
-    def _check_ids(self, ids) -> list[int]:
-        if not isinstance(ids, list | tuple):
-            raise ValueError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
-        if not ids:
-            raise ValueError("prompt is empty (no prompt_token_ids)")
-        for i, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                raise ValueError(
-                    f"prompt token id {t!r} at position {i} is outside the vocabulary "
-                    f"[0, {self.vocab_size})"
-                )
-        return list(ids)
-
     def add_request(
         self,
         request_id: str | None,
@@ -154,52 +89,56 @@ class LLMEngine:
         *,
         arrival_time: float | None = None,
         priority: int = 0,
+        add_special_tokens: bool = True,
+        check_length: bool = False,
     ) -> str:
-        """Validates and queues a request; returns its id. Bad input raises ValueError."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be SamplingParams, got {type(params)}")
-        text, ids = self.tokenize_prompt(prompt)
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
-                "(room for at least one output token is needed)"
-            )
-        params.validate_for_model(self.vocab_size)
-        request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        arrival = time.time() if arrival_time is None else arrival_time
-        # Everything that can refuse the request runs before the scheduler takes it.
+        """Validates and queues a request; returns its id. Bad input raises
+        `InvalidRequestError` (a ValueError) naming the field."""
+        if request_id is None:
+            request_id = str(next(self._request_ids))
+        check_request_id(request_id, self.requests)
+        request = self.intake.process(
+            request_id,
+            prompt,
+            params,
+            arrival_time=time.time() if arrival_time is None else arrival_time,
+            priority=priority,
+            add_special_tokens=add_special_tokens,
+            check_length=check_length,
+        )
+        return self.add_engine_request(request)
+
+    def add_engine_request(self, request: EngineRequest) -> str:
+        """Queues a request the intake already validated (the data-parallel front's path)."""
+        check_request_id(request.request_id, self.requests)
+        ids, params = request.prompt_token_ids, request.params
         detokenizers = [self._detokenizer(ids, params) for _ in range(params.n)]
         seqs = self.scheduler.add_request(
-            request_id,
+            request.request_id,
             ids,
             params,
-            arrival_time=arrival,
-            priority=priority,
+            arrival_time=request.arrival_time,
+            priority=request.priority,
             eos_token_ids=self.eos_token_ids,
         )
         state = RequestState(
-            request_id=request_id,
-            prompt=text,
+            request_id=request.request_id,
+            prompt=request.prompt,
             prompt_token_ids=ids,
             params=params,
             seqs=seqs,
             detokenizers=detokenizers,
-            metrics=RequestMetrics(arrival_time=arrival),
+            metrics=RequestMetrics(arrival_time=request.arrival_time),
             logprobs=[[] for _ in seqs],
             cumulative_logprob=[0.0 for _ in seqs],
         )
-        self.requests[request_id] = state
+        self.requests[request.request_id] = state
         for i, seq in enumerate(seqs):
             self._owners[seq.seq_id] = (state, i)
-        return request_id
+        return request.request_id
 
     def _detokenizer(self, ids, params: SamplingParams) -> IncrementalDetokenizer | None:
         if not params.detokenize or self.tokenizer is None:
-            if params.stop:
-                raise ValueError("stop strings need detokenization (detokenize=True, a tokenizer)")
             return None
         return IncrementalDetokenizer(
             self.tokenizer,
@@ -211,8 +150,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stops a request at any point; its pages return to the pool."""
-        for seq in self.scheduler.abort_request(request_id):
-            self.runner.release(seq.seq_id)
+        self.scheduler.abort_request(request_id)
         state = self.requests.get(request_id)
         if state is None:
             return None
@@ -226,11 +164,9 @@ class LLMEngine:
         """Schedules, runs and post-processes one batch; returns the requests that progressed."""
         start = time.perf_counter()
         scheduled = self.scheduler.schedule()
-        for seq in scheduled.preempted:
-            self.runner.release(seq.seq_id)
-        if not scheduled.scheduled:
+        if scheduled.is_empty and not scheduled.finished_seq_ids:
             return []
-        result = self.runner.execute(scheduled)
+        result = self.runner.execute(scheduled)  # an empty step only drops finished sequences
         tokens = {seq_id: s.token for seq_id, s in result.sampled.items()}
         self.scheduler.update_from_output(scheduled, tokens)
         outputs = self._postprocess(scheduled, result)
@@ -241,8 +177,8 @@ class LLMEngine:
     def _postprocess(self, scheduled, result) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, RequestState] = {}
-        for item in scheduled.scheduled:
-            state, _ = self._owners[item.seq.seq_id]
+        for seq_id in scheduled.num_scheduled_tokens:
+            state, _ = self._owners[seq_id]
             state.metrics.first_scheduled_time = state.metrics.first_scheduled_time or now
         for seq_id, plp in result.prompt_logprobs.items():
             state, _ = self._owners[seq_id]
@@ -281,7 +217,6 @@ class LLMEngine:
                 self.scheduler.finish_sequence(seq, RequestStatus.FINISHED_STOPPED, update.stop_str)
         if seq.is_finished:
             detok.flush()
-            self.runner.release(seq.seq_id)
 
     def _position_logprobs(self, token: int, logprob: float, top) -> PositionLogprobs:
         entry = {tid: Logprob(lp, rank + 1, self._decode_one(tid)) for rank, (tid, lp) in
@@ -338,13 +273,25 @@ class LLMEngine:
             num_cached_tokens=state.seqs[0].num_cached_prompt_tokens,
         )
 
-    # ---- metrics ----------------------------------------------------------------------------
+    # ---- facts and metrics ------------------------------------------------------------------
+    def device_info(self) -> DeviceInfo:
+        return self.runner.device_info()
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.scheduler.config.max_num_seqs
+
+    @property
+    def page_size(self) -> int:
+        return self.scheduler.config.page_size
+
     def get_metrics(self) -> dict:
         bm = self.scheduler.block_manager
+        stats = self.runner.stats()
         return {
-            "compiles": self.runner.compiles.count,
-            "compiles_after_warmup": self.runner.compiles_after_warmup,
-            "warmup_seconds": self.runner.warmup_seconds,
+            "compiles": stats.compiles,
+            "compiles_after_warmup": stats.compiles_after_warmup,
+            "warmup_seconds": stats.warmup_seconds,
             "preemptions": self.scheduler.num_preemptions,
             "prefix_cache_queries": bm.prefix_cache_queries,
             "prefix_cache_hits": bm.prefix_cache_hits,
@@ -356,78 +303,5 @@ class LLMEngine:
             "step_seconds": self.step_seconds,
             # From the first dispatch of a step to its sampled tokens on the host; the rest of
             # step_seconds is host work (scheduling, packing, detokenizing) the device waits on.
-            "device_seconds": getattr(self.runner, "device_seconds", 0.0),
+            "device_seconds": stats.device_seconds,
         }
-
-
-def scheduler_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -> SchedulerConfig:
-    return SchedulerConfig(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.resolve_max_num_batched_tokens(),
-        max_model_len=max_model_len,
-        page_size=args.page_size,
-        num_pages=num_pages,
-        enable_prefix_caching=args.enable_prefix_caching,
-        enable_chunked_prefill=args.enable_chunked_prefill,
-        policy=args.scheduling_policy,
-        max_waiting_requests=args.max_waiting_requests,
-    )
-
-
-def runner_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -> RunnerConfig:
-    return RunnerConfig(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.resolve_max_num_batched_tokens(),
-        max_model_len=max_model_len,
-        page_size=args.page_size,
-        num_pages=num_pages,
-        seed=args.seed,
-        min_token_bucket=args.min_token_bucket,
-        token_bucket_sizes=tuple(args.token_buckets) if args.token_buckets else None,
-    )
-
-
-def build_model_runner(args: EngineArgs, mesh: Mesh | None = None):
-    """(loaded model, scheduler config, runner) for these options: the model on its mesh and a
-    KV cache sized from the memory budget. Every process of a multi-host mesh builds the same."""
-    enable_compilation_cache(args.compilation_cache_dir)
-    resolve_backend(args.attention_backend)  # a ValueError naming the choices
-    if mesh is None and (args.tensor_parallel_size > 1 or jax.process_count() > 1):
-        mesh = make_mesh(args.tensor_parallel_size)
-    loaded = load_model(
-        args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed, mesh=mesh
-    )
-    loaded.model.attention_backend = args.attention_backend  # validated before loading
-    on_cpu = jax.default_backend() == "cpu"
-    if mesh is None and on_cpu:
-        loaded.model.unstack_layers()  # separate per-layer buffers: see unstack_layers
-    # XLA's CPU backend has no 16-bit float scatter: it would convert the whole cache to
-    # float32 and back around every cache write, so the CPU keeps the cache in float32.
-    kv_dtype = jax.numpy.float32 if on_cpu else loaded.dtype
-    c = loaded.config
-    max_model_len = args.resolve_max_model_len(c.max_position_embeddings)
-    page_bytes = (c.num_layers * args.page_size * 2 * c.num_kv_heads * c.head_dim) * (
-        jax.numpy.dtype(kv_dtype).itemsize
-    )
-    devices = jax.devices() if mesh is None else list(mesh.devices.flat)
-    if mesh is not None:  # the cache is split over the KV heads when they divide
-        page_bytes //= mesh.shape[MODEL] if c.num_kv_heads % mesh.shape[MODEL] == 0 else 1
-    num_pages = kv_cache_pages(
-        args, page_bytes=page_bytes, max_model_len=max_model_len, device=devices[0]
-    )
-    scheduler_config = scheduler_config_for(args, max_model_len, num_pages)
-    runner = ModelRunner(
-        loaded.model,
-        runner_config_for(args, max_model_len, num_pages),
-        kv_dtype=kv_dtype,
-        mesh=mesh,
-    )
-    return loaded, scheduler_config, runner
-
-
-def run_follower(args: EngineArgs) -> None:
-    """A non-leader process of a multi-host mesh: same model and steps, no scheduling."""
-    from xlaserve.sharding.distributed import follow
-
-    _, _, runner = build_model_runner(args)
-    follow(runner)

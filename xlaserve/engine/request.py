@@ -54,12 +54,8 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
-    page_ids: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None
     num_cached_prompt_tokens: int = 0  # prefix-cache hits at the last admission
-    # Chained content digests of this sequence's full token pages; a memo filled by the
-    # BlockManager (tokens are append-only, so the digests never go stale).
-    page_hashes: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from xlaserve.engine.input_batch import GREEDY_EPS, SamplingRows
+from xlaserve.engine.input_batch import penalty_row_values as penalty_row_values
 
 MAX_LOGPROBS = 20
-GREEDY_EPS = 1e-5  # temperatures below this are greedy
 
 
 @jax.tree_util.register_dataclass
@@ -38,27 +39,8 @@ class PenaltyState:
         )
 
 
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class SamplingBatch:
-    """Per-row options, all [S]. Padding rows are greedy with no penalties."""
-
-    temperature: jax.Array  # f32, 0 = greedy
-    top_k: jax.Array  # i32, V = off
-    top_p: jax.Array  # f32, 1 = off
-    min_p: jax.Array  # f32, 0 = off
-    presence_penalty: jax.Array  # f32
-    frequency_penalty: jax.Array  # f32
-    repetition_penalty: jax.Array  # f32, 1 = off
-    penalty_row: jax.Array  # i32 row of PenaltyState, R = none
-    seed: jax.Array  # u32 request seed (or the engine seed for unseeded rows)
-    stream: jax.Array  # i32 distinguishes rows sharing a seed (sample index / sequence id)
-    step: jax.Array  # i32 output tokens generated so far by this row
-    # Scalars: which optional stages any row needs.
-    use_penalties: jax.Array  # bool[]
-    use_filters: jax.Array  # bool[] top-k / top-p / min-p
-    use_random: jax.Array  # bool[]
-    use_logprobs: jax.Array  # bool[]
+# Per-row options [S], packed on the host by the input batch (a NamedTuple: a pytree as is).
+SamplingBatch = SamplingRows
 
 
 @jax.tree_util.register_dataclass
@@ -178,16 +160,3 @@ def init_penalty_row(
         state.output_counts.at[row].set(output_counts),
         state.logit_bias.at[row].set(logit_bias),
     )
-
-
-def penalty_row_values(
-    prompt_ids: list[int], output_ids: list[int], logit_bias: dict[int, float] | None, vocab: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Host-side contents of a new penalty row."""
-    mask = np.zeros(vocab, np.bool_)
-    mask[np.asarray(prompt_ids, np.int64)] = True
-    counts = np.bincount(np.asarray(output_ids, np.int64), minlength=vocab).astype(np.int32)
-    bias = np.zeros(vocab, np.float32)
-    for token, value in (logit_bias or {}).items():
-        bias[int(token)] = value
-    return mask, counts[:vocab], bias

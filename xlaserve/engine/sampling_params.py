@@ -1,8 +1,9 @@
 """Per-request sampling options, normalized and validated at construction (like vLLM's).
 
-Every bad value raises a `ValueError` whose message names the field and the value, so a server
-can hand it back to the client as is. Checks that need the model (token ids against the vocab)
-live in `SamplingParams.validate_for_model`.
+Every bad value raises an `InvalidRequestError` (a ValueError) whose `param` is the field and
+whose message names the field and the value, so a server can hand it back to the client as is.
+Checks that need the model (token ids against the vocab) live in
+`SamplingParams.validate_for_model`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,15 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from xlaserve.errors import InvalidRequestError
+
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0
+
+
+def _invalid(name: str, message: str) -> InvalidRequestError:
+    """The error for field `name` ("logit_bias[3]" and "stop_token_ids entry" name their field)."""
+    return InvalidRequestError(name.split("[")[0].split(" ")[0], message)
 
 
 def _int(name: str, value: object, *, optional: bool = False) -> int | None:
@@ -21,29 +29,29 @@ def _int(name: str, value: object, *, optional: bool = False) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         kind = "an int or None" if optional else "an int"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+        raise _invalid(name, f"{name} must be {kind}, got {value!r}")
     return int(value)
 
 
 def _real(name: str, value: object, rule: str = "finite") -> float:
     """`value` as a finite float; bools, strings, NaN and infinities are rejected."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise _invalid(name, f"{name} must be a number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be {rule}, got {value}")
+        raise _invalid(name, f"{name} must be {rule}, got {value}")
     return value
 
 
 def _bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
+        raise _invalid(name, f"{name} must be a bool, got {value!r}")
     return value
 
 
 def _require(ok: bool, name: str, rule: str, value: object) -> None:
     if not ok:
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
+        raise _invalid(name, f"{name} must be {rule}, got {value!r}")
 
 
 @dataclass
@@ -111,8 +119,9 @@ class SamplingParams:
         self.min_tokens = _int("min_tokens", self.min_tokens)
         _require(self.min_tokens >= 0, "min_tokens", ">= 0", self.min_tokens)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            raise _invalid(
+                "min_tokens",
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
             )
 
         for name in ("logprobs", "prompt_logprobs"):
@@ -130,12 +139,14 @@ class SamplingParams:
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, list | tuple):
-            raise ValueError(f"stop must be a string, a list of strings or None, got {stop!r}")
+            raise _invalid(
+                "stop", f"stop must be a string, a list of strings or None, got {stop!r}"
+            )
         for s in stop:
             if not isinstance(s, str):
-                raise ValueError(f"stop must contain only strings, got {s!r}")
+                raise _invalid("stop", f"stop must contain only strings, got {s!r}")
             if not s:
-                raise ValueError(f"stop strings must be non-empty, got {s!r}")
+                raise _invalid("stop", f"stop strings must be non-empty, got {s!r}")
         return list(stop)
 
     @staticmethod
@@ -143,7 +154,7 @@ class SamplingParams:
         if ids is None:
             return []
         if not isinstance(ids, list | tuple):
-            raise ValueError(f"{name} must be a list of ints or None, got {ids!r}")
+            raise _invalid(name, f"{name} must be a list of ints or None, got {ids!r}")
         out = [_int(f"{name} entry", i) for i in ids]
         for i in out:
             _require(i >= 0, f"{name} entry", ">= 0", i)
@@ -154,7 +165,9 @@ class SamplingParams:
         if bias is None:
             return {}
         if not isinstance(bias, dict):
-            raise ValueError(f"logit_bias must be a dict of token id -> float, got {bias!r}")
+            raise _invalid(
+                "logit_bias", f"logit_bias must be a dict of token id -> float, got {bias!r}"
+            )
         out: dict[int, float] = {}
         for key, value in bias.items():
             token = _int("logit_bias key", key)
@@ -178,11 +191,13 @@ class SamplingParams:
         _require(vocab_size >= 1, "vocab_size", ">= 1", vocab_size)
         for token in self.stop_token_ids:
             if token >= vocab_size:
-                raise ValueError(
-                    f"stop_token_ids entry must be in [0, {vocab_size}) (the vocab), got {token}"
+                raise _invalid(
+                    "stop_token_ids",
+                    f"stop_token_ids entry must be in [0, {vocab_size}) (the vocab), got {token}",
                 )
         for token in self.logit_bias:
             if token >= vocab_size:
-                raise ValueError(
-                    f"logit_bias key must be in [0, {vocab_size}) (the vocab), got {token}"
+                raise _invalid(
+                    "logit_bias",
+                    f"logit_bias key must be in [0, {vocab_size}) (the vocab), got {token}",
                 )

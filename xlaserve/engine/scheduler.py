@@ -2,9 +2,9 @@
 
 One `schedule()` builds one ragged batch: running sequences first (decodes, then the next chunk
 of partial prefills), then waiting sequences admitted while the token budget, the sequence cap
-and the page pool allow. The runner feeds each `ScheduledSeq.token_ids` at positions
-`start_pos...` through `page_ids`, samples a token for those with `sample=True`, and the engine
-hands the tokens back through `update_from_output`.
+and the page pool allow. It returns a plain-data `SchedulerOutput` (a diff against the previous
+step, see scheduler_output.py); the runner samples a token for every sequence whose chunk ends
+at its last known token, and the engine hands the tokens back through `update_from_output`.
 
 Samples of one request (`n > 1`) share their prompt pages: sample 0 is scheduled alone; its
 siblings wait until its prompt is computed, then take the prompt's full pages by refcount (from
@@ -21,11 +21,12 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from xlaserve.engine.block_manager import BlockManager, Prefix
 from xlaserve.engine.request import RequestStatus, Sequence
 from xlaserve.engine.sampling_params import SamplingParams
+from xlaserve.engine.scheduler_output import CachedSequence, NewSequence, SchedulerOutput
 
 POLICIES = ("fcfs", "priority")
 
@@ -76,25 +77,6 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-@dataclass(frozen=True)
-class ScheduledSeq:
-    """One sequence's share of a step."""
-
-    seq: Sequence
-    token_ids: list[int]  # all_token_ids[start_pos : start_pos + len(token_ids)]
-    start_pos: int  # = seq.num_computed_tokens before the step
-    page_ids: list[int]  # the sequence's page table after allocation (a copy)
-    sample: bool  # True when the chunk ends at the last known token: sample the next one
-    num_cached_tokens: int  # prefix-cache tokens reused when the sequence was (re)admitted
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)  # in batch order
-    num_batched_tokens: int = 0
-    preempted: list[Sequence] = field(default_factory=list)
-
-
 @dataclass
 class _Request:
     seqs: list[Sequence]
@@ -111,9 +93,13 @@ class Scheduler:
         )
         self.waiting: list[Sequence] = []  # read-only outside: admission order
         self.running: list[Sequence] = []  # read-only outside
+        self._running_by_id: dict[int, Sequence] = {}
         self.num_preemptions = 0
         self._requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
+        # What the runner's batch holds of each sequence in it: (tokens, pages) sent so far.
+        self._sent: dict[int, tuple[int, int]] = {}
+        self._left_batch: set[int] = set()  # left the runner's batch since the last schedule()
 
     # ---------------------------------------------------------------- requests
 
@@ -209,7 +195,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Builds one step's batch under `max_num_batched_tokens` and `max_num_seqs`."""
         budget = self.config.max_num_batched_tokens
-        scheduled: dict[int, ScheduledSeq] = {}
+        scheduled: dict[int, tuple[Sequence, int]] = {}  # seq_id -> (seq, tokens this step)
         preempted: list[Sequence] = []
 
         # Running sequences: decodes first, then partial prefills, each in policy order.
@@ -227,12 +213,12 @@ class Scheduler:
                 self.preempt(victim)
                 preempted.append(victim)
                 if victim.seq_id in scheduled:
-                    budget += len(scheduled.pop(victim.seq_id).token_ids)
+                    budget += scheduled.pop(victim.seq_id)[1]
                 if victim is seq:
                     break
             else:
                 self.block_manager.append_slots(seq, num_new)
-                scheduled[seq.seq_id] = self._chunk(seq, num_new)
+                scheduled[seq.seq_id] = (seq, num_new)
                 budget -= num_new
 
         # Waiting sequences, unless this step already had to preempt (no room to grow).
@@ -254,30 +240,70 @@ class Scheduler:
                 self.waiting.remove(seq)
                 seq.status = RequestStatus.RUNNING
                 self.running.append(seq)
-                scheduled[seq.seq_id] = self._chunk(seq, num_new)
+                self._running_by_id[seq.seq_id] = seq
+                scheduled[seq.seq_id] = (seq, num_new)
                 budget -= num_new
+        return self._output(scheduled.values(), preempted)
 
-        batch = list(scheduled.values())
-        return SchedulerOutput(batch, sum(len(s.token_ids) for s in batch), preempted)
+    def _output(self, scheduled, preempted: list[Sequence]) -> SchedulerOutput:
+        """The step as a diff against what the runner's batch already holds."""
+        new_seqs, cached_seqs, num_scheduled = [], [], {}
+        for seq, num_new in scheduled:
+            pages = self.block_manager.page_ids(seq)
+            tokens = seq.all_token_ids
+            sent = self._sent.get(seq.seq_id)
+            if sent is None:
+                new_seqs.append(
+                    NewSequence(
+                        seq_id=seq.seq_id,
+                        request_id=seq.request_id,
+                        sample_index=seq.sample_index,
+                        token_ids=tuple(tokens),
+                        num_prompt_tokens=seq.num_prompt_tokens,
+                        params=seq.params,
+                        page_ids=tuple(pages),
+                        num_computed_tokens=seq.num_computed_tokens,
+                    )
+                )
+            else:
+                cached_seqs.append(
+                    CachedSequence(
+                        seq_id=seq.seq_id,
+                        new_token_ids=tuple(tokens[sent[0] :]),
+                        new_page_ids=tuple(pages[sent[1] :]),
+                        num_computed_tokens=seq.num_computed_tokens,
+                    )
+                )
+            self._sent[seq.seq_id] = (len(tokens), len(pages))
+            num_scheduled[seq.seq_id] = num_new
+        left, self._left_batch = frozenset(self._left_batch), set()
+        return SchedulerOutput(
+            new_seqs=tuple(new_seqs),
+            cached_seqs=tuple(cached_seqs),
+            num_scheduled_tokens=num_scheduled,
+            finished_seq_ids=left,
+            preempted_seq_ids=tuple(s.seq_id for s in preempted),
+        )
 
     def update_from_output(
         self, output: SchedulerOutput, sampled: dict[int, int]
     ) -> list[Sequence]:
         """Applies one executed step: advances computed tokens, appends the sampled tokens
-        (`sampled`: seq_id -> token for every entry with sample=True), caches newly full pages
-        and frees finished sequences. Returns the sequences that finished in this step.
-        Entries whose sequence was aborted or finished since `schedule()` are skipped."""
+        (`sampled`: seq_id -> token for every sequence whose chunk reached its last known
+        token), caches newly full pages and frees finished sequences. Returns the sequences
+        that finished in this step. Sequences aborted or finished since `schedule()` are
+        skipped."""
         finished: list[Sequence] = []
-        for item in output.scheduled:
-            seq = item.seq
-            if seq.status is not RequestStatus.RUNNING:
+        for seq_id, num_new in output.num_scheduled_tokens.items():
+            seq = self._running_by_id.get(seq_id)
+            if seq is None or seq.status is not RequestStatus.RUNNING:
                 continue
-            assert seq.num_computed_tokens == item.start_pos, "schedule/update out of step"
-            seq.num_computed_tokens += len(item.token_ids)
-            if item.sample:
-                if seq.seq_id not in sampled:
-                    raise ValueError(f"no sampled token for sequence {seq.seq_id} (sample=True)")
-                seq.append_token(sampled[seq.seq_id])
+            seq.num_computed_tokens += num_new
+            assert seq.num_computed_tokens <= seq.num_tokens, "schedule/update out of step"
+            if seq.num_computed_tokens == seq.num_tokens:
+                if seq_id not in sampled:
+                    raise ValueError(f"no sampled token for sequence {seq_id}")
+                seq.append_token(sampled[seq_id])
             self.block_manager.cache_full_pages(seq)
             if seq.sample_index == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 self._requests[seq.request_id].prompt_ready = True
@@ -286,11 +312,17 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
+    def get_sequence(self, seq_id: int) -> Sequence | None:
+        """A running sequence by id (None once it left the running set)."""
+        return self._running_by_id.get(seq_id)
+
     # ---------------------------------------------------------------- verbs
 
     def preempt(self, seq: Sequence) -> None:
         """Recompute-mode preemption: frees `seq`'s pages and puts it back in waiting."""
         self.running.remove(seq)
+        del self._running_by_id[seq.seq_id]
+        self._leave_batch(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = RequestStatus.PREEMPTED
@@ -323,18 +355,6 @@ class Scheduler:
             return self.block_manager.shared_prefix(seq, source)
         return [], 0
 
-    def _chunk(self, seq: Sequence, num_new: int) -> ScheduledSeq:
-        start = seq.num_computed_tokens
-        end = start + num_new
-        return ScheduledSeq(
-            seq=seq,
-            token_ids=seq.all_token_ids[start:end],
-            start_pos=start,
-            page_ids=list(seq.page_ids),
-            sample=end == seq.num_tokens,
-            num_cached_tokens=seq.num_cached_prompt_tokens,
-        )
-
     def _on_finished(self, seq: Sequence) -> None:
         self._release(seq)
         request = self._requests.get(seq.request_id)
@@ -346,11 +366,17 @@ class Scheduler:
             del self._requests[seq.request_id]
 
     def _release(self, seq: Sequence) -> None:
-        if seq in self.running:
+        if self._running_by_id.pop(seq.seq_id, None) is not None:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._leave_batch(seq)
         self.block_manager.free(seq)
+
+    def _leave_batch(self, seq: Sequence) -> None:
+        """The runner's batch drops `seq` at the next step (it re-enters whole if resumed)."""
+        if self._sent.pop(seq.seq_id, None) is not None:
+            self._left_batch.add(seq.seq_id)
 
 
 def _token_list(name: str, ids: object) -> list[int]:

@@ -167,7 +167,3 @@ class TorchTransformer(nn.Module):
         """Logits f32[S, V] for the selected hidden rows [S, D]."""
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         return F.linear(hidden, head.weight).float()
-
-    def kv_cache_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
-        c = self.config
-        return (c.num_layers, num_pages, page_size, 2 * c.num_kv_heads, c.head_dim)

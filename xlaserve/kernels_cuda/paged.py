@@ -5,6 +5,8 @@ by the parity tool and tests to compare prefill and paged decode logits across b
 import numpy as np
 import torch
 
+from xlaserve.engine.input_batch import Chunk, pack_tokens
+from xlaserve.engine.runner_api import KVCacheSpec
 from xlaserve.kernels_cuda.attention import AttentionMetadata
 from xlaserve.kernels_cuda.model import TorchTransformer
 from xlaserve.models.generate import StepOutput
@@ -30,8 +32,9 @@ class TorchPagedRunner:
         if sorted(order.tolist()) != list(range(num_pages)):
             raise ValueError(f"page_order must be a permutation of range({num_pages})")
         self.page_indices = order.astype(np.int32).reshape(num_seqs, self.pages_per_seq)
-        shape = model.kv_cache_shape(num_pages, page_size)
-        self.kv_cache = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        dtype = str(model.dtype).removeprefix("torch.")
+        spec = KVCacheSpec.for_model(model.config, page_size=page_size, dtype=dtype)
+        self.kv_cache = torch.zeros(spec.shape(num_pages), dtype=model.dtype, device=model.device)
         self.lens = np.zeros(num_seqs, np.int32)
 
     @torch.inference_mode()
@@ -46,29 +49,23 @@ class TorchPagedRunner:
         q_lens = np.array([len(t) for t in new_tokens], np.int32)
         if np.any(self.lens + q_lens > self.pages_per_seq * self.page_size):
             raise ValueError("sequence longer than the runner's max_len")
-        cu = np.zeros(self.num_seqs + 1, np.int32)
-        cu[1:] = np.cumsum(q_lens)
-        positions = np.concatenate(
-            [np.arange(n, n + q, dtype=np.int32) for n, q in zip(self.lens, q_lens, strict=True)]
-        )
-        seq_of = np.repeat(np.arange(self.num_seqs), q_lens)
-        slots = self.page_indices[seq_of, positions // self.page_size] * self.page_size + (
-            positions % self.page_size
-        )
+        chunks = [
+            Chunk(s, list(tokens), int(self.lens[s]), self.page_indices[s].tolist(), True)
+            for s, tokens in enumerate(new_tokens)
+        ]
+        inputs = pack_tokens(
+            chunks, int(q_lens.sum()), self.num_seqs, self.pages_per_seq, self.page_size
+        )  # the engine's own packer, unpadded
         self.lens += q_lens
         device = self.model.device
         metadata = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots.astype(np.int32)),
-            cu_q_lens=torch.from_numpy(cu),
-            kv_lens=torch.from_numpy(self.lens.copy()),
-            page_indices=torch.from_numpy(self.page_indices),
-            num_seqs=torch.tensor([self.num_seqs], dtype=torch.int32),
-        ).to(device)
-        ids = torch.tensor([t for tokens in new_tokens for t in tokens], dtype=torch.long)
-        _, hidden = self.model(
-            ids.to(device), torch.from_numpy(positions).to(device), self.kv_cache, metadata
-        )  # [T, D]
-        last = torch.from_numpy(np.maximum(cu[1:] - 1, 0)).to(device)
+            *(torch.from_numpy(a) for a in (inputs.slot_mapping, inputs.cu_q_lens,
+              inputs.kv_lens, inputs.page_indices, inputs.num_seqs))
+        ).to(device)  # fmt: skip
+        ids = torch.from_numpy(inputs.input_ids).long().to(device)
+        positions = torch.from_numpy(inputs.positions).long().to(device)
+        _, hidden = self.model(ids, positions, self.kv_cache, metadata)  # [T, D]
+        last = torch.from_numpy(inputs.logits_indices).long().to(device)
         logits = self.model.compute_logits(hidden[last]).cpu().numpy()  # [S, V]
         every = self.model.compute_logits(hidden).cpu().numpy() if all_logits else None
         return StepOutput(logits, every)

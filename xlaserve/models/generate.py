@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xlaserve.engine.input_batch import Chunk, StepInputs, pack_tokens
+from xlaserve.engine.runner_api import KVCacheSpec
 from xlaserve.models.attention import AttentionMetadata
 from xlaserve.models.transformer import Transformer
 
@@ -33,18 +35,23 @@ class PagedModelRunner:
         self.graphdef, self.state = nnx.split(model)
         self.num_seqs, self.page_size = num_seqs, page_size
         self.pages_per_seq = -(-max_len // page_size)
-        shape = model.kv_cache_shape(num_seqs * self.pages_per_seq, page_size)
-        self.kv_cache = jnp.zeros(shape, model.embed[...].dtype)  # [L, P, ps, 2K, H]
+        dtype = model.embed[...].dtype
+        spec = KVCacheSpec.for_model(model.config, page_size=page_size, dtype=dtype.name)
+        self.kv_cache = jnp.zeros(spec.shape(num_seqs * self.pages_per_seq), dtype)
         self.page_indices = np.arange(num_seqs * self.pages_per_seq, dtype=np.int32).reshape(
             num_seqs, self.pages_per_seq
         )
         self.lens = np.zeros(num_seqs, np.int32)
         self._step = jax.jit(self._forward, donate_argnums=(1,))
 
-    def _forward(self, state, kv_cache, input_ids, positions, metadata, logits_indices):
+    def _forward(self, state, kv_cache, inputs: StepInputs, rows):
         model = nnx.merge(self.graphdef, state)
-        kv_cache, hidden = model(input_ids, positions, kv_cache, metadata)
-        return kv_cache, model.compute_logits(hidden[logits_indices])
+        metadata = AttentionMetadata(
+            inputs.slot_mapping, inputs.cu_q_lens, inputs.kv_lens, inputs.page_indices,
+            inputs.num_seqs,
+        )  # fmt: skip
+        kv_cache, hidden = model(inputs.input_ids, inputs.positions, kv_cache, metadata)
+        return kv_cache, model.compute_logits(hidden[rows])
 
     def step(self, new_tokens: list[list[int]], all_logits: bool = False) -> StepOutput:
         """Appends new_tokens[s] to sequence s (all sequences, possibly empty lists)."""
@@ -54,34 +61,20 @@ class PagedModelRunner:
             raise ValueError("sequence longer than the runner's max_len")
         num_tokens = int(q_lens.sum())
         padded = round_up_pow2(num_tokens)
-        ids = np.zeros(padded, np.int32)
-        positions = np.zeros(padded, np.int32)
-        slots = np.full(padded, -1, np.int32)
-        cu = np.zeros(self.num_seqs + 1, np.int32)
-        cu[1:] = np.cumsum(q_lens)
-        for s, tokens in enumerate(new_tokens):
-            pos = np.arange(self.lens[s], self.lens[s] + len(tokens), dtype=np.int32)
-            rows = slice(cu[s], cu[s + 1])
-            ids[rows] = tokens
-            positions[rows] = pos
-            slots[rows] = self.page_indices[s, pos // self.page_size] * self.page_size + (
-                pos % self.page_size
-            )
+        chunks = [
+            Chunk(s, list(tokens), int(self.lens[s]), self.page_indices[s].tolist(), True)
+            for s, tokens in enumerate(new_tokens)
+        ]
+        inputs = pack_tokens(
+            chunks, padded, self.num_seqs, self.pages_per_seq, self.page_size
+        )  # the engine's own packer
         self.lens += q_lens
-        metadata = AttentionMetadata(
-            slot_mapping=jnp.asarray(slots),
-            cu_q_lens=jnp.asarray(cu),
-            kv_lens=jnp.asarray(self.lens),
-            page_indices=jnp.asarray(self.page_indices),
-            num_seqs=jnp.asarray([self.num_seqs], jnp.int32),
-        )
-        rows = np.arange(padded) if all_logits else np.maximum(cu[1:] - 1, 0)
-        self.kv_cache, logits = self._step(
-            self.state, self.kv_cache, jnp.asarray(ids), jnp.asarray(positions), metadata, rows
-        )
+        last = inputs.logits_indices
+        rows = np.arange(padded, dtype=np.int32) if all_logits else last
+        self.kv_cache, logits = self._step(self.state, self.kv_cache, inputs, rows)
         logits = np.asarray(logits)
         if all_logits:
-            return StepOutput(logits[np.maximum(cu[1:] - 1, 0)], logits[:num_tokens])
+            return StepOutput(logits[last], logits[:num_tokens])
         return StepOutput(logits, None)
 
 

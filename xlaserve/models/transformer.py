@@ -230,10 +230,6 @@ class Transformer(nnx.Module):
         )
         return logits[: hidden.shape[0]]
 
-    def kv_cache_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
-        c = self.config
-        return (c.num_layers, num_pages, page_size, 2 * c.num_kv_heads, c.head_dim)
-
 
 @partial(jax.jit, static_argnames=("config", "backend"))
 def decoder_layer(

@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 
 from xlaserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from xlaserve.engine.llm_engine import PromptType
+from xlaserve.engine.intake import PromptType
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.serving.errors import Kind, ServingError, classify
 from xlaserve.serving.metrics import ServingMetrics
@@ -139,28 +139,17 @@ class ServingContext:
 
     def model_info(self) -> dict:
         engine = self.engine.engine
-        replicas = getattr(engine, "replicas", [engine])  # a data-parallel engine has several
-        config = replicas[0].scheduler.config
-        meshes = [getattr(getattr(r, "runner", None), "mesh", None) for r in replicas]
-        if all(mesh is not None for mesh in meshes):
-            devices = [d for mesh in meshes for d in mesh.devices.flat]
-            mesh_shape = dict(meshes[0].shape)
-        else:
-            import jax
-
-            devices, mesh_shape = jax.devices()[:1], {}
-        if len(replicas) > 1:
-            mesh_shape["data"] = len(replicas)
+        device = engine.device_info()
         return {
             "model_name": self.model_name,
             "max_model_len": self.engine.max_model_len,
             "vocab_size": self.engine.vocab_size,
             "dtype": self.engine.dtype,
-            "mesh_shape": mesh_shape,
-            "platform": devices[0].platform if devices else "",
-            "num_devices": len(devices),
+            "mesh_shape": dict(device.mesh_shape),
+            "platform": device.platform,
+            "num_devices": device.num_devices,
             "eos_token_ids": list(self.engine.eos_token_ids),
-            "max_num_seqs": config.max_num_seqs,
-            "page_size": config.page_size,
+            "max_num_seqs": engine.max_num_seqs,
+            "page_size": engine.page_size,
             "num_kv_pages": self.engine.metrics()["kv_pages_total"],
         }

@@ -9,6 +9,7 @@ import grpc
 
 from xlaserve.engine.async_engine import EngineDeadError, EngineStoppedError
 from xlaserve.engine.scheduler import QueueFullError
+from xlaserve.errors import InvalidRequestError
 
 
 class Kind(enum.Enum):
@@ -51,15 +52,6 @@ class ServingError(Exception):
         }
 
 
-# Leading words of engine messages that name a request field (for OpenAI's "param").
-_PARAMS = {
-    "n", "temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "seed", "stop", "stop_token_ids", "include_stop_str_in_output",
-    "ignore_eos", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "logit_bias",
-    "skip_special_tokens", "detokenize", "prompt", "priority",
-}  # fmt: skip
-
-
 def classify(exc: BaseException) -> ServingError:
     """The `ServingError` a client sees for an exception raised while taking a request."""
     if isinstance(exc, ServingError):
@@ -68,10 +60,10 @@ def classify(exc: BaseException) -> ServingError:
         return ServingError(
             Kind.OVERLOADED, f"server overloaded, retry later: {exc}", code="overloaded"
         )
+    if isinstance(exc, InvalidRequestError):
+        return ServingError(Kind.INVALID, exc.message, param=exc.param)
     if isinstance(exc, ValueError | TypeError):
-        message = str(exc)
-        word = message.split(" ", 1)[0].rstrip(":,")
-        return ServingError(Kind.INVALID, message, param=word if word in _PARAMS else None)
+        return ServingError(Kind.INVALID, str(exc))
     if isinstance(exc, EngineStoppedError | EngineDeadError):
         return ServingError(Kind.UNAVAILABLE, str(exc), code="unavailable")
     return ServingError(Kind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")

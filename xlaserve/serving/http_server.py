@@ -166,17 +166,6 @@ class OpenAIRoutes:
         req = parse_body(await request.body(), ChatCompletionRequest)
         self.ctx.check_model(req.model)
         params = self._params(req)
-        tokenizer = self.ctx.engine.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ServingError(Kind.INVALID, f"model {self.ctx.model_name!r} has no chat template")
-        try:
-            text = tokenizer.apply_chat_template(
-                [m.as_template_dict() for m in req.messages],
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-        except Exception as e:  # noqa: BLE001 - e.g. a template that rejects the roles' order
-            raise ServingError(Kind.INVALID, f"messages: the chat template failed: {e}") from e
         fmt = ResponseFormatter(
             "chat",
             f"chatcmpl-{uuid.uuid4().hex}",
@@ -185,10 +174,10 @@ class OpenAIRoutes:
             top_logprobs=req.top_logprobs or 0,
             tokens_as_ids=req.return_tokens_as_token_ids,
         )
-        # The template holds any BOS already: no special tokens added on top (as LLM.chat).
-        streams = await self._submit_all(
-            [{"prompt": text}], params, fmt.id, req.priority, add_special_tokens=False
-        )
+        # The engine's intake applies the chat template (on the engine thread, like all
+        # tokenizing), as for LLM.chat.
+        messages = {"messages": [m.as_template_dict() for m in req.messages]}
+        streams = await self._submit_all([messages], params, fmt.id, req.priority)
         return await self._respond(request, req, fmt, streams, params)
 
     @staticmethod

@@ -186,7 +186,7 @@ class ServerThread:
 def run_server(engine_args, config: ServerConfig) -> int:
     """What `xlaserve serve` runs: loads the model, serves until a signal or an engine failure,
     returns the exit code."""
-    from xlaserve.engine.dp_engine import build_engine
+    from xlaserve.engine.builder import build_engine
 
     engine = AsyncEngine(build_engine(engine_args))
 
@@ -202,6 +202,4 @@ def run_server(engine_args, config: ServerConfig) -> int:
     try:
         return asyncio.run(serve(engine, config, on_ready=ready, handle_signals=True))
     finally:
-        shutdown = getattr(engine.engine, "shutdown", None)
-        if shutdown is not None:
-            shutdown()  # releases multi-host followers
+        engine.engine.shutdown()  # releases multi-host followers

@@ -6,7 +6,8 @@ the same jitted step on them, so all processes enter each collective together. F
 the same parameters, KV cache shards and penalty state; they never schedule or tokenize.
 
 Protocol, per device step: a header i32[2] = (command, size), then the command's inputs, whose
-shapes the follower derives from (command, size) with the runner's own packers.
+shapes the follower derives from (command, size) with the runner's own empty inputs. The
+follower's replay loop lives in the runner (`ModelRunner.follow`).
 """
 
 import logging
@@ -52,23 +53,24 @@ def broadcast(tree, is_source: bool):
 
 
 class BroadcastSteps:
-    """Leader-side wrapper of DeviceSteps: sends each step's inputs to the followers first."""
+    """Leader-side wrapper of the runner's DeviceSteps: sends each step's inputs to the
+    followers first, then runs it."""
 
     def __init__(self, steps):
         self.steps = steps
 
-    def __getattr__(self, name):
-        return getattr(self.steps, name)
+    @property
+    def params(self):
+        return self.steps.params
 
     def _send(self, command: int, size: int, payload) -> None:
         broadcast(np.array([command, size], np.int32), is_source=True)
         if payload is not None:
             broadcast(payload, is_source=True)
 
-    def forward(self, input_ids, positions, metadata, logits_indices) -> None:
-        payload = (input_ids, positions, metadata, logits_indices)
-        self._send(FORWARD, len(input_ids), payload)
-        self.steps.forward(*payload)
+    def forward(self, inputs) -> None:
+        self._send(FORWARD, len(inputs.input_ids), inputs)
+        self.steps.forward(inputs)
 
     def sample(self, batch):
         self._send(SAMPLE, len(batch.temperature), batch)
@@ -85,30 +87,3 @@ class BroadcastSteps:
 
     def stop_followers(self) -> None:
         self._send(STOP, 0, None)
-
-
-def follow(runner) -> None:
-    """A follower's loop: replays the leader's device steps until it sends STOP."""
-    steps = runner.steps
-    vocab = runner.vocab_size
-    while True:
-        command, size = broadcast(np.zeros(2, np.int32), is_source=False).tolist()
-        if command == STOP:
-            logger.info("leader sent stop")
-            return
-        if command == FORWARD:
-            steps.forward(*broadcast(runner._pack_tokens([], size), is_source=False))
-        elif command == SAMPLE:
-            steps.sample(broadcast(runner._sampling_batch([], size), is_source=False))
-        elif command == PROMPT_LOGPROBS:
-            steps.prompt_logprobs(broadcast(np.zeros(size, np.int32), is_source=False))
-        elif command == INIT_ROW:
-            template = (
-                np.int32(0),
-                np.zeros(vocab, np.bool_),
-                np.zeros(vocab, np.int32),
-                np.zeros(vocab, np.float32),
-            )
-            steps.init_penalty_row(*broadcast(template, is_source=False))
-        else:
-            raise RuntimeError(f"unknown command {command} from the leader")

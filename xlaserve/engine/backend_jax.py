@@ -1,0 +1,73 @@
+"""The JAX backend for the engine builder: the Flax model in its final layout, the KV cache
+spec and the `ModelRunner`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from xlaserve.checkpoints.loader import LoadedModel, load_model
+from xlaserve.config import EngineArgs, enable_compilation_cache
+from xlaserve.engine.runner import ModelRunner
+from xlaserve.engine.runner_api import KVCacheSpec, RunnerConfig
+from xlaserve.sharding.mesh import MODEL, make_mesh
+
+
+@dataclass(frozen=True)
+class JaxModel:
+    """What the builder needs of a loaded model (see `xlaserve.engine.builder`)."""
+
+    loaded: LoadedModel
+    kv_cache_spec: KVCacheSpec
+    memory_device: jax.Device  # where free memory is read to size the KV cache
+    mesh: Mesh | None
+
+    @property
+    def config(self):
+        return self.loaded.config
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def dtype_name(self) -> str:
+        return jnp.dtype(self.loaded.dtype).name
+
+
+class JaxBackend:
+    name = "jax"
+
+    def load(self, args: EngineArgs, mesh: Mesh | None) -> JaxModel:
+        enable_compilation_cache(args.compilation_cache_dir)
+        if mesh is None and (args.tensor_parallel_size > 1 or jax.process_count() > 1):
+            mesh = make_mesh(args.tensor_parallel_size)
+        on_cpu = jax.default_backend() == "cpu"
+        loaded = load_model(
+            args.model,
+            load_format=args.load_format,
+            dtype=args.dtype,
+            seed=args.seed,
+            mesh=mesh,
+            attention_backend=args.attention_backend,
+            # XLA's CPU backend copies each layer's weights out of stacked arrays on every
+            # step; per-layer buffers are read in place (see Transformer.unstack_layers).
+            layer_layout="per_layer" if mesh is None and on_cpu else "stacked",
+        )
+        # XLA's CPU backend has no 16-bit float scatter: it would convert the whole cache to
+        # float32 and back around every cache write, so the CPU keeps the cache in float32.
+        kv_dtype = "float32" if on_cpu else jnp.dtype(loaded.dtype).name
+        spec = KVCacheSpec.for_model(
+            loaded.config,
+            page_size=args.page_size,
+            dtype=kv_dtype,
+            kv_head_shards=1 if mesh is None else mesh.shape[MODEL],
+        )
+        devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+        return JaxModel(loaded, spec, devices[0], mesh)
+
+    def make_runner(self, model: JaxModel, config: RunnerConfig) -> ModelRunner:
+        return ModelRunner(model.loaded.model, config, model.kv_cache_spec, mesh=model.mesh)

@@ -1,0 +1,112 @@
+"""The one place an engine is assembled: load (weights in their final layout) -> KV cache spec
+-> pages from the memory budget -> scheduler and runner configs -> runner -> engine.
+
+Backends come from a small registry of module paths, imported on demand, so the engine never
+imports a backend and no backend imports the engine. A backend provides
+`load(args, mesh) -> model` (with `config`, `tokenizer`, `dtype_name`, `kv_cache_spec`,
+`memory_device`) and `make_runner(model, runner_config) -> Runner`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from xlaserve.config import BACKENDS, EngineArgs, kv_cache_pages
+from xlaserve.engine.dp_engine import DataParallelEngine
+from xlaserve.engine.llm_engine import LLMEngine
+from xlaserve.engine.runner_api import Runner, RunnerConfig
+from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+BACKEND_REGISTRY = {
+    "jax": "xlaserve.engine.backend_jax:JaxBackend",
+    "torch": "xlaserve.kernels_cuda.backend:TorchBackend",
+}
+assert set(BACKEND_REGISTRY) == set(BACKENDS)
+
+
+def load_backend(name: str):
+    if name not in BACKEND_REGISTRY:
+        raise ValueError(f"backend must be one of {tuple(BACKEND_REGISTRY)}, got {name!r}")
+    module, _, cls = BACKEND_REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def build_engine(args: EngineArgs) -> LLMEngine | DataParallelEngine:
+    """The engine for these options: one replica, or a data-parallel set of them."""
+    if args.data_parallel_size == 1:
+        return build_replica(args)
+    if args.backend != "jax":
+        raise ValueError(f"backend {args.backend!r} runs on one device: data_parallel_size "
+                         f"must be 1, got {args.data_parallel_size}")  # fmt: skip
+    from xlaserve.sharding.mesh import make_mesh, replica_meshes
+
+    mesh = make_mesh(args.tensor_parallel_size, args.data_parallel_size)
+    return DataParallelEngine([build_replica(args, m) for m in replica_meshes(mesh)])
+
+
+def build_replica(args: EngineArgs, mesh=None) -> LLMEngine:
+    """One engine on `mesh` (default: the first tensor_parallel_size devices when
+    tensor_parallel_size > 1, else the default device). Warms the runner up."""
+    model, scheduler_config, runner = build_runner(args, mesh)
+    return LLMEngine(
+        Scheduler(scheduler_config),
+        runner,
+        tokenizer=model.tokenizer,
+        vocab_size=model.config.vocab_size,
+        eos_token_ids=model.config.eos_token_ids,
+        model_name=args.model,
+        dtype=model.dtype_name,
+    )
+
+
+def build_runner(args: EngineArgs, mesh=None) -> tuple[object, SchedulerConfig, Runner]:
+    """(loaded model, scheduler config, runner, not yet warmed up) for these options. Every
+    process of a multi-host mesh builds the same."""
+    backend = load_backend(args.backend)
+    model = backend.load(args, mesh)
+    max_model_len = args.resolve_max_model_len(model.config.max_position_embeddings)
+    num_pages = kv_cache_pages(
+        args,
+        page_bytes=model.kv_cache_spec.page_bytes,
+        max_model_len=max_model_len,
+        device=model.memory_device,
+    )
+    runner = backend.make_runner(model, runner_config_for(args, max_model_len, num_pages))
+    return model, scheduler_config_for(args, max_model_len, num_pages), runner
+
+
+def run_follower(args: EngineArgs) -> None:
+    """A non-leader process of a multi-host mesh: same model and steps, no scheduling (the
+    leader's warm-up reaches it as broadcast steps too)."""
+    _, _, runner = build_runner(args)
+    runner.follow()
+
+
+def scheduler_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -> SchedulerConfig:
+    return SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.resolve_max_num_batched_tokens(),
+        max_model_len=max_model_len,
+        page_size=args.page_size,
+        num_pages=num_pages,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        policy=args.scheduling_policy,
+        max_waiting_requests=args.max_waiting_requests,
+    )
+
+
+def runner_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -> RunnerConfig:
+    return RunnerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.resolve_max_num_batched_tokens(),
+        max_model_len=max_model_len,
+        page_size=args.page_size,
+        num_pages=num_pages,
+        seed=args.seed,
+        min_token_bucket=args.min_token_bucket,
+        token_bucket_sizes=tuple(args.token_buckets) if args.token_buckets else None,
+    )

@@ -1,0 +1,369 @@
+"""The one host-side packer: scheduler outputs -> the numpy arrays of one step.
+
+`InputBatch` persists across steps (like vLLM's `InputBatch` and tpu-inference's persistent
+batch manager): it applies each `SchedulerOutput` diff to its per-sequence state (tokens, page
+table, sampling options, penalty row) and packs the step: token arrays padded to a token bucket
+T, per-sequence metadata padded to the sequence cap R, sampling rows padded to a sequence bucket
+S. Every backend consumes exactly these arrays (the JAX runner, the torch runner, multi-host
+followers, the bucket sweep); a backend that needs its own tensors only wraps them.
+
+numpy only: no device library is imported here.
+Axis letters (docs/glossary.md): T tokens, R sequence cap, S sequence bucket, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from xlaserve.engine.sampling_params import SamplingParams
+from xlaserve.engine.scheduler_output import SchedulerOutput
+
+GREEDY_EPS = 1e-5  # temperatures below this are greedy (the samplers use the same bound)
+
+
+class StepInputs(NamedTuple):
+    """One step's forward inputs. A NamedTuple, so it is a pytree as is."""
+
+    input_ids: np.ndarray  # i32[T]
+    positions: np.ndarray  # i32[T]
+    slot_mapping: np.ndarray  # i32[T] page * page_size + offset, -1 for padding
+    cu_q_lens: np.ndarray  # i32[R + 1] cumulative new tokens per sequence
+    kv_lens: np.ndarray  # i32[R] tokens in the cache per sequence after the step
+    page_indices: np.ndarray  # i32[R, pages_per_seq] page tables
+    num_seqs: np.ndarray  # i32[1] real sequences
+    logits_indices: np.ndarray  # i32[R] each sequence's last new token (padding: the last real one)
+
+
+class SamplingRows(NamedTuple):
+    """Per-row sampling options, all [S]; padding rows are greedy with no penalties."""
+
+    temperature: np.ndarray  # f32, 0 = greedy
+    top_k: np.ndarray  # i32, V = off
+    top_p: np.ndarray  # f32, 1 = off
+    min_p: np.ndarray  # f32, 0 = off
+    presence_penalty: np.ndarray  # f32
+    frequency_penalty: np.ndarray  # f32
+    repetition_penalty: np.ndarray  # f32, 1 = off
+    penalty_row: np.ndarray  # i32 penalty-state row, R = none
+    seed: np.ndarray  # u32 request seed (or the engine seed for unseeded rows)
+    stream: np.ndarray  # i32 sample index (seeded) or sequence id (unseeded)
+    step: np.ndarray  # i32 output tokens so far
+    # Scalars: which optional stages any row needs.
+    use_penalties: np.ndarray  # bool[]
+    use_filters: np.ndarray  # bool[] top-k / top-p / min-p
+    use_random: np.ndarray  # bool[]
+    use_logprobs: np.ndarray  # bool[]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One sequence's share of a step, in batch order."""
+
+    seq_id: int
+    token_ids: list[int]  # tokens fed, at positions start_pos ...
+    start_pos: int
+    page_ids: list[int]  # the page table (the live list: read, never mutate)
+    sample: bool  # the chunk ends at the last known token: sample the next one
+
+
+@dataclass(frozen=True)
+class PenaltyInit:
+    """A penalty-state row to write before sampling (a sequence starts or resumes)."""
+
+    row: int
+    prompt_mask: np.ndarray  # bool[V]
+    output_counts: np.ndarray  # i32[V]
+    logit_bias: np.ndarray  # f32[V]
+
+
+@dataclass(frozen=True)
+class PromptLogprobSpan:
+    seq_id: int
+    first_position: int  # prompt position of the first scored token (>= 1)
+    rows: np.ndarray  # rows of the step's token batch that score it, in order
+    num_logprobs: int
+
+
+@dataclass(frozen=True)
+class PreparedStep:
+    chunks: list[Chunk]
+    inputs: StepInputs
+    sampling: SamplingRows | None  # None: nothing to sample this step
+    sampling_seq_ids: dict[int, int]  # row -> seq_id of every row that samples
+    penalty_inits: list[PenaltyInit]
+    prompt_logprob_targets: np.ndarray | None  # i32[T], the token each row scores
+    prompt_logprob_spans: list[PromptLogprobSpan]
+    want_logprobs: dict[int, int]  # row -> top logprobs asked for, for rows that want them
+
+
+@dataclass
+class _SeqState:
+    seq_id: int
+    sample_index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    page_ids: list[int]
+    num_computed_tokens: int
+    penalty_row: int | None = None
+
+
+def needs_penalty_state(params: SamplingParams) -> bool:
+    return bool(
+        params.presence_penalty
+        or params.frequency_penalty
+        or params.repetition_penalty != 1.0
+        or params.logit_bias
+    )
+
+
+def penalty_row_values(
+    prompt_ids: Sequence[int],
+    output_ids: Sequence[int],
+    logit_bias: dict[int, float] | None,
+    vocab: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Host-side contents of a penalty row: prompt mask, output counts, logit bias [V]."""
+    mask = np.zeros(vocab, np.bool_)
+    mask[np.asarray(prompt_ids, np.int64)] = True
+    counts = np.bincount(np.asarray(output_ids, np.int64), minlength=vocab).astype(np.int32)
+    bias = np.zeros(vocab, np.float32)
+    for token, value in (logit_bias or {}).items():
+        bias[int(token)] = value
+    return mask, counts[:vocab], bias
+
+
+def bucket_for(n: int, buckets: Sequence[int] | None) -> int:
+    """The smallest bucket >= n (n itself when there are no buckets)."""
+    if buckets is None:
+        return n
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def pack_tokens(
+    chunks: Iterable[Chunk], num_tokens: int, num_rows: int, pages_per_seq: int, page_size: int
+) -> StepInputs:
+    """The step's forward inputs for `chunks`, padded to `num_tokens` and `num_rows` rows."""
+    ids = np.zeros(num_tokens, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slots = np.full(num_tokens, -1, np.int32)
+    cu_q_lens = np.zeros(num_rows + 1, np.int32)
+    kv_lens = np.zeros(num_rows, np.int32)
+    page_indices = np.zeros((num_rows, pages_per_seq), np.int32)
+    offset = i = 0
+    for i, c in enumerate(chunks, 1):
+        n = len(c.token_ids)
+        pos = np.arange(c.start_pos, c.start_pos + n, dtype=np.int32)
+        pages = np.asarray(c.page_ids, np.int32)
+        ids[offset : offset + n] = c.token_ids
+        positions[offset : offset + n] = pos
+        slots[offset : offset + n] = pages[pos // page_size] * page_size + pos % page_size
+        page_indices[i - 1, : len(pages)] = pages
+        kv_lens[i - 1] = c.start_pos + n
+        offset += n
+        cu_q_lens[i] = offset
+    cu_q_lens[i + 1 :] = offset
+    return StepInputs(
+        input_ids=ids,
+        positions=positions,
+        slot_mapping=slots,
+        cu_q_lens=cu_q_lens,
+        kv_lens=kv_lens,
+        page_indices=page_indices,
+        num_seqs=np.asarray([i], np.int32),
+        logits_indices=np.maximum(cu_q_lens[1:] - 1, 0),
+    )
+
+
+def default_sampling_rows(num_rows: int, *, vocab_size: int, none_row: int, seed: int) -> dict:
+    """Field -> array of `num_rows` padding rows (greedy, no penalties), as `SamplingRows`."""
+    return dict(
+        temperature=np.zeros(num_rows, np.float32),
+        top_k=np.full(num_rows, vocab_size, np.int32),
+        top_p=np.ones(num_rows, np.float32),
+        min_p=np.zeros(num_rows, np.float32),
+        presence_penalty=np.zeros(num_rows, np.float32),
+        frequency_penalty=np.zeros(num_rows, np.float32),
+        repetition_penalty=np.ones(num_rows, np.float32),
+        penalty_row=np.full(num_rows, none_row, np.int32),
+        seed=np.full(num_rows, np.uint32(seed % 2**32), np.uint32),
+        stream=np.zeros(num_rows, np.int32),
+        step=np.zeros(num_rows, np.int32),
+        use_penalties=np.bool_(False),
+        use_filters=np.bool_(False),
+        use_random=np.bool_(False),
+        use_logprobs=np.bool_(False),
+    )
+
+
+class InputBatch:
+    """Per-sequence host state of the runner's batch, updated by scheduler-output diffs.
+
+    token_buckets / seq_buckets: the padded sizes T and S (None: exactly what is scheduled, for
+    eager backends). The penalty-state rows [0, max_num_seqs) are handed out here; row
+    `max_num_seqs` means "no penalties".
+    """
+
+    def __init__(
+        self,
+        *,
+        max_num_seqs: int,
+        pages_per_seq: int,
+        page_size: int,
+        vocab_size: int,
+        seed: int = 0,
+        token_buckets: Sequence[int] | None = None,
+        seq_buckets: Sequence[int] | None = None,
+    ) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.pages_per_seq = pages_per_seq
+        self.page_size = page_size
+        self.vocab_size = vocab_size
+        self.seed = seed % 2**32
+        self.token_buckets = tuple(token_buckets) if token_buckets else None
+        self.seq_buckets = tuple(seq_buckets) if seq_buckets else None
+        self._seqs: dict[int, _SeqState] = {}
+        self._free_penalty_rows = list(range(max_num_seqs))
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._seqs
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def token_ids(self, seq_id: int) -> list[int]:
+        """Prompt + outputs known for the sequence (the live list: read, never mutate)."""
+        return self._seqs[seq_id].token_ids
+
+    def output_token_ids(self, seq_id: int) -> list[int]:
+        s = self._seqs[seq_id]
+        return s.token_ids[s.num_prompt_tokens :]
+
+    def params(self, seq_id: int) -> SamplingParams:
+        return self._seqs[seq_id].params
+
+    # ---- applying the diff ----------------------------------------------------------------
+    def update(self, out: SchedulerOutput) -> list[Chunk]:
+        """Applies the diff; returns the scheduled chunks in batch order."""
+        for seq_id in out.finished_seq_ids:
+            state = self._seqs.pop(seq_id, None)
+            if state is not None and state.penalty_row is not None:
+                self._free_penalty_rows.append(state.penalty_row)
+        for new in out.new_seqs:
+            if new.seq_id in self._seqs:
+                raise ValueError(f"sequence {new.seq_id} is already in the batch")
+            self._seqs[new.seq_id] = _SeqState(
+                seq_id=new.seq_id,
+                sample_index=new.sample_index,
+                token_ids=list(new.token_ids),
+                num_prompt_tokens=new.num_prompt_tokens,
+                params=new.params,
+                page_ids=list(new.page_ids),
+                num_computed_tokens=new.num_computed_tokens,
+            )
+        for cached in out.cached_seqs:
+            state = self._seqs.get(cached.seq_id)
+            if state is None:
+                raise ValueError(f"sequence {cached.seq_id} is not in the batch")
+            state.token_ids.extend(cached.new_token_ids)
+            state.page_ids.extend(cached.new_page_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+        chunks = []
+        for seq_id, n in out.num_scheduled_tokens.items():
+            state = self._seqs[seq_id]
+            start = state.num_computed_tokens
+            end = start + n
+            if n < 1 or end > len(state.token_ids):
+                raise ValueError(
+                    f"sequence {seq_id}: {n} tokens scheduled from {start}, "
+                    f"but {len(state.token_ids)} are known"
+                )
+            chunks.append(
+                Chunk(seq_id, state.token_ids[start:end], start, state.page_ids,
+                      end == len(state.token_ids))
+            )  # fmt: skip
+        return chunks
+
+    # ---- packing --------------------------------------------------------------------------
+    def prepare(self, out: SchedulerOutput) -> PreparedStep:
+        """Applies the diff and packs the step."""
+        chunks = self.update(out)
+        num_tokens = bucket_for(out.total_num_scheduled_tokens, self.token_buckets)
+        num_rows = self.max_num_seqs if self.token_buckets else len(chunks)
+        inputs = pack_tokens(chunks, num_tokens, num_rows, self.pages_per_seq, self.page_size)
+        targets, spans = self._prompt_logprob_targets(chunks, num_tokens)
+        sampling, rows, inits, want = None, {}, [], {}
+        if any(c.sample for c in chunks):
+            sampling, rows, inits, want = self._sampling_rows(chunks)
+        return PreparedStep(chunks, inputs, sampling, rows, inits, targets, spans, want)
+
+    def _sampling_rows(self, chunks: list[Chunk]):
+        R, V = self.max_num_seqs, self.vocab_size
+        num_rows = bucket_for(len(chunks), self.seq_buckets)
+        f = default_sampling_rows(num_rows, vocab_size=V, none_row=R, seed=self.seed)
+        rows: dict[int, int] = {}
+        inits: list[PenaltyInit] = []
+        want: dict[int, int] = {}
+        for i, c in enumerate(chunks):
+            if not c.sample:
+                continue
+            s = self._seqs[c.seq_id]
+            p = s.params
+            rows[i] = c.seq_id
+            f["temperature"][i] = p.temperature
+            f["top_k"][i] = p.top_k if p.top_k > 0 else V
+            f["top_p"][i], f["min_p"][i] = p.top_p, p.min_p
+            f["presence_penalty"][i] = p.presence_penalty
+            f["frequency_penalty"][i] = p.frequency_penalty
+            f["repetition_penalty"][i] = p.repetition_penalty
+            if needs_penalty_state(p):
+                if s.penalty_row is None:
+                    s.penalty_row = self._free_penalty_rows.pop()
+                    values = penalty_row_values(
+                        s.token_ids[: s.num_prompt_tokens],
+                        s.token_ids[s.num_prompt_tokens :],
+                        p.logit_bias,
+                        V,
+                    )
+                    inits.append(PenaltyInit(s.penalty_row, *values))
+                f["penalty_row"][i] = s.penalty_row
+            if p.seed is not None:
+                f["seed"][i], f["stream"][i] = p.seed % 2**32, s.sample_index
+            else:
+                f["stream"][i] = s.seq_id
+            f["step"][i] = len(s.token_ids) - s.num_prompt_tokens
+            if p.logprobs is not None:
+                want[i] = p.logprobs
+        t = f["temperature"]
+        random_rows = t >= GREEDY_EPS
+        f["use_penalties"] = np.bool_((f["penalty_row"] < R).any())
+        f["use_filters"] = np.bool_(
+            (random_rows & ((f["top_k"] < V) | (f["top_p"] < 1.0) | (f["min_p"] > 0.0))).any()
+        )
+        f["use_random"] = np.bool_(random_rows.any())
+        f["use_logprobs"] = np.bool_(bool(want))
+        return SamplingRows(**f), rows, inits, want
+
+    def _prompt_logprob_targets(self, chunks: list[Chunk], num_tokens: int):
+        """Row at prompt position p scores the prompt token at p + 1."""
+        targets, spans, offset = None, [], 0
+        for c in chunks:
+            n = len(c.token_ids)
+            s = self._seqs[c.seq_id]
+            k = s.params.prompt_logprobs
+            last = min(c.start_pos + n, s.num_prompt_tokens - 1)
+            if k is not None and last > c.start_pos:
+                if targets is None:
+                    targets = np.zeros(num_tokens, np.int32)
+                rows = np.arange(offset, offset + last - c.start_pos)
+                targets[rows] = s.token_ids[c.start_pos + 1 : last + 1]
+                spans.append(PromptLogprobSpan(c.seq_id, c.start_pos + 1, rows, k))
+            offset += n
+        return targets, spans

@@ -1,0 +1,78 @@
+"""The torch backend for the engine builder (`EngineArgs(backend="torch")`): the torch model,
+its KV cache spec and `TorchModelRunner`, on one device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xlaserve.config import EngineArgs
+from xlaserve.engine.runner_api import KVCacheSpec, RunnerConfig
+from xlaserve.kernels_cuda.loader import TorchLoadedModel, load_torch_model
+from xlaserve.kernels_cuda.runner import TorchModelRunner
+
+
+@dataclass(frozen=True)
+class TorchDeviceMemory:
+    """What `config.kv_cache_pages` asks of a device (platform, memory_stats), for torch."""
+
+    device: torch.device
+
+    @property
+    def platform(self) -> str:
+        return "cpu" if self.device.type == "cpu" else "gpu"
+
+    def memory_stats(self) -> dict[str, int]:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return {"bytes_limit": total, "bytes_in_use": total - free}
+
+
+@dataclass(frozen=True)
+class TorchModel:
+    loaded: TorchLoadedModel
+    kv_cache_spec: KVCacheSpec
+    memory_device: TorchDeviceMemory
+
+    @property
+    def config(self):
+        return self.loaded.config
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.loaded.dtype).removeprefix("torch.")
+
+
+class TorchBackend:
+    name = "torch"
+
+    def load(self, args: EngineArgs, mesh=None) -> TorchModel:
+        if mesh is not None or args.tensor_parallel_size != 1 or args.data_parallel_size != 1:
+            raise ValueError(
+                "backend 'torch' runs on one device (no mesh): tensor_parallel_size and "
+                f"data_parallel_size must be 1, got {args.tensor_parallel_size} and "
+                f"{args.data_parallel_size}"
+            )
+        if args.attention_backend != "auto":
+            raise ValueError(
+                "attention_backend selects the JAX kernels; backend 'torch' picks its own "
+                f"(Triton on CUDA, the torch reference on the CPU), got {args.attention_backend!r}"
+            )
+        loaded = load_torch_model(
+            args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed
+        )
+        spec = KVCacheSpec.for_model(
+            loaded.config, page_size=args.page_size, dtype=self.dtype_name(loaded.dtype)
+        )
+        return TorchModel(loaded, spec, TorchDeviceMemory(loaded.device))
+
+    @staticmethod
+    def dtype_name(dtype: torch.dtype) -> str:
+        return str(dtype).removeprefix("torch.")
+
+    def make_runner(self, model: TorchModel, config: RunnerConfig) -> TorchModelRunner:
+        return TorchModelRunner(model.loaded.model, config, model.kv_cache_spec)
