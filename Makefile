@@ -6,7 +6,7 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 DEMO_PROMPT ?= The three primary colors are
 DEMO_TOKENS ?= 48
 
-.PHONY: demo test install install-test lint
+.PHONY: demo test install install-test lint gpu-check tpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,11 @@ test: install-test
 lint: install-test
 	$(VENV)/bin/ruff check xlaserve tests benchmarks
 	$(VENV)/bin/ruff format --check xlaserve tests benchmarks
+
+# On a machine with an NVIDIA GPU (or a TPU VM): device-only tests, the kernel benchmark and a
+# short Llama-3-8B dummy latency/throughput run, within 10 minutes; results in benchmarks/results/.
+gpu-check: install-test
+	bash benchmarks/device_check.sh gpu
+
+tpu-check: install-test
+	bash benchmarks/device_check.sh tpu

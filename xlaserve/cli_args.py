@@ -19,10 +19,18 @@ def flag_name(field_name: str) -> str:
 
 
 def _kv_memory(value: str) -> int | float | None:
-    """Bytes (an int) or a fraction of free memory (a float in (0, 1])."""
+    """Bytes (an int: 1073741824 or 1e9) or a fraction of free memory (a float in (0, 1])."""
     if value in NONE_WORDS:
         return None
-    return float(value) if any(c in value for c in ".eE") else int(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected bytes or a fraction in (0, 1], got {value!r}"
+        ) from None
+    if number > 1 and number.is_integer():
+        return int(number)
+    return number if any(c in value for c in ".eE") else int(number)
 
 
 def _int_tuple(value: str) -> tuple[int, ...] | None:
@@ -75,8 +83,9 @@ def add_engine_args(
         if convert is not None:
             kwargs["type"] = convert
         help_text = field.metadata.get("help", "")
-        group.add_argument(flag_name(field.name), help=f"{help_text} (default: {default})",
-                           **kwargs)  # fmt: skip
+        if "default" not in help_text or field.name in defaults:
+            help_text = f"{help_text} (default: {default})"
+        group.add_argument(flag_name(field.name), help=help_text, **kwargs)
     parser.set_defaults(_engine_defaults=defaults)
 
 

@@ -114,7 +114,8 @@ class DataParallelEngine:
 
     @property
     def max_num_seqs(self) -> int:
-        return self.replicas[0].max_num_seqs
+        """Sequences in flight at most, over all replicas."""
+        return sum(e.max_num_seqs for e in self.replicas)
 
     @property
     def page_size(self) -> int:

@@ -177,7 +177,12 @@ class OpenAIRoutes:
         # The engine's intake applies the chat template (on the engine thread, like all
         # tokenizing), as for LLM.chat.
         messages = {"messages": [m.as_template_dict() for m in req.messages]}
-        streams = await self._submit_all([messages], params, fmt.id, req.priority)
+        try:
+            streams = await self._submit_all([messages], params, fmt.id, req.priority)
+        except ServingError as e:
+            if e.param == "max_tokens" and req.max_completion_tokens is not None:
+                e.param = "max_completion_tokens"  # the field this client sent
+            raise
         return await self._respond(request, req, fmt, streams, params)
 
     @staticmethod
