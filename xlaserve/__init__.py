@@ -2,7 +2,14 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "EngineArgs", "RequestOutput", "CompletionOutput", "SamplingParams"]
+__all__ = [
+    "LLM",
+    "EngineArgs",
+    "RequestOutput",
+    "CompletionOutput",
+    "SamplingParams",
+    "InvalidRequestError",
+]
 
 
 def __getattr__(name: str):
@@ -19,6 +26,10 @@ def __getattr__(name: str):
         from xlaserve.engine import outputs
 
         return getattr(outputs, name)
+    if name == "InvalidRequestError":
+        from xlaserve.errors import InvalidRequestError
+
+        return InvalidRequestError
     if name == "SamplingParams":
         from xlaserve.engine.sampling_params import SamplingParams
 
