@@ -3,45 +3,21 @@ spec and the `ModelRunner`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from xlaserve.checkpoints.loader import LoadedModel, load_model
+from xlaserve.checkpoints.loader import load_model
 from xlaserve.config import EngineArgs, enable_compilation_cache
 from xlaserve.engine.runner import ModelRunner
-from xlaserve.engine.runner_api import KVCacheSpec, RunnerConfig
+from xlaserve.engine.runner_api import KVCacheSpec, LoadedForRunner, RunnerConfig
 from xlaserve.sharding.mesh import MODEL, make_mesh
-
-
-@dataclass(frozen=True)
-class JaxModel:
-    """What the builder needs of a loaded model (see `xlaserve.engine.builder`)."""
-
-    loaded: LoadedModel
-    kv_cache_spec: KVCacheSpec
-    memory_device: jax.Device  # where free memory is read to size the KV cache
-    mesh: Mesh | None
-
-    @property
-    def config(self):
-        return self.loaded.config
-
-    @property
-    def tokenizer(self):
-        return self.loaded.tokenizer
-
-    @property
-    def dtype_name(self) -> str:
-        return jnp.dtype(self.loaded.dtype).name
 
 
 class JaxBackend:
     name = "jax"
 
-    def load(self, args: EngineArgs, mesh: Mesh | None) -> JaxModel:
+    def load(self, args: EngineArgs, mesh: Mesh | None) -> LoadedForRunner:
         enable_compilation_cache(args.compilation_cache_dir)
         if mesh is None and (args.tensor_parallel_size > 1 or jax.process_count() > 1):
             mesh = make_mesh(args.tensor_parallel_size)
@@ -67,7 +43,15 @@ class JaxBackend:
             kv_head_shards=1 if mesh is None else mesh.shape[MODEL],
         )
         devices = jax.devices() if mesh is None else list(mesh.devices.flat)
-        return JaxModel(loaded, spec, devices[0], mesh)
+        return LoadedForRunner(
+            model=loaded.model,
+            config=loaded.config,
+            tokenizer=loaded.tokenizer,
+            dtype_name=jnp.dtype(loaded.dtype).name,
+            kv_cache_spec=spec,
+            memory_device=devices[0],
+            mesh=mesh,
+        )
 
-    def make_runner(self, model: JaxModel, config: RunnerConfig) -> ModelRunner:
-        return ModelRunner(model.loaded.model, config, model.kv_cache_spec, mesh=model.mesh)
+    def make_runner(self, model: LoadedForRunner, config: RunnerConfig) -> ModelRunner:
+        return ModelRunner(model.model, config, model.kv_cache_spec, mesh=model.mesh)

@@ -3,8 +3,7 @@
 
 Backends come from a small registry of module paths, imported on demand, so the engine never
 imports a backend and no backend imports the engine. A backend provides
-`load(args, mesh) -> model` (with `config`, `tokenizer`, `dtype_name`, `kv_cache_spec`,
-`memory_device`) and `make_runner(model, runner_config) -> Runner`.
+`load(args, mesh) -> LoadedForRunner` and `make_runner(loaded, runner_config) -> Runner`.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import logging
 from xlaserve.config import BACKENDS, EngineArgs, kv_cache_pages
 from xlaserve.engine.dp_engine import DataParallelEngine
 from xlaserve.engine.llm_engine import LLMEngine
-from xlaserve.engine.runner_api import Runner, RunnerConfig
+from xlaserve.engine.runner_api import LoadedForRunner, Runner, RunnerConfig
 from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ def build_replica(args: EngineArgs, mesh=None) -> LLMEngine:
     )
 
 
-def build_runner(args: EngineArgs, mesh=None) -> tuple[object, SchedulerConfig, Runner]:
+def build_runner(args: EngineArgs, mesh=None) -> tuple[LoadedForRunner, SchedulerConfig, Runner]:
     """(loaded model, scheduler config, runner, not yet warmed up) for these options. Every
     process of a multi-host mesh builds the same."""
     backend = load_backend(args.backend)

@@ -7,10 +7,9 @@ each step advances every busy replica on its own thread (device work releases th
 
 import dataclasses
 import itertools
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-from xlaserve.engine.intake import PromptType, RequestIntake, check_request_id
+from xlaserve.engine.intake import PromptType, check_request_id
 from xlaserve.engine.llm_engine import LLMEngine
 from xlaserve.engine.outputs import RequestOutput
 from xlaserve.engine.runner_api import DeviceInfo
@@ -33,13 +32,11 @@ SUMMED_METRICS = (
 
 
 class DataParallelEngine:
-    """Replicas built by `xlaserve.engine.builder.build_engine`; requests pass the intake once,
-    here, and go to a replica already validated."""
+    """Replicas built by `xlaserve.engine.builder.build_engine`, behind one engine interface."""
 
     def __init__(self, replicas: list[LLMEngine]):
         self.replicas = replicas
         first = self.replicas[0]
-        self.intake: RequestIntake = first.intake
         self.tokenizer = first.tokenizer
         self.vocab_size = first.vocab_size
         self.max_model_len = first.max_model_len
@@ -57,25 +54,13 @@ class DataParallelEngine:
         request_id: str | None,
         prompt: PromptType,
         params: SamplingParams | None = None,
-        *,
-        arrival_time: float | None = None,
-        priority: int = 0,
-        add_special_tokens: bool = True,
-        check_length: bool = False,
+        **kwargs,
     ) -> str:
+        """`LLMEngine.add_request` on the least-loaded replica (its intake validates)."""
         request_id = f"dp-{next(self._request_ids)}" if request_id is None else request_id
         check_request_id(request_id, self._owner)
-        request = self.intake.process(
-            request_id,
-            prompt,
-            params,
-            arrival_time=time.time() if arrival_time is None else arrival_time,
-            priority=priority,
-            add_special_tokens=add_special_tokens,
-            check_length=check_length,
-        )
         engine = min(self.replicas, key=self._load)
-        engine.add_engine_request(request)
+        engine.add_request(request_id, prompt, params, **kwargs)
         self._owner[request_id] = engine
         return request_id
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from xlaserve.engine.detokenizer import IncrementalDetokenizer
-from xlaserve.engine.intake import EngineRequest, PromptType, RequestIntake, check_request_id
+from xlaserve.engine.intake import PromptType, RequestIntake, check_request_id
 from xlaserve.engine.outputs import (
     CompletionOutput,
     Logprob,
@@ -106,11 +106,6 @@ class LLMEngine:
             add_special_tokens=add_special_tokens,
             check_length=check_length,
         )
-        return self.add_engine_request(request)
-
-    def add_engine_request(self, request: EngineRequest) -> str:
-        """Queues a request the intake already validated (the data-parallel front's path)."""
-        check_request_id(request.request_id, self.requests)
         ids, params = request.prompt_token_ids, request.params
         detokenizers = [self._detokenizer(ids, params) for _ in range(params.n)]
         seqs = self.scheduler.add_request(

@@ -105,6 +105,20 @@ class KVCacheSpec:
 
 
 @dataclass(frozen=True)
+class LoadedForRunner:
+    """What a backend's `load` hands the engine builder: its model in the final layout and the
+    facts the builder needs to size the KV cache and build the engine."""
+
+    model: object  # the backend's model (a Flax Transformer, a TorchTransformer)
+    config: object  # its TransformerConfig
+    tokenizer: object | None
+    dtype_name: str  # the weights' dtype
+    kv_cache_spec: KVCacheSpec
+    memory_device: object  # `platform` and `memory_stats()`: where free memory is read
+    mesh: object | None = None
+
+
+@dataclass(frozen=True)
 class DeviceInfo:
     """Where a runner runs: platform, the devices it spans and its mesh's axis sizes."""
 

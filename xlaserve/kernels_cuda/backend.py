@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from xlaserve.config import EngineArgs
-from xlaserve.engine.runner_api import KVCacheSpec, RunnerConfig
-from xlaserve.kernels_cuda.loader import TorchLoadedModel, load_torch_model
+from xlaserve.engine.runner_api import KVCacheSpec, LoadedForRunner, RunnerConfig
+from xlaserve.kernels_cuda.loader import load_torch_model
 from xlaserve.kernels_cuda.runner import TorchModelRunner
 
 
@@ -28,29 +28,10 @@ class TorchDeviceMemory:
         return {"bytes_limit": total, "bytes_in_use": total - free}
 
 
-@dataclass(frozen=True)
-class TorchModel:
-    loaded: TorchLoadedModel
-    kv_cache_spec: KVCacheSpec
-    memory_device: TorchDeviceMemory
-
-    @property
-    def config(self):
-        return self.loaded.config
-
-    @property
-    def tokenizer(self):
-        return self.loaded.tokenizer
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.loaded.dtype).removeprefix("torch.")
-
-
 class TorchBackend:
     name = "torch"
 
-    def load(self, args: EngineArgs, mesh=None) -> TorchModel:
+    def load(self, args: EngineArgs, mesh=None) -> LoadedForRunner:
         if mesh is not None or args.tensor_parallel_size != 1 or args.data_parallel_size != 1:
             raise ValueError(
                 "backend 'torch' runs on one device (no mesh): tensor_parallel_size and "
@@ -65,14 +46,17 @@ class TorchBackend:
         loaded = load_torch_model(
             args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed
         )
-        spec = KVCacheSpec.for_model(
-            loaded.config, page_size=args.page_size, dtype=self.dtype_name(loaded.dtype)
+        dtype = str(loaded.dtype).removeprefix("torch.")
+        return LoadedForRunner(
+            model=loaded.model,
+            config=loaded.config,
+            tokenizer=loaded.tokenizer,
+            dtype_name=dtype,
+            kv_cache_spec=KVCacheSpec.for_model(
+                loaded.config, page_size=args.page_size, dtype=dtype
+            ),
+            memory_device=TorchDeviceMemory(loaded.device),
         )
-        return TorchModel(loaded, spec, TorchDeviceMemory(loaded.device))
 
-    @staticmethod
-    def dtype_name(dtype: torch.dtype) -> str:
-        return str(dtype).removeprefix("torch.")
-
-    def make_runner(self, model: TorchModel, config: RunnerConfig) -> TorchModelRunner:
-        return TorchModelRunner(model.loaded.model, config, model.kv_cache_spec)
+    def make_runner(self, model: LoadedForRunner, config: RunnerConfig) -> TorchModelRunner:
+        return TorchModelRunner(model.model, config, model.kv_cache_spec)
