@@ -19,6 +19,7 @@ DEFAULT_COMPILATION_CACHE = str(Path.home() / ".cache" / "xlaserve" / "jax")
 CPU_KV_SHARE = 0.3
 ACCELERATOR_KV_FRACTION = 0.9
 BACKENDS = ("jax", "torch")
+STRUCTURED_BACKENDS = ("auto", "guidance", "xgrammar")
 
 
 def _opt(default, help: str):
@@ -72,6 +73,14 @@ class EngineArgs:
         None, "explicit token buckets, e.g. 16,64,256 (the token budget is always added)"
     )
     backend: str = _opt("jax", "jax (the engine) or torch (the torch/Triton parity backend)")
+    structured_outputs_backend: str = _opt(
+        "auto",
+        "grammar backend for structured outputs: auto (= guidance), guidance "
+        "(llguidance) or xgrammar",
+    )
+    structured_outputs_timeout: float = _opt(
+        30.0, "seconds a grammar may take to compile before its request fails"
+    )
 
     def __post_init__(self):
         for name in (
@@ -111,6 +120,14 @@ class EngineArgs:
                 raise ValueError(f"kv_cache_memory must be positive, got {kv}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.structured_outputs_backend not in STRUCTURED_BACKENDS:
+            raise ValueError(
+                f"structured_outputs_backend must be one of {STRUCTURED_BACKENDS}, "
+                f"got {self.structured_outputs_backend!r}"
+            )
+        timeout = self.structured_outputs_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(f"structured_outputs_timeout must be > 0 seconds, got {timeout!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 

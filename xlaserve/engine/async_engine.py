@@ -29,6 +29,7 @@ from xlaserve.engine.intake import PromptType
 from xlaserve.engine.llm_engine import LLMEngine
 from xlaserve.engine.outputs import RequestOutput
 from xlaserve.engine.sampling_params import SamplingParams
+from xlaserve.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class RequestStream:
         if self._latest is not None:
             output, self._latest = self._latest, None
             self.finished = output.finished
+            if output.error is not None:  # failed after it was accepted (e.g. its grammar)
+                raise InvalidRequestError("structured_outputs", output.error)
             return output
         self.finished = True
         raise self._error

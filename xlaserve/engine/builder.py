@@ -8,7 +8,9 @@ imports a backend and no backend imports the engine. A backend provides
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import logging
 
 from xlaserve.config import BACKENDS, EngineArgs, kv_cache_pages
@@ -16,6 +18,7 @@ from xlaserve.engine.dp_engine import DataParallelEngine
 from xlaserve.engine.llm_engine import LLMEngine
 from xlaserve.engine.runner_api import LoadedForRunner, Runner, RunnerConfig
 from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
+from xlaserve.structured.manager import StructuredOutputManager, make_backend
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,23 @@ def build_replica(args: EngineArgs, mesh=None) -> LLMEngine:
         eos_token_ids=model.config.eos_token_ids,
         model_name=args.model,
         dtype=model.dtype_name,
+        structured=structured_outputs_for(args, model),
+    )
+
+
+def structured_outputs_for(args: EngineArgs, model: LoadedForRunner):
+    """The grammar manager (its backend is built on first use), or None without a tokenizer."""
+    name = args.structured_outputs_backend
+    if name == "xgrammar" and importlib.util.find_spec("xgrammar") is None:
+        raise ValueError("structured_outputs_backend 'xgrammar' needs `pip install xgrammar`")
+    if model.tokenizer is None:
+        return None
+    c = model.config
+    factory = functools.partial(
+        make_backend, name, model.tokenizer, vocab_size=c.vocab_size, eos_token_ids=c.eos_token_ids
+    )
+    return StructuredOutputManager(
+        factory, vocab_size=c.vocab_size, compile_timeout_s=args.structured_outputs_timeout
     )
 
 

@@ -57,6 +57,10 @@ class SamplingRows(NamedTuple):
     use_filters: np.ndarray  # bool[] top-k / top-p / min-p
     use_random: np.ndarray  # bool[]
     use_logprobs: np.ndarray  # bool[]
+    # Structured outputs: i32[S, ceil(V/32)] allowed tokens (all bits set = unconstrained) and
+    # whether any row is constrained. None only where a caller builds rows by hand.
+    token_bitmask: np.ndarray | None = None
+    use_bitmask: np.ndarray = np.bool_(False)
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,8 @@ def default_sampling_rows(num_rows: int, *, vocab_size: int, none_row: int, seed
         use_filters=np.bool_(False),
         use_random=np.bool_(False),
         use_logprobs=np.bool_(False),
+        token_bitmask=np.full((num_rows, (vocab_size + 31) // 32), -1, np.int32),
+        use_bitmask=np.bool_(False),
     )
 
 
@@ -301,10 +307,10 @@ class InputBatch:
         targets, spans = self._prompt_logprob_targets(chunks, num_tokens)
         sampling, rows, inits, want = None, {}, [], {}
         if any(c.sample for c in chunks):
-            sampling, rows, inits, want = self._sampling_rows(chunks)
+            sampling, rows, inits, want = self._sampling_rows(chunks, out.token_bitmasks)
         return PreparedStep(chunks, inputs, sampling, rows, inits, targets, spans, want)
 
-    def _sampling_rows(self, chunks: list[Chunk]):
+    def _sampling_rows(self, chunks: list[Chunk], bitmasks: dict[int, np.ndarray]):
         R, V = self.max_num_seqs, self.vocab_size
         num_rows = bucket_for(len(chunks), self.seq_buckets)
         f = default_sampling_rows(num_rows, vocab_size=V, none_row=R, seed=self.seed)
@@ -341,6 +347,10 @@ class InputBatch:
             f["step"][i] = len(s.token_ids) - s.num_prompt_tokens
             if p.logprobs is not None:
                 want[i] = p.logprobs
+            bitmask = bitmasks.get(c.seq_id)
+            if bitmask is not None:
+                f["token_bitmask"][i] = bitmask
+                f["use_bitmask"] = np.bool_(True)
         t = f["temperature"]
         random_rows = t >= GREEDY_EPS
         f["use_penalties"] = np.bool_((f["penalty_row"] < R).any())

@@ -7,17 +7,24 @@ serving maps to HTTP 400 / gRPC INVALID_ARGUMENT without reading the message.
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.errors import InvalidRequestError
+from xlaserve.structured.params import StructuredOutputsParams
+from xlaserve.tools.template import template_inputs
 
 # A prompt: text, token ids, {"prompt": text} / {"prompt_token_ids": ids} (or both keys), or
-# a conversation {"messages": [...], "add_generation_prompt": True} for the chat template.
+# a conversation {"messages": [...], "add_generation_prompt": True} for the chat template,
+# optionally with "tools" (OpenAI tool dicts) and "chat_template_kwargs" (extra template vars).
 PromptType = str | list[int] | dict
 PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids"})
-CHAT_KEYS = frozenset({"messages", "add_generation_prompt"})
+CHAT_KEYS = frozenset({"messages", "add_generation_prompt", "tools", "chat_template_kwargs"})
+# Template arguments that chat_template_kwargs may not set (the intake sets them).
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "messages", "tools", "add_generation_prompt", "tokenize", "return_dict"}
+)
 Conversation = list[dict]
 
 
@@ -68,10 +75,19 @@ class RequestIntake:
     """Tokenizes and validates requests for one model (not thread-safe: the tokenizer is not;
     an async engine runs it on its engine thread)."""
 
-    def __init__(self, tokenizer, *, vocab_size: int, max_model_len: int) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        vocab_size: int,
+        max_model_len: int,
+        check_structured: Callable[[StructuredOutputsParams], None] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        # Checks a structured-outputs constraint (the grammar backend's); None: not offered.
+        self.check_structured = check_structured
 
     # ---- prompts ---------------------------------------------------------------------------
     def parse_prompt(
@@ -86,6 +102,8 @@ class RequestIntake:
                 chat = self.chat_prompt(
                     prompt["messages"],
                     add_generation_prompt=prompt.get("add_generation_prompt", True),
+                    tools=prompt.get("tools"),
+                    chat_template_kwargs=prompt.get("chat_template_kwargs"),
                 )
                 return chat["prompt"], chat["prompt_token_ids"]
             unknown = set(prompt) - PROMPT_KEYS
@@ -134,9 +152,18 @@ class RequestIntake:
                 )
         return list(ids)
 
-    def chat_prompt(self, messages: Conversation, *, add_generation_prompt: bool = True) -> dict:
+    def chat_prompt(
+        self,
+        messages: Conversation,
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
+    ) -> dict:
         """{"prompt", "prompt_token_ids"} of a conversation through the model's chat template
-        (the template holds any BOS, so the tokenizer adds none)."""
+        (the template holds any BOS, so the tokenizer adds none). `tools` go to the template,
+        or, where it has no tools section, into a fallback system prompt
+        (`xlaserve.tools.template`)."""
         tok = self.tokenizer
         if tok is None or not tok.chat_template:
             raise InvalidRequestError("messages", "this model has no chat template")
@@ -144,9 +171,25 @@ class RequestIntake:
             raise InvalidRequestError("messages", "messages must be a non-empty list")
         if not all(isinstance(m, dict) for m in messages):
             raise InvalidRequestError("messages", "every message must be a dict")
+        if tools is not None and (
+            not isinstance(tools, list | tuple) or not all(isinstance(t, dict) for t in tools)
+        ):
+            raise InvalidRequestError("tools", "tools must be a list of tool dicts")
+        extra = {} if chat_template_kwargs is None else chat_template_kwargs
+        if not isinstance(extra, dict) or RESERVED_TEMPLATE_KWARGS & set(extra):
+            raise InvalidRequestError(
+                "chat_template_kwargs",
+                "chat_template_kwargs must be a dict without "
+                f"{sorted(RESERVED_TEMPLATE_KWARGS)}, got {chat_template_kwargs!r}"[:300],
+            )
+        messages, tool_kwargs = template_inputs(tok, list(messages), tools)
         try:
             text = tok.apply_chat_template(
-                list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+                **tool_kwargs,
+                **extra,
             )
         except Exception as e:  # noqa: BLE001 - a template error is the caller's input
             raise InvalidRequestError("messages", f"the chat template failed: {e}") from e
@@ -192,6 +235,13 @@ class RequestIntake:
                 f"and max_model_len is {limit}, leaving room for {room}",
             )
         params.validate_for_model(self.vocab_size)
+        if params.structured_outputs is not None:
+            if self.check_structured is None:
+                raise InvalidRequestError(
+                    "structured_outputs",
+                    "structured outputs need the model's tokenizer; this model has none",
+                )
+            self.check_structured(params.structured_outputs)
         if params.stop and (not params.detokenize or self.tokenizer is None):
             raise InvalidRequestError(
                 "stop", "stop strings need detokenization (detokenize=True, a tokenizer)"

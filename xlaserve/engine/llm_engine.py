@@ -2,6 +2,7 @@
 detokenizer. Assembled by `xlaserve.engine.builder.build_engine`, or from parts (any `Runner`,
 e.g. the tests' mock) with the constructor."""
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -20,8 +21,11 @@ from xlaserve.engine.request import RequestStatus, Sequence
 from xlaserve.engine.runner_api import DeviceInfo, Runner, SampledToken
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler import Scheduler
+from xlaserve.engine.scheduler_output import SchedulerOutput
+from xlaserve.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
+GRAMMAR_WAIT_S = 0.05  # how long an idle step waits for a compiling grammar
 
 FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
@@ -42,6 +46,7 @@ class RequestState:
     logprobs: list[list[PositionLogprobs]] = field(default_factory=list)
     cumulative_logprob: list[float] = field(default_factory=list)
     prompt_logprobs: dict[int, PositionLogprobs] = field(default_factory=dict)
+    error: str | None = None
 
 
 class LLMEngine:
@@ -57,6 +62,7 @@ class LLMEngine:
         eos_token_ids: tuple[int, ...],
         model_name: str = "",
         dtype: str = "",
+        structured: StructuredOutputManager | None = None,
     ):
         self.scheduler = scheduler
         self.runner = runner
@@ -66,8 +72,12 @@ class LLMEngine:
         self.max_model_len = scheduler.config.max_model_len
         self.model_name = model_name
         self.dtype = dtype
+        self.structured = structured
         self.intake = RequestIntake(
-            tokenizer, vocab_size=vocab_size, max_model_len=self.max_model_len
+            tokenizer,
+            vocab_size=vocab_size,
+            max_model_len=self.max_model_len,
+            check_structured=None if structured is None else structured.check,
         )
         self.runner.warmup()
         self.requests: dict[str, RequestState] = {}
@@ -79,6 +89,8 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Releases what the runner holds beyond this process (multi-host followers)."""
         self.runner.shutdown()
+        if self.structured is not None:
+            self.structured.shutdown()
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -115,7 +127,12 @@ class LLMEngine:
             arrival_time=request.arrival_time,
             priority=request.priority,
             eos_token_ids=self.eos_token_ids,
+            held=params.structured_outputs is not None,  # until its grammar is compiled
         )
+        if params.structured_outputs is not None:
+            self.structured.submit(
+                request.request_id, params.structured_outputs, [s.seq_id for s in seqs]
+            )
         state = RequestState(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -158,13 +175,18 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedules, runs and post-processes one batch; returns the requests that progressed."""
         start = time.perf_counter()
+        failed = self._poll_grammars() if self.structured is not None else []
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty and not scheduled.finished_seq_ids:
-            return []
+            if self.structured is not None and self.structured.has_pending():
+                self.structured.wait(GRAMMAR_WAIT_S)  # only held requests: wait, don't spin
+            return failed
+        if self.structured is not None:
+            scheduled = self._with_bitmasks(scheduled)
         result = self.runner.execute(scheduled)  # an empty step only drops finished sequences
         tokens = {seq_id: s.token for seq_id, s in result.sampled.items()}
         self.scheduler.update_from_output(scheduled, tokens)
-        outputs = self._postprocess(scheduled, result)
+        outputs = failed + self._postprocess(scheduled, result)
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - start
         return outputs
@@ -195,7 +217,48 @@ class LLMEngine:
                 outputs.append(self.make_output(state))
         return outputs
 
+    # ---- structured outputs ---------------------------------------------------------------
+    def _poll_grammars(self) -> list[RequestOutput]:
+        """Releases requests whose grammar compiled; fails those whose compile failed."""
+        ready, failed = self.structured.poll()
+        for request_id in ready:
+            self.scheduler.release(request_id)
+        outputs = []
+        for request_id, error in failed:
+            state = self.requests.get(request_id)
+            if state is None:
+                continue
+            logger.warning("request %s failed: %s", request_id, error)
+            self.scheduler.abort_request(request_id)
+            state.error = error
+            outputs.append(self._finish_request(state))
+        return outputs
+
+    def _with_bitmasks(self, out: SchedulerOutput) -> SchedulerOutput:
+        """The step plus the allowed-token rows of constrained sequences that sample in it."""
+        sampling = []
+        for seq_id, num_new in out.num_scheduled_tokens.items():
+            if self.structured.owns(seq_id):
+                state, index = self._owners[seq_id]
+                seq = state.seqs[index]
+                if seq.num_computed_tokens + num_new == seq.num_tokens:
+                    sampling.append(seq_id)
+        if not sampling:
+            return out
+        return dataclasses.replace(out, token_bitmasks=self.structured.bitmasks(sampling))
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> None:
+        """Moves the sequence's matcher past `token`; a complete constraint ends the sequence."""
+        if not self.structured.accept(seq.seq_id, token):
+            logger.warning("sequence %d: token %d breaks its constraint", seq.seq_id, token)
+        elif not self.structured.is_terminated(seq.seq_id):
+            return
+        if not seq.is_finished:
+            self.scheduler.finish_sequence(seq, RequestStatus.FINISHED_STOPPED)
+
     def _record_token(self, state: RequestState, index: int, seq: Sequence, s: SampledToken):
+        if self.structured is not None and self.structured.owns(seq.seq_id):
+            self._advance_grammar(seq, s.token)
         if s.logprob is not None:
             state.logprobs[index].append(
                 self._position_logprobs(s.token, s.logprob, s.top_logprobs)
@@ -225,8 +288,12 @@ class LLMEngine:
 
     def _finish_request(self, state: RequestState) -> RequestOutput:
         state.metrics.finished_time = time.time()
+        if self.structured is not None:
+            self.structured.cancel(state.request_id)
         for seq in state.seqs:
             self._owners.pop(seq.seq_id, None)
+            if self.structured is not None:
+                self.structured.free(seq.seq_id)
             if not seq.is_finished:
                 seq.finish(RequestStatus.FINISHED_ABORTED)
         self.requests.pop(state.request_id, None)
@@ -266,6 +333,7 @@ class LLMEngine:
             finished=all(s.is_finished for s in state.seqs),
             metrics=state.metrics,
             num_cached_tokens=state.seqs[0].num_cached_prompt_tokens,
+            error=state.error,
         )
 
     # ---- facts and metrics ------------------------------------------------------------------

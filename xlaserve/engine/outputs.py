@@ -47,3 +47,6 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     extra: dict = field(default_factory=dict)
+    # Why the request failed after it was accepted (e.g. its grammar did not compile); its
+    # outputs then end with finish_reason "abort".
+    error: str | None = None

@@ -56,6 +56,7 @@ class Sequence:
     num_computed_tokens: int = 0
     stop_reason: int | str | None = None
     num_cached_prompt_tokens: int = 0  # prefix-cache hits at the last admission
+    held: bool = False  # not schedulable yet (its grammar is compiling)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -97,6 +97,15 @@ def filtered_sample(scaled: jax.Array, noise: jax.Array, b: SamplingBatch) -> ja
     return jnp.take_along_axis(sorted_ids, pick[:, None], axis=-1)[:, 0]
 
 
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """-inf where a row's bitmask i32[S, ceil(V/32)] has the token's bit clear (bit t%32 of
+    word t//32); rows with every bit set are unchanged."""
+    num_rows, vocab_size = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [S, W, 32]
+    allowed = bits.reshape(num_rows, -1)[:, :vocab_size] != 0  # [S, V]
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def sample(
     logits: jax.Array, b: SamplingBatch, state: PenaltyState
 ) -> tuple[SamplerOutput, PenaltyState]:
@@ -105,6 +114,12 @@ def sample(
     processed = jax.lax.cond(
         b.use_penalties, lambda: apply_penalties(logits, b, state), lambda: logits
     )
+    if b.token_bitmask is not None:  # structured outputs: disallowed tokens can't be drawn
+        processed = jax.lax.cond(
+            b.use_bitmask,
+            lambda: apply_token_bitmask(processed, b.token_bitmask),
+            lambda: processed,
+        )
     greedy = first_argmax(processed)  # [S]
 
     def random_tokens():

@@ -13,6 +13,7 @@ import numbers
 from dataclasses import dataclass
 
 from xlaserve.errors import InvalidRequestError
+from xlaserve.structured.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0
@@ -83,6 +84,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    # A constraint the output must follow (JSON schema, regex, choice, grammar): see
+    # xlaserve/structured/params.py. A dict is read as StructuredOutputsParams(**dict).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self.n = _int("n", self.n)
@@ -131,6 +135,8 @@ class SamplingParams:
             setattr(self, name, value)
 
         self.logit_bias = self._normalize_logit_bias(self.logit_bias)
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
 
     @staticmethod
     def _normalize_stop(stop: object) -> list[str]:

@@ -112,8 +112,10 @@ class Scheduler:
         arrival_time: float,
         priority: int = 0,
         eos_token_ids: tuple[int, ...] = (),
+        held: bool = False,
     ) -> list[Sequence]:
-        """Queues a request as `params.n` WAITING sequences and returns them."""
+        """Queues a request as `params.n` WAITING sequences and returns them. `held` ones wait
+        without being scheduled until `release(request_id)`."""
         max_len = self.config.max_model_len
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a str, got {request_id!r}")
@@ -149,6 +151,7 @@ class Scheduler:
                 priority=priority,
                 eos_token_ids=eos,
                 max_model_len=max_len,
+                held=held,
             )
             for i in range(params.n)
         ]
@@ -156,6 +159,11 @@ class Scheduler:
         for seq in seqs:
             self._enqueue(seq, preempted=False)
         return seqs
+
+    def release(self, request_id: str) -> None:
+        """Lets a held request's sequences be scheduled."""
+        for seq in self._requests[request_id].seqs:
+            seq.held = False
 
     def abort_request(self, request_id: str) -> list[Sequence]:
         """Ends every unfinished sequence of the request (FINISHED_ABORTED), frees their pages
@@ -226,6 +234,8 @@ class Scheduler:
             for seq in list(self.waiting):
                 if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                     break
+                if seq.held:
+                    continue
                 if not self._requests[seq.request_id].prompt_ready and seq.sample_index > 0:
                     continue  # a sibling waits for sample 0's prompt pages
                 prefix = self._computed_prefix(seq)

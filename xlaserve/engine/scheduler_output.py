@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from xlaserve.engine.sampling_params import SamplingParams
 
 
@@ -48,6 +50,9 @@ class SchedulerOutput:
     # Sequences that left the batch since the previous step: their runner state can go.
     finished_seq_ids: frozenset[int] = frozenset()
     preempted_seq_ids: tuple[int, ...] = ()  # preempted in this step (also in finished_seq_ids)
+    # Structured outputs: seq_id -> int32[ceil(V/32)] allowed next tokens (bit t%32 of word
+    # t//32), for constrained sequences that sample this step.
+    token_bitmasks: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -171,6 +171,9 @@ class TorchModelRunner:
             # The JAX sampler's streams: (request seed, sample index) or (engine seed, seq id).
             streams=[(int(s.seed[r]), int(s.stream[r]), int(s.step[r])) for r in rows],
             want_logprobs=bool(step.want_logprobs),
+            token_bitmask=self._tensor(s.token_bitmask[rows], torch.int32)
+            if s.use_bitmask
+            else None,
         )
 
     def _prompt_logprobs(self, step: PreparedStep, hidden: torch.Tensor) -> dict[int, list]:

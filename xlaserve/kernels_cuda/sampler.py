@@ -44,6 +44,8 @@ class SamplingBatch:
     penalties: list[PenaltyRow | None]  # per row; None = no penalty state
     streams: list[tuple[int, int, int]]  # per row (seed, stream, step), as the JAX sampler
     want_logprobs: bool = False
+    # Structured outputs: i32[S, ceil(V/32)] allowed tokens (bit t%32 of word t//32), or None.
+    token_bitmask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,15 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     out = logits.clone()
     out[idx] = sub + bias
     return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf where a row's bitmask has the token's bit clear (as the JAX sampler)."""
+    num_rows, vocab_size = logits.shape
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask[:, :, None] >> shifts) & 1  # [S, W, 32]
+    allowed = bits.reshape(num_rows, -1)[:, :vocab_size] != 0
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def stream_seed(seed: int, stream: int, step: int) -> int:
@@ -118,6 +129,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
     """logits f32[S, V] -> sampled tokens [S] (and logprobs when b.want_logprobs)."""
     vocab_size = logits.shape[-1]
     processed = apply_penalties(logits, b)
+    if b.token_bitmask is not None:
+        processed = apply_token_bitmask(processed, b.token_bitmask)
     tokens = torch.argmax(processed, dim=-1)  # [S] greedy
     random_rows = (b.temperature >= GREEDY_EPS).nonzero()[:, 0].tolist()
     if random_rows:

@@ -1,0 +1,168 @@
+"""Structured outputs in the engine: grammars compiled off the engine thread (cached by backend
+and constraint), one matcher per constrained sequence, the token bitmask rows of each step.
+
+The engine holds a constrained request back from scheduling until its grammar is compiled
+(`poll`); the rest of the batch keeps stepping meanwhile. A grammar that fails to compile or
+takes longer than the timeout fails its request alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from xlaserve.structured.backend import CompiledGrammar, GrammarBackend, Matcher, bitmask_width
+from xlaserve.structured.params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    future: concurrent.futures.Future
+    submitted: float
+    seq_ids: list[int]
+
+
+@dataclass
+class GrammarStats:
+    compiles: int = 0  # grammars compiled (cache misses)
+    cache_hits: int = 0
+    compile_seconds: float = 0.0
+    failures: int = 0
+    bitmask_seconds: float = 0.0  # host time filling bitmask rows
+
+
+class StructuredOutputManager:
+    """Owned by one engine thread (compiles run on a worker thread of their own)."""
+
+    def __init__(
+        self,
+        backend_factory: Callable[[], GrammarBackend],
+        *,
+        vocab_size: int,
+        compile_timeout_s: float = 30.0,
+    ) -> None:
+        self._factory = backend_factory
+        self._backend: GrammarBackend | None = None
+        self.width = bitmask_width(vocab_size)
+        self.timeout_s = compile_timeout_s
+        self._cache: dict[tuple, concurrent.futures.Future] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xlaserve-grammar")
+        self._pending: dict[str, _Pending] = {}  # request_id -> compile in flight
+        self._matchers: dict[int, Matcher] = {}  # seq_id -> matcher
+        self.stats = GrammarStats()
+
+    @property
+    def backend(self) -> GrammarBackend:
+        if self._backend is None:  # built on first use: it wraps the tokenizer (~0.6 s)
+            self._backend = self._factory()
+        return self._backend
+
+    # ---- requests ----------------------------------------------------------------------------
+    def check(self, params: StructuredOutputsParams) -> None:
+        """Fast checks of a constraint (raises InvalidRequestError), on the caller's thread."""
+        self.backend.check(params)
+
+    def submit(self, request_id: str, params: StructuredOutputsParams, seq_ids: list[int]) -> None:
+        """Starts (or reuses) the compile of the request's grammar."""
+        key = (self.backend.name, params.cache_key())
+        future = self._cache.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            future = self._pool.submit(self._compile, params)
+            self._cache[key] = future
+        else:
+            self.stats.cache_hits += 1
+        self._pending[request_id] = _Pending(future, time.monotonic(), list(seq_ids))
+
+    def _compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
+        start = time.perf_counter()
+        grammar = self.backend.compile(params)
+        self.stats.compiles += 1
+        self.stats.compile_seconds += time.perf_counter() - start
+        return grammar
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def wait(self, timeout: float) -> None:
+        """Blocks until a pending compile finishes or `timeout` passes (nothing else to run)."""
+        futures = [p.future for p in self._pending.values()]
+        concurrent.futures.wait(futures, timeout, concurrent.futures.FIRST_COMPLETED)
+
+    def poll(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """(requests whose grammar is ready: their matchers exist now, [(request, error)])."""
+        ready, failed = [], []
+        now = time.monotonic()
+        for request_id, p in list(self._pending.items()):
+            if not p.future.done():
+                if now - p.submitted > self.timeout_s:
+                    del self._pending[request_id]
+                    self.stats.failures += 1
+                    failed.append((request_id, f"the grammar did not compile within "
+                                               f"{self.timeout_s:g} s"))  # fmt: skip
+                continue
+            del self._pending[request_id]
+            try:
+                grammar = p.future.result()
+                for seq_id in p.seq_ids:
+                    self._matchers[seq_id] = grammar.new_matcher()
+            except Exception as e:  # noqa: BLE001 - fails this request, never the engine
+                self.stats.failures += 1
+                for seq_id in p.seq_ids:
+                    self._matchers.pop(seq_id, None)
+                failed.append((request_id, f"the grammar failed to compile: {e}"))
+                continue
+            ready.append(request_id)
+        return ready, failed
+
+    def cancel(self, request_id: str) -> None:
+        self._pending.pop(request_id, None)
+
+    # ---- sequences ---------------------------------------------------------------------------
+    def owns(self, seq_id: int) -> bool:
+        return seq_id in self._matchers
+
+    def bitmasks(self, seq_ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """The allowed next tokens of each constrained sequence: int32[W] rows."""
+        start = time.perf_counter()
+        rows = {}
+        for seq_id in seq_ids:
+            matcher = self._matchers.get(seq_id)
+            if matcher is not None:
+                row = np.empty(self.width, np.int32)
+                matcher.fill_bitmask(row)
+                rows[seq_id] = row
+        self.stats.bitmask_seconds += time.perf_counter() - start
+        return rows
+
+    def accept(self, seq_id: int, token: int) -> bool:
+        """Advances the sequence's matcher; False if the token broke the constraint."""
+        return self._matchers[seq_id].accept(token)
+
+    def is_terminated(self, seq_id: int) -> bool:
+        return self._matchers[seq_id].is_terminated()
+
+    def free(self, seq_id: int) -> None:
+        self._matchers.pop(seq_id, None)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_backend(name: str, tokenizer, *, vocab_size: int, eos_token_ids: tuple[int, ...]):
+    """The grammar backend called `name` ("auto" = "guidance")."""
+    if name in ("auto", "guidance"):
+        from xlaserve.structured.guidance import GuidanceBackend
+
+        return GuidanceBackend(tokenizer, vocab_size=vocab_size, eos_token_ids=eos_token_ids)
+    if name == "xgrammar":
+        from xlaserve.structured.xgrammar_backend import XGrammarBackend
+
+        return XGrammarBackend(tokenizer, vocab_size=vocab_size, eos_token_ids=eos_token_ids)
+    raise ValueError(f"unknown structured outputs backend {name!r}")
