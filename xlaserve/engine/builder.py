@@ -18,7 +18,11 @@ from xlaserve.engine.dp_engine import DataParallelEngine
 from xlaserve.engine.llm_engine import LLMEngine
 from xlaserve.engine.runner_api import LoadedForRunner, Runner, RunnerConfig
 from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
-from xlaserve.structured.manager import StructuredOutputManager, make_backend
+from xlaserve.structured.manager import (
+    StructuredOutputManager,
+    make_backend,
+    resolve_backend_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +81,10 @@ def structured_outputs_for(args: EngineArgs, model: LoadedForRunner):
         make_backend, name, model.tokenizer, vocab_size=c.vocab_size, eos_token_ids=c.eos_token_ids
     )
     return StructuredOutputManager(
-        factory, vocab_size=c.vocab_size, compile_timeout_s=args.structured_outputs_timeout
+        factory,
+        vocab_size=c.vocab_size,
+        compile_timeout_s=args.structured_outputs_timeout,
+        backend_name=resolve_backend_name(name),
     )
 
 

@@ -103,6 +103,10 @@ class DataParallelEngine:
         return sum(e.max_num_seqs for e in self.replicas)
 
     @property
+    def structured_outputs_backend(self) -> str | None:
+        return self.replicas[0].structured_outputs_backend
+
+    @property
     def page_size(self) -> int:
         return self.replicas[0].page_size
 

@@ -13,7 +13,8 @@ Axis letters (docs/glossary.md): T tokens, R sequence cap, S sequence bucket, V 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -298,19 +299,29 @@ class InputBatch:
         return chunks
 
     # ---- packing --------------------------------------------------------------------------
-    def prepare(self, out: SchedulerOutput) -> PreparedStep:
-        """Applies the diff and packs the step."""
+    def prepare(self, out: SchedulerOutput, *, sampling: bool = True) -> PreparedStep:
+        """Applies the diff and packs the step. With `sampling=False` the sampling rows are
+        left for `with_sampling` (a runner packs them after dispatching the forward, so the
+        structured-output bitmasks can be filled meanwhile)."""
         chunks = self.update(out)
         num_tokens = bucket_for(out.total_num_scheduled_tokens, self.token_buckets)
         num_rows = self.max_num_seqs if self.token_buckets else len(chunks)
         inputs = pack_tokens(chunks, num_tokens, num_rows, self.pages_per_seq, self.page_size)
         targets, spans = self._prompt_logprob_targets(chunks, num_tokens)
-        sampling, rows, inits, want = None, {}, [], {}
-        if any(c.sample for c in chunks):
-            sampling, rows, inits, want = self._sampling_rows(chunks, out.token_bitmasks)
-        return PreparedStep(chunks, inputs, sampling, rows, inits, targets, spans, want)
+        step = PreparedStep(chunks, inputs, None, {}, [], targets, spans, {})
+        return self.with_sampling(step, out) if sampling else step
 
-    def _sampling_rows(self, chunks: list[Chunk], bitmasks: dict[int, np.ndarray]):
+    def with_sampling(self, step: PreparedStep, out: SchedulerOutput) -> PreparedStep:
+        """The step with its sampling rows (None when no chunk samples)."""
+        if not any(c.sample for c in step.chunks):
+            return step
+        sampling, rows, inits, want = self._sampling_rows(step.chunks, out.token_bitmasks)
+        return dataclasses.replace(
+            step, sampling=sampling, sampling_seq_ids=rows, penalty_inits=inits,
+            want_logprobs=want,
+        )  # fmt: skip
+
+    def _sampling_rows(self, chunks: list[Chunk], bitmasks: Mapping[int, np.ndarray]):
         R, V = self.max_num_seqs, self.vocab_size
         num_rows = bucket_for(len(chunks), self.seq_buckets)
         f = default_sampling_rows(num_rows, vocab_size=V, none_row=R, seed=self.seed)

@@ -22,7 +22,7 @@ from xlaserve.engine.runner_api import DeviceInfo, Runner, SampledToken
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler import Scheduler
 from xlaserve.engine.scheduler_output import SchedulerOutput
-from xlaserve.structured.manager import StructuredOutputManager
+from xlaserve.structured.manager import PendingBitmasks, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 GRAMMAR_WAIT_S = 0.05  # how long an idle step waits for a compiling grammar
@@ -184,6 +184,8 @@ class LLMEngine:
         if self.structured is not None:
             scheduled = self._with_bitmasks(scheduled)
         result = self.runner.execute(scheduled)  # an empty step only drops finished sequences
+        if isinstance(scheduled.token_bitmasks, PendingBitmasks):
+            scheduled.token_bitmasks.result()  # the mask thread is done with the matchers
         tokens = {seq_id: s.token for seq_id, s in result.sampled.items()}
         self.scheduler.update_from_output(scheduled, tokens)
         outputs = failed + self._postprocess(scheduled, result)
@@ -245,7 +247,8 @@ class LLMEngine:
                     sampling.append(seq_id)
         if not sampling:
             return out
-        return dataclasses.replace(out, token_bitmasks=self.structured.bitmasks(sampling))
+        # Filled on the mask thread while the runner packs and dispatches the forward pass.
+        return dataclasses.replace(out, token_bitmasks=self.structured.bitmasks_async(sampling))
 
     def _advance_grammar(self, seq: Sequence, token: int) -> None:
         """Moves the sequence's matcher past `token`; a complete constraint ends the sequence."""
@@ -345,6 +348,11 @@ class LLMEngine:
         return self.scheduler.config.max_num_seqs
 
     @property
+    def structured_outputs_backend(self) -> str | None:
+        """The grammar backend's name ("guidance", "xgrammar"); None: no structured outputs."""
+        return None if self.structured is None else self.structured.backend_name
+
+    @property
     def page_size(self) -> int:
         return self.scheduler.config.page_size
 
@@ -367,4 +375,18 @@ class LLMEngine:
             # From the first dispatch of a step to its sampled tokens on the host; the rest of
             # step_seconds is host work (scheduling, packing, detokenizing) the device waits on.
             "device_seconds": stats.device_seconds,
+            **self._grammar_metrics(),
+        }
+
+    def _grammar_metrics(self) -> dict:
+        if self.structured is None:
+            return {}
+        g = self.structured.stats
+        return {
+            "grammar_compiles": g.compiles,
+            "grammar_cache_hits": g.cache_hits,
+            "grammar_compile_seconds": g.compile_seconds,
+            "grammar_failures": g.failures,
+            "grammar_bitmask_seconds": g.bitmask_seconds,
+            "grammar_bitmask_wait_seconds": g.bitmask_wait_seconds,
         }

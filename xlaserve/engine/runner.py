@@ -241,7 +241,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         before = self.compiles.count
         with self.compiles.track():
-            result = self._execute(self.batch.prepare(out))
+            result = self._execute(self.batch.prepare(out, sampling=False), out)
         if self.compiles_at_warmup is not None and self.compiles.count > before:
             logger.warning(
                 "compiled %d new graph(s) after warm-up (batch of %d tokens, %d sequences)",
@@ -269,14 +269,15 @@ class ModelRunner:
         return row, np.zeros(V, np.bool_), np.zeros(V, np.int32), np.zeros(V, np.float32)
 
     # ---- one step ---------------------------------------------------------------------------
-    def _execute(self, step: PreparedStep) -> RunnerOutput:
+    def _execute(self, step: PreparedStep, out: SchedulerOutput) -> RunnerOutput:
         result = RunnerOutput()
         if not step.chunks:
             return result
         dispatched = time.perf_counter()
-        self.steps.forward(step.inputs)
+        self.steps.forward(step.inputs)  # runs on the device while the host packs sampling
         if step.prompt_logprob_spans:
             result.prompt_logprobs = self._prompt_logprobs(step)
+        step = self.batch.with_sampling(step, out)  # may wait for structured-output bitmasks
         if step.sampling is None:
             return result
         for init in step.penalty_inits:

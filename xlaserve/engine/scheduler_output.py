@@ -10,6 +10,7 @@ drop whatever it keeps for them. Runners never read live scheduler objects.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,8 +52,9 @@ class SchedulerOutput:
     finished_seq_ids: frozenset[int] = frozenset()
     preempted_seq_ids: tuple[int, ...] = ()  # preempted in this step (also in finished_seq_ids)
     # Structured outputs: seq_id -> int32[ceil(V/32)] allowed next tokens (bit t%32 of word
-    # t//32), for constrained sequences that sample this step.
-    token_bitmasks: dict[int, np.ndarray] = field(default_factory=dict)
+    # t//32), for constrained sequences that sample this step. The engine may hand a mapping
+    # still being filled on another thread (`PendingBitmasks`): reading it waits for it.
+    token_bitmasks: Mapping[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

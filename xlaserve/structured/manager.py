@@ -11,7 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +35,39 @@ class GrammarStats:
     cache_hits: int = 0
     compile_seconds: float = 0.0
     failures: int = 0
-    bitmask_seconds: float = 0.0  # host time filling bitmask rows
+    bitmask_seconds: float = 0.0  # host time filling bitmask rows (on the mask thread)
+    bitmask_wait_seconds: float = 0.0  # time the step waited for them (the rest overlapped)
+
+    @property
+    def bitmask_overlap(self) -> float | None:
+        """Share of the bitmask filling hidden behind the forward pass."""
+        if not self.bitmask_seconds:
+            return None
+        return max(0.0, 1.0 - self.bitmask_wait_seconds / self.bitmask_seconds)
+
+
+class PendingBitmasks(Mapping):
+    """Bitmask rows being filled on the mask thread; reading them waits for the fill."""
+
+    def __init__(self, future: concurrent.futures.Future, stats: GrammarStats) -> None:
+        self._future, self._stats = future, stats
+        self._rows: dict[int, np.ndarray] | None = None
+
+    def result(self) -> dict[int, np.ndarray]:
+        if self._rows is None:
+            start = time.perf_counter()
+            self._rows = self._future.result()
+            self._stats.bitmask_wait_seconds += time.perf_counter() - start
+        return self._rows
+
+    def __getitem__(self, seq_id: int) -> np.ndarray:
+        return self.result()[seq_id]
+
+    def __iter__(self):
+        return iter(self.result())
+
+    def __len__(self) -> int:
+        return len(self.result())
 
 
 class StructuredOutputManager:
@@ -47,13 +79,20 @@ class StructuredOutputManager:
         *,
         vocab_size: int,
         compile_timeout_s: float = 30.0,
+        backend_name: str = "guidance",
     ) -> None:
+        self.backend_name = backend_name  # known before the backend is built
         self._factory = backend_factory
         self._backend: GrammarBackend | None = None
         self.width = bitmask_width(vocab_size)
         self.timeout_s = compile_timeout_s
         self._cache: dict[tuple, concurrent.futures.Future] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xlaserve-grammar")
+        # Bitmasks are filled on a thread of their own while the forward pass runs (the
+        # backends release the GIL while they compute masks).
+        self._mask_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="xlaserve-bitmask"
+        )
         self._pending: dict[str, _Pending] = {}  # request_id -> compile in flight
         self._matchers: dict[int, Matcher] = {}  # seq_id -> matcher
         self.stats = GrammarStats()
@@ -141,6 +180,11 @@ class StructuredOutputManager:
         self.stats.bitmask_seconds += time.perf_counter() - start
         return rows
 
+    def bitmasks_async(self, seq_ids: list[int]) -> PendingBitmasks:
+        """`bitmasks(seq_ids)` filled on the mask thread. Matchers must not advance before
+        the result was read (`PendingBitmasks.result()`)."""
+        return PendingBitmasks(self._mask_pool.submit(self.bitmasks, seq_ids), self.stats)
+
     def accept(self, seq_id: int, token: int) -> bool:
         """Advances the sequence's matcher; False if the token broke the constraint."""
         return self._matchers[seq_id].accept(token)
@@ -153,6 +197,11 @@ class StructuredOutputManager:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._mask_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def resolve_backend_name(name: str) -> str:
+    return "guidance" if name == "auto" else name
 
 
 def make_backend(name: str, tokenizer, *, vocab_size: int, eos_token_ids: tuple[int, ...]):
