@@ -121,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout,
+        tool_call_parser=args.tool_call_parser,
     )
     try:
         return run_server(engine_args, config)
@@ -146,6 +147,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=int, default=4 << 20)
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown")  # fmt: skip
+    from xlaserve.tools.parsers import PARSERS
+
+    g.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(PARSERS),
+        help='reads tool calls from free output for tool_choice "auto" (off: "auto" is refused)',
+    )
 
 
 def cmd_parity(args: argparse.Namespace) -> int:

@@ -198,8 +198,11 @@ class EngineMockRunner:
         pass
 
 
-def mock_engine(*, num_pages: int = 64, max_num_seqs: int = 8, tokenizer=None, **scheduler_kw):
-    """An LLMEngine over the mock runner: page size 4, max_model_len 64, vocab 97, eos 0."""
+def mock_engine(
+    *, num_pages: int = 64, max_num_seqs: int = 8, tokenizer=None, structured=None, **scheduler_kw
+):
+    """An LLMEngine over the mock runner: page size 4, max_model_len 64, vocab 97, eos 0.
+    `structured`: a StructuredOutputManager (the mock ignores token masks)."""
     from xlaserve.engine.llm_engine import LLMEngine
     from xlaserve.engine.scheduler import SchedulerConfig
 
@@ -220,4 +223,5 @@ def mock_engine(*, num_pages: int = 64, max_num_seqs: int = 8, tokenizer=None, *
         eos_token_ids=(0,),
         model_name="mock",
         dtype="none",
+        structured=structured,
     )

@@ -180,7 +180,8 @@ HTTP_CASES = [
      "top_logprobs"),
     ("chat max_completion_tokens 0", "POST", CHAT, chat(max_completion_tokens=0), KEY, 400,
      "max_completion_tokens"),
-    ("chat with tools", "POST", CHAT, chat(tools=[]), KEY, 400, "'tools'"),
+    ("chat with empty tools", "POST", CHAT, chat(tools=[]), KEY, 400,
+     "tools must be a non-empty list"),
     ("unknown route", "GET", "/v1/engines", None, KEY, 404, "/v1/engines"),
     ("wrong method", "GET", COMPLETIONS, None, KEY, 405, "Method Not Allowed"),
 ]  # fmt: skip

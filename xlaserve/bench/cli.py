@@ -1,4 +1,4 @@
-"""`xlaserve bench {buckets,throughput,latency,serve}`.
+"""`xlaserve bench {buckets,throughput,latency,serve,structured}`.
 
 Each benchmark module offers `add_arguments(parser)` and `run(args) -> int`. A subcommand's
 module is imported only when that subcommand is parsed (its flags are added then), so
@@ -18,6 +18,8 @@ BENCHMARKS = {
     "latency": "TTFT and ms per output token at small batch sizes, against the roofline",
     "serve": "online serving over gRPC/HTTP: TTFT, TPOT, ITL, E2E percentiles at request "
     "rates or concurrencies",
+    "structured": "structured outputs: constrained vs unconstrained decode steps, grammar "
+    "compile cold vs cached, TTFT of a constrained request joining a busy batch",
 }
 
 
@@ -78,7 +80,7 @@ def add_bench_parser(subparsers) -> None:
     each sets `func` to its run(args) -> exit status."""
     bench = subparsers.add_parser(
         "bench",
-        help="benchmarks: buckets, throughput, latency, serve",
+        help="benchmarks: buckets, throughput, latency, serve, structured",
         description="Benchmarks; results go to benchmarks/results/ unless --out says otherwise.",
     )
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True,

@@ -26,6 +26,9 @@ from xlaserve.structured.manager import PendingBitmasks, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 GRAMMAR_WAIT_S = 0.05  # how long an idle step waits for a compiling grammar
+# A grammar submitted this recently may delay the step this long to join it (most compile in
+# a few milliseconds; a step takes tens).
+GRAMMAR_GRACE_S = 0.01
 
 FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
@@ -222,7 +225,7 @@ class LLMEngine:
     # ---- structured outputs ---------------------------------------------------------------
     def _poll_grammars(self) -> list[RequestOutput]:
         """Releases requests whose grammar compiled; fails those whose compile failed."""
-        ready, failed = self.structured.poll()
+        ready, failed = self.structured.poll(GRAMMAR_GRACE_S)
         for request_id in ready:
             self.scheduler.release(request_id)
         outputs = []

@@ -6,9 +6,14 @@
         for response in client.generate_stream({"prompt_token_ids": [1, 2, 3]}, max_tokens=4):
             print(response.samples[0].token_ids)
 
-Sampling options are keyword arguments named like `SamplingParams`' fields. Errors raise
-`grpc.RpcError` with the server's status code and message. Leaving a stream early cancels the
-call, which aborts the request on the server.
+Sampling options are keyword arguments named like `SamplingParams`' fields, among them
+`structured_outputs=` (a `StructuredOutputsParams` or its dict form, checked before sending):
+
+        result = client.generate("Pick one:", structured_outputs={"choice": ["yes", "no"]})
+
+Errors raise `grpc.RpcError` with the server's status code and message (INVALID_ARGUMENT for a
+constraint the server's grammar backend refuses). Leaving a stream early cancels the call, which
+aborts the request on the server.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20  # HTTP request bodies and gRPC messages
     drain_timeout_s: float = 30.0  # on shutdown: in-flight requests get this long to finish
     failure_exit_delay_s: float = 2.0  # after an engine failure, report NOT_SERVING this long
+    # Reads tool calls from free output for tool_choice "auto" (hermes, llama3_json); None:
+    # "auto" is refused (required, named functions and "none" need no parser).
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port"):
@@ -48,6 +51,10 @@ class ServerConfig:
             raise ValueError("api_key must be non-empty (or None for no authentication)")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.tool_call_parser is not None:
+            from xlaserve.tools.parsers import get_parser
+
+            get_parser(self.tool_call_parser)  # raises ValueError naming the choices
 
 
 class ServingContext:

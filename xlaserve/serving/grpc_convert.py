@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 from xlaserve.engine.outputs import Logprob, PositionLogprobs, RequestOutput
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.serving.deltas import SampleDelta, Usage, ranked_top
 from xlaserve.serving.proto import xlaserve_pb2 as pb
+from xlaserve.structured.params import StructuredOutputsParams
 
 # proto3 `optional` scalars of pb.SamplingParams, named as in SamplingParams.
 _OPTIONAL = ("n", "temperature", "top_k", "top_p", "min_p", "presence_penalty",
@@ -13,7 +16,7 @@ _OPTIONAL = ("n", "temperature", "top_k", "top_p", "min_p", "presence_penalty",
              "ignore_eos", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
              "skip_special_tokens", "detokenize")  # fmt: skip
 _REPEATED = ("stop", "stop_token_ids")
-SAMPLING_FIELDS = frozenset(_OPTIONAL + _REPEATED + ("logit_bias",))
+SAMPLING_FIELDS = frozenset(_OPTIONAL + _REPEATED + ("logit_bias", "structured_outputs"))
 
 
 def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
@@ -25,7 +28,43 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
             kwargs[name] = list(getattr(msg, name))
     if msg.logit_bias:
         kwargs["logit_bias"] = dict(msg.logit_bias)
+    if msg.HasField("structured_outputs"):
+        kwargs["structured_outputs"] = structured_outputs_from_proto(msg.structured_outputs)
     return SamplingParams(**kwargs)
+
+
+def structured_outputs_from_proto(msg: pb.StructuredOutputs) -> StructuredOutputsParams:
+    """Raises `InvalidRequestError` (param "structured_outputs") for a bad constraint, including
+    none set or a kind set but empty."""
+    kwargs: dict = {"disable_any_whitespace": msg.disable_any_whitespace}
+    if msg.HasField("whitespace_pattern"):
+        kwargs["whitespace_pattern"] = msg.whitespace_pattern
+    kind = msg.WhichOneof("kind")
+    if kind == "json_schema":
+        kwargs["json"] = msg.json_schema
+    elif kind == "choice":
+        kwargs["choice"] = list(msg.choice.options)
+    elif kind is not None:
+        kwargs[kind] = getattr(msg, kind)
+    return StructuredOutputsParams(**kwargs)
+
+
+def structured_outputs_to_proto(value: StructuredOutputsParams | dict) -> pb.StructuredOutputs:
+    """A `StructuredOutputsParams` or its dict form (checked here, so the caller sees a bad
+    constraint as `InvalidRequestError` before sending). A schema dict keeps its key order."""
+    params = StructuredOutputsParams.from_dict(value)
+    msg = pb.StructuredOutputs(disable_any_whitespace=params.disable_any_whitespace)
+    if params.whitespace_pattern is not None:
+        msg.whitespace_pattern = params.whitespace_pattern
+    kind = params.kind
+    if kind == "json":
+        schema = params.json
+        msg.json_schema = schema if isinstance(schema, str) else json.dumps(schema)
+    elif kind == "choice":
+        msg.choice.options.extend(params.choice)
+    else:
+        setattr(msg, kind, getattr(params, kind))
+    return msg
 
 
 def sampling_params_to_proto(**fields) -> pb.SamplingParams:
@@ -45,6 +84,8 @@ def sampling_params_to_proto(**fields) -> pb.SamplingParams:
             getattr(msg, name).extend(value)
         elif name == "logit_bias":
             msg.logit_bias.update({int(k): float(v) for k, v in value.items()})
+        elif name == "structured_outputs":
+            msg.structured_outputs.CopyFrom(structured_outputs_to_proto(value))
         else:
             setattr(msg, name, value)
     return msg

@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from xlaserve.engine.async_engine import EngineDeadError, RequestStream
+from xlaserve.errors import InvalidRequestError
 from xlaserve.serving.context import ServingContext
 from xlaserve.serving.deltas import DeltaTracker
 from xlaserve.serving.errors import Kind, ServingError, failed_in_flight
@@ -84,6 +85,8 @@ class XlaServeServicer(pb_grpc.XlaServeServicer):
                     first = False
         except EngineDeadError as e:
             await abort_with(context, failed_in_flight(e))
+        except InvalidRequestError as e:  # failed after it was accepted (its grammar)
+            await abort_with(context, ctx.refuse(e))
         finally:
             if not stream.finished:  # cancelled, deadline passed, or the client went away
                 ctx.engine.abort_nowait(stream.request_id)

@@ -2,7 +2,9 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE streams), GET /v1/models,
 GET /health (no API key), GET /metrics (Prometheus). Every error has OpenAI's body
-{"error": {"message", "type", "param", "code"}}. A client that disconnects aborts its requests.
+{"error": {"message", "type", "param", "code"}}, whose `param` names the field the client sent
+(`client_param`: max_completion_tokens, response_format, guided_json, ...). A client that
+disconnects aborts its requests.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xlaserve.engine.async_engine import EngineDeadError, RequestStream
 from xlaserve.engine.outputs import RequestOutput
+from xlaserve.errors import InvalidRequestError
 from xlaserve.serving.context import ServingContext
 from xlaserve.serving.deltas import DeltaTracker, Usage
 from xlaserve.serving.errors import Kind, ServingError, classify, failed_in_flight
 from xlaserve.serving.metrics import CONTENT_TYPE
 from xlaserve.serving.openai_format import SSE_DONE, ResponseFormatter, sse
 from xlaserve.serving.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from xlaserve.serving.tool_calls import plan_tools
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +127,27 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Requ
             task.cancel()
 
 
+@contextlib.contextmanager
+def named_as_sent(req):
+    """Errors raised inside name the request field the client sent, not the engine's name for
+    it (max_tokens -> max_completion_tokens, structured_outputs -> response_format, ...)."""
+    try:
+        yield
+    except ServingError as e:
+        e.param = req.client_param(e.param)
+        raise
+
+
+def _grammar_backend(ctx: ServingContext) -> str | None:
+    """The name of the engine's grammar backend ("guidance", "xgrammar"), which a request's
+    guided_decoding_backend may repeat; None where the engine does not say."""
+    return ctx.engine.engine.structured_outputs_backend
+
+
 class OpenAIRoutes:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
+        self.grammar_backend = _grammar_backend(ctx)
 
     async def _submit_all(self, prompts, params, base_id: str, priority: int, **kw):
         streams = []
@@ -150,52 +172,55 @@ class OpenAIRoutes:
         req = parse_body(await request.body(), CompletionRequest)
         self.ctx.check_model(req.model)
         prompts = req.prompts()
-        params = self._params(req)
-        fmt = ResponseFormatter(
-            "completion",
-            f"cmpl-{uuid.uuid4().hex}",
-            self.ctx.model_name,
-            n=params.n,
-            top_logprobs=req.logprobs or 0,
-            tokens_as_ids=req.return_tokens_as_token_ids,
-        )
-        streams = await self._submit_all(prompts, params, fmt.id, req.priority)
-        return await self._respond(request, req, fmt, streams, params)
+        with named_as_sent(req):
+            params = self._params(req)
+            fmt = ResponseFormatter(
+                "completion",
+                f"cmpl-{uuid.uuid4().hex}",
+                self.ctx.model_name,
+                n=params.n,
+                top_logprobs=req.logprobs or 0,
+                tokens_as_ids=req.return_tokens_as_token_ids,
+            )
+            streams = await self._submit_all(prompts, params, fmt.id, req.priority)
+            return await self._respond(request, req, fmt, streams)
 
     async def chat_completions(self, request: Request):
         req = parse_body(await request.body(), ChatCompletionRequest)
         self.ctx.check_model(req.model)
-        params = self._params(req)
-        fmt = ResponseFormatter(
-            "chat",
-            f"chatcmpl-{uuid.uuid4().hex}",
-            self.ctx.model_name,
-            n=params.n,
-            top_logprobs=req.top_logprobs or 0,
-            tokens_as_ids=req.return_tokens_as_token_ids,
-        )
-        # The engine's intake applies the chat template (on the engine thread, like all
-        # tokenizing), as for LLM.chat.
-        messages = {"messages": [m.as_template_dict() for m in req.messages]}
-        try:
+        with named_as_sent(req):
+            params = self._params(req)
+            try:  # tools: their constraint set on params (required / named calls)
+                tools = plan_tools(req, params, self.ctx.config.tool_call_parser)
+            except ValueError as e:
+                raise classify(e) from e
+            fmt = ResponseFormatter(
+                "chat",
+                f"chatcmpl-{uuid.uuid4().hex}",
+                self.ctx.model_name,
+                n=params.n,
+                top_logprobs=req.top_logprobs or 0,
+                tokens_as_ids=req.return_tokens_as_token_ids,
+                tool_calls=tools.formatter() if tools is not None else None,
+            )
+            # The engine's intake applies the chat template (on the engine thread, like all
+            # tokenizing), as for LLM.chat.
+            messages = {"messages": [m.as_template_dict() for m in req.messages]}
+            if tools is not None:
+                messages["tools"] = tools.tools
             streams = await self._submit_all([messages], params, fmt.id, req.priority)
-        except ServingError as e:
-            if e.param == "max_tokens" and req.max_completion_tokens is not None:
-                e.param = "max_completion_tokens"  # the field this client sent
-            raise
-        return await self._respond(request, req, fmt, streams, params)
+            return await self._respond(request, req, fmt, streams)
 
-    @staticmethod
-    def _params(req):
+    def _params(self, req):
         try:
-            return req.sampling_params()
+            return req.sampling_params(structured_backend=self.grammar_backend)
         except ValueError as e:
             raise classify(e) from e
 
-    async def _respond(self, request: Request, req, fmt, streams, params):
+    async def _respond(self, request: Request, req, fmt, streams):
         if req.stream:
             return StreamingResponse(
-                self._events(fmt, streams, params, req.include_usage),
+                self._events(req, fmt, streams),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -214,6 +239,9 @@ class OpenAIRoutes:
             finals = collect.result()
         except EngineDeadError as e:
             raise failed_in_flight(e) from e
+        except InvalidRequestError as e:  # failed after it was accepted (its grammar)
+            self._abort_unfinished(streams)
+            raise classify(e) from e
         choices, usage = [], Usage(0, 0, 0)
         for i, output in enumerate(finals):
             usage = usage + Usage.of(output)
@@ -229,7 +257,8 @@ class OpenAIRoutes:
                 finals[i] = output
         return finals
 
-    async def _events(self, fmt: ResponseFormatter, streams, params, include_usage: bool):
+    async def _events(self, req, fmt: ResponseFormatter, streams):
+        include_usage = req.include_usage
         trackers = [DeltaTracker() for _ in streams]
         started: set[int] = set()
         usage = {}
@@ -248,6 +277,10 @@ class OpenAIRoutes:
             yield SSE_DONE
         except EngineDeadError as e:
             yield sse(failed_in_flight(e).openai_body())
+        except InvalidRequestError as e:  # failed after it was accepted (its grammar)
+            error = classify(e)
+            error.param = req.client_param(error.param)
+            yield sse(error.openai_body())
         finally:
             self._abort_unfinished(streams)
 

@@ -15,7 +15,7 @@ class ResponseFormatter:
     """
 
     def __init__(self, kind: str, request_id: str, model: str, *, n: int, top_logprobs: int,
-                 tokens_as_ids: bool) -> None:  # fmt: skip
+                 tokens_as_ids: bool, tool_calls=None) -> None:  # fmt: skip
         self.kind = kind  # "completion" or "chat"
         self.id = request_id
         self.model = model
@@ -23,6 +23,8 @@ class ResponseFormatter:
         self.n = n
         self.top_logprobs = top_logprobs
         self.tokens_as_ids = tokens_as_ids
+        # A serving.tool_calls.ToolCallFormatter: chat text read into content and tool_calls.
+        self.tool_calls = tool_calls
         self._text_offset: dict[int, int] = {}
 
     def choice_index(self, prompt_index: int, sample_index: int) -> int:
@@ -84,7 +86,12 @@ class ResponseFormatter:
                 "finish_reason": d.finish_reason,
                 "stop_reason": d.stop_reason,
             }
-        if stream:
+        finish_reason = d.finish_reason
+        if self.tool_calls is not None:
+            body, finish_reason = self.tool_calls.choice_body(
+                index, d.text, d.finish_reason, stream=stream, first=first
+            )
+        elif stream:
             delta = {"role": "assistant", "content": d.text} if first else {"content": d.text}
             body = {"delta": delta}
         else:
@@ -93,7 +100,7 @@ class ResponseFormatter:
             "index": index,
             **body,
             "logprobs": self.chat_logprobs(d),
-            "finish_reason": d.finish_reason,
+            "finish_reason": finish_reason,
             "stop_reason": d.stop_reason,
         }
 

@@ -5,6 +5,14 @@ Besides OpenAI's fields, vLLM's sampling extensions are accepted (top_k, min_p,
 repetition_penalty, min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output,
 skip_special_tokens, priority, return_tokens_as_token_ids). Fields OpenAI defines that xlaserve
 cannot honour are refused by name, never silently ignored.
+
+Structured outputs come from one of: OpenAI's `response_format` (json_object, json_schema),
+vLLM's `structured_outputs` object (the fields of `StructuredOutputsParams`), or vLLM's older
+`guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` (with
+`guided_whitespace_pattern`; vLLM removed these in 0.12, they stay here for older clients).
+More than one in a request is refused, naming them. `guided_decoding_backend` may only name
+the server's backend (or "auto"): the backend is chosen when the server starts. An error about
+the constraint names the field the client sent (`client_param`).
 """
 
 from __future__ import annotations
@@ -12,10 +20,13 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.serving.errors import Kind, ServingError
+from xlaserve.serving.tool_calls import MessageToolCall, ToolChoice, ToolDefinition
+from xlaserve.structured.params import PARAM as STRUCTURED_PARAM
+from xlaserve.structured.params import StructuredOutputsParams
 
 Number = float | int
 
@@ -27,6 +38,48 @@ class _Strict(BaseModel):
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    name: str
+    description: str | None = None
+    # Enforced whatever `strict` says (OpenAI only guarantees adherence with strict=true).
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured_outputs(self) -> dict | None:
+        """The StructuredOutputsParams fields this format asks for (None: plain text)."""
+        if self.type != "json_schema":
+            if self.json_schema is not None:
+                raise ServingError(
+                    Kind.INVALID,
+                    "response_format.json_schema is only allowed with type 'json_schema', "
+                    f"got type {self.type!r}",
+                    param="response_format",
+                )
+            return {"json_object": True} if self.type == "json_object" else None
+        if self.json_schema is None:
+            raise ServingError(
+                Kind.INVALID,
+                "response_format.json_schema is required with type 'json_schema'",
+                param="response_format",
+            )
+        return {"json": self.json_schema.schema_}
+
+
+# vLLM's older per-kind fields -> the StructuredOutputsParams field each sets.
+GUIDED_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+AUTO_BACKEND = "auto"
 
 
 class _SamplingFields(_Strict):
@@ -53,8 +106,74 @@ class _SamplingFields(_Strict):
     skip_special_tokens: bool | None = None
     priority: int = 0
     return_tokens_as_token_ids: bool = False
+    # Structured outputs (see the module docstring)
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None
 
-    def _sampling_kwargs(self) -> dict:
+    # ---- structured outputs ------------------------------------------------------------------
+    def constraint_sources(self) -> list[str]:
+        """The fields of this request that set an output constraint, in a fixed order."""
+        sources = []
+        if self.response_format is not None and self.response_format.type != "text":
+            sources.append("response_format")
+        if self.structured_outputs is not None:
+            sources.append("structured_outputs")
+        sources += [name for name in GUIDED_FIELDS if getattr(self, name) is not None]
+        return sources
+
+    def client_param(self, param: str | None) -> str | None:
+        """The field this client sent that an error about engine-side `param` concerns."""
+        if param == STRUCTURED_PARAM:
+            sources = self.constraint_sources()
+            if len(sources) == 1:
+                return sources[0]
+        return param
+
+    def _structured_outputs(self, server_backend: str | None) -> StructuredOutputsParams | None:
+        backend = self.guided_decoding_backend
+        if backend is not None and backend not in (AUTO_BACKEND, server_backend):
+            served = f" ({server_backend!r})" if server_backend else ""
+            raise ServingError(
+                Kind.INVALID,
+                f"guided_decoding_backend {backend!r} is not this server's grammar backend"
+                f"{served}: the backend is chosen at start-up (--structured-outputs-backend), "
+                "not per request; remove the field or send 'auto'",
+                param="guided_decoding_backend",
+            )
+        sources = self.constraint_sources()
+        if len(sources) > 1:
+            raise ServingError(
+                Kind.INVALID,
+                f"give at most one structured output constraint, got {', '.join(sources)}",
+                param=sources[-1],
+            )
+        source = sources[0] if sources else None
+        if source is None:
+            fields = None
+        elif source == "response_format":
+            fields = self.response_format.structured_outputs()
+        elif source == "structured_outputs":
+            fields = self.structured_outputs
+        else:
+            fields = {GUIDED_FIELDS[source]: getattr(self, source)}
+        if self.guided_whitespace_pattern is not None:
+            if source not in ("response_format", "guided_json"):
+                raise ServingError(
+                    Kind.INVALID,
+                    "guided_whitespace_pattern applies to a JSON constraint (response_format "
+                    f"or guided_json), got {source or 'none'}",
+                    param="guided_whitespace_pattern",
+                )
+            fields = {**fields, "whitespace_pattern": self.guided_whitespace_pattern}
+        return None if fields is None else StructuredOutputsParams.from_dict(fields)
+
+    def _sampling_kwargs(self, server_backend: str | None) -> dict:
         if self.stream_options is not None and not self.stream:
             raise ServingError(
                 Kind.INVALID, "stream_options is only allowed with stream=true", param="stream"
@@ -92,6 +211,9 @@ class _SamplingFields(_Strict):
                         param="logit_bias",
                     ) from None
             kwargs["logit_bias"] = bias
+        structured = self._structured_outputs(server_backend)
+        if structured is not None:
+            kwargs["structured_outputs"] = structured
         return kwargs
 
     @property
@@ -127,7 +249,9 @@ class CompletionRequest(_SamplingFields):
             param="prompt",
         )
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, structured_backend: str | None = None) -> SamplingParams:
+        """`structured_backend`: the server's grammar backend, which guided_decoding_backend
+        may name."""
         if self.echo:
             raise ServingError(Kind.INVALID, "echo is not supported", param="echo")
         if self.suffix:
@@ -138,7 +262,7 @@ class CompletionRequest(_SamplingFields):
                 f"best_of is not supported (it must equal n = {self.n}), got {self.best_of}",
                 param="best_of",
             )
-        kwargs = self._sampling_kwargs()
+        kwargs = self._sampling_kwargs(structured_backend)
         kwargs["max_tokens"] = self.max_tokens
         kwargs["logprobs"] = self.logprobs
         return SamplingParams(**kwargs)
@@ -150,16 +274,24 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only for an assistant message with tool_calls (checked in tool_calls.check_messages)
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
 
     def as_template_dict(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(
+        text = self.content if isinstance(self.content, str | None) else "".join(
             part.text for part in self.content
         )  # fmt: skip
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text}
+        message = {"role": role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -168,8 +300,19 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # Tool calling (serving/tool_calls.py)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
-    def sampling_params(self) -> SamplingParams:
+    def client_param(self, param: str | None) -> str | None:
+        if param == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        if param == STRUCTURED_PARAM and self.tools and not self.constraint_sources():
+            return "tools"  # the constraint built from the tools (required / named calls)
+        return super().client_param(param)
+
+    def sampling_params(self, structured_backend: str | None = None) -> SamplingParams:
         if not self.messages:
             raise ServingError(Kind.INVALID, "messages must not be empty", param="messages")
         max_tokens = self.max_tokens
@@ -198,7 +341,7 @@ class ChatCompletionRequest(_SamplingFields):
                     f"top_logprobs must be in [0, 20], got {self.top_logprobs}",
                     param="top_logprobs",
                 )
-        kwargs = self._sampling_kwargs()
+        kwargs = self._sampling_kwargs(structured_backend)
         kwargs["max_tokens"] = max_tokens
         kwargs["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
         return SamplingParams(**kwargs)

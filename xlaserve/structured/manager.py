@@ -36,14 +36,9 @@ class GrammarStats:
     compile_seconds: float = 0.0
     failures: int = 0
     bitmask_seconds: float = 0.0  # host time filling bitmask rows (on the mask thread)
-    bitmask_wait_seconds: float = 0.0  # time the step waited for them (the rest overlapped)
-
-    @property
-    def bitmask_overlap(self) -> float | None:
-        """Share of the bitmask filling hidden behind the forward pass."""
-        if not self.bitmask_seconds:
-            return None
-        return max(0.0, 1.0 - self.bitmask_wait_seconds / self.bitmask_seconds)
+    # Time the step waited for them after dispatching the forward pass (the forward ran on
+    # the device meanwhile).
+    bitmask_wait_seconds: float = 0.0
 
 
 class PendingBitmasks(Mapping):
@@ -134,8 +129,15 @@ class StructuredOutputManager:
         futures = [p.future for p in self._pending.values()]
         concurrent.futures.wait(futures, timeout, concurrent.futures.FIRST_COMPLETED)
 
-    def poll(self) -> tuple[list[str], list[tuple[str, str]]]:
-        """(requests whose grammar is ready: their matchers exist now, [(request, error)])."""
+    def poll(self, grace_s: float = 0.0) -> tuple[list[str], list[tuple[str, str]]]:
+        """(requests whose grammar is ready: their matchers exist now, [(request, error)]).
+
+        A compile submitted less than `grace_s` ago gets the rest of that time to finish, so
+        a quick grammar joins this step instead of the next one."""
+        fresh = [p for p in self._pending.values() if time.monotonic() - p.submitted < grace_s]
+        if fresh:
+            left = grace_s - (time.monotonic() - min(p.submitted for p in fresh))
+            concurrent.futures.wait([p.future for p in fresh], max(0.0, left))
         ready, failed = [], []
         now = time.monotonic()
         for request_id, p in list(self._pending.items()):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%xlaserve/serving/proto/xlaserve.proto\x12\x0bxlaserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xf8\x06\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\'\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x0e \x01(\x03H\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\x03H\x0c\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\x03H\r\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\x03H\x0e\x88\x01\x01\x12>\n\nlogit_bias\x18\x12 \x03(\x0b\x32*.xlaserve.v1.SamplingParams.LogitBiasEntry\x12 \n\x13skip_special_tokens\x18\x13 \x01(\x08H\x0f\x88\x01\x01\x12\x17\n\ndetokenize\x18\x14 \x01(\x08H\x10\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_ignore_eosB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_detokenize\"\xfa\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.xlaserve.v1.TokenIdsH\x00\x12\x34\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1b.xlaserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x07 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06promptB\x15\n\x13_add_special_tokens\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x11\n\x04rank\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rdecoded_token\x18\x04 \x01(\tB\x07\n\x05_rank\"d\n\x10PositionLogprobs\x12(\n\x05token\x18\x01 \x01(\x0b\x32\x19.xlaserve.v1.TokenLogprob\x12&\n\x03top\x18\x02 \x03(\x0b\x32\x19.xlaserve.v1.TokenLogprob\"\xfc\x01\n\x0bSampleDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1d.xlaserve.v1.PositionLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x17\n\rstop_token_id\x18\x06 \x01(\x03H\x00\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x1f\n\x12\x63umulative_logprob\x18\x08 \x01(\x01H\x01\x88\x01\x01\x42\r\n\x0bstop_reasonB\x15\n\x13_cumulative_logprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xd8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.xlaserve.v1.SampleDelta\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.xlaserve.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x03\x12\x36\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1d.xlaserve.v1.PositionLogprobs\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xc3\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x39\n\nmesh_shape\x18\x05 \x03(\x0b\x32%.xlaserve.v1.ModelInfo.MeshShapeEntry\x12\x10\n\x08platform\x18\x06 \x01(\t\x12\x13\n\x0bnum_devices\x18\x07 \x01(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x03\x12\x14\n\x0cmax_num_seqs\x18\t \x01(\x05\x12\x11\n\tpage_size\x18\n \x01(\x05\x12\x14\n\x0cnum_kv_pages\x18\x0b \x01(\x05\x1a\x30\n\x0eMeshShapeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x32\xdf\x01\n\x08XlaServe\x12I\n\x08Generate\x12\x1c.xlaserve.v1.GenerateRequest\x1a\x1d.xlaserve.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.xlaserve.v1.AbortRequest\x1a\x1a.xlaserve.v1.AbortResponse\x12H\n\x0cGetModelInfo\x12 .xlaserve.v1.GetModelInfoRequest\x1a\x16.xlaserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%xlaserve/serving/proto/xlaserve.proto\x12\x0bxlaserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xb4\x07\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\'\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x0e \x01(\x03H\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\x03H\x0c\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\x03H\r\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\x03H\x0e\x88\x01\x01\x12>\n\nlogit_bias\x18\x12 \x03(\x0b\x32*.xlaserve.v1.SamplingParams.LogitBiasEntry\x12 \n\x13skip_special_tokens\x18\x13 \x01(\x08H\x0f\x88\x01\x01\x12\x17\n\ndetokenize\x18\x14 \x01(\x08H\x10\x88\x01\x01\x12:\n\x12structured_outputs\x18\x15 \x01(\x0b\x32\x1e.xlaserve.v1.StructuredOutputs\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_ignore_eosB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_detokenize\"\x99\x02\n\x11StructuredOutputs\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x37\n\x06\x63hoice\x18\x04 \x01(\x0b\x32%.xlaserve.v1.StructuredOutputs.ChoiceH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x06 \x01(\x08\x12\x1f\n\x12whitespace_pattern\x18\x07 \x01(\tH\x01\x88\x01\x01\x1a\x19\n\x06\x43hoice\x12\x0f\n\x07options\x18\x01 \x03(\tB\x06\n\x04kindB\x15\n\x13_whitespace_pattern\"\xfa\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.xlaserve.v1.TokenIdsH\x00\x12\x34\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1b.xlaserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x07 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06promptB\x15\n\x13_add_special_tokens\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x11\n\x04rank\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rdecoded_token\x18\x04 \x01(\tB\x07\n\x05_rank\"d\n\x10PositionLogprobs\x12(\n\x05token\x18\x01 \x01(\x0b\x32\x19.xlaserve.v1.TokenLogprob\x12&\n\x03top\x18\x02 \x03(\x0b\x32\x19.xlaserve.v1.TokenLogprob\"\xfc\x01\n\x0bSampleDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1d.xlaserve.v1.PositionLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x17\n\rstop_token_id\x18\x06 \x01(\x03H\x00\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x1f\n\x12\x63umulative_logprob\x18\x08 \x01(\x01H\x01\x88\x01\x01\x42\r\n\x0bstop_reasonB\x15\n\x13_cumulative_logprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xd8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07samples\x18\x02 \x03(\x0b\x32\x18.xlaserve.v1.SampleDelta\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.xlaserve.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x03\x12\x36\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1d.xlaserve.v1.PositionLogprobs\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xc3\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x39\n\nmesh_shape\x18\x05 \x03(\x0b\x32%.xlaserve.v1.ModelInfo.MeshShapeEntry\x12\x10\n\x08platform\x18\x06 \x01(\t\x12\x13\n\x0bnum_devices\x18\x07 \x01(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x03\x12\x14\n\x0cmax_num_seqs\x18\t \x01(\x05\x12\x11\n\tpage_size\x18\n \x01(\x05\x12\x14\n\x0cnum_kv_pages\x18\x0b \x01(\x05\x1a\x30\n\x0eMeshShapeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x32\xdf\x01\n\x08XlaServe\x12I\n\x08Generate\x12\x1c.xlaserve.v1.GenerateRequest\x1a\x1d.xlaserve.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.xlaserve.v1.AbortRequest\x1a\x1a.xlaserve.v1.AbortResponse\x12H\n\x0cGetModelInfo\x12 .xlaserve.v1.GetModelInfoRequest\x1a\x16.xlaserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=54
   _globals['_TOKENIDS']._serialized_end=77
   _globals['_SAMPLINGPARAMS']._serialized_start=80
-  _globals['_SAMPLINGPARAMS']._serialized_end=968
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=645
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=693
-  _globals['_GENERATEREQUEST']._serialized_start=971
-  _globals['_GENERATEREQUEST']._serialized_end=1221
-  _globals['_TOKENLOGPROB']._serialized_start=1223
-  _globals['_TOKENLOGPROB']._serialized_end=1323
-  _globals['_POSITIONLOGPROBS']._serialized_start=1325
-  _globals['_POSITIONLOGPROBS']._serialized_end=1425
-  _globals['_SAMPLEDELTA']._serialized_start=1428
-  _globals['_SAMPLEDELTA']._serialized_end=1680
-  _globals['_USAGE']._serialized_start=1682
-  _globals['_USAGE']._serialized_end=1769
-  _globals['_GENERATERESPONSE']._serialized_start=1772
-  _globals['_GENERATERESPONSE']._serialized_end=1988
-  _globals['_ABORTREQUEST']._serialized_start=1990
-  _globals['_ABORTREQUEST']._serialized_end=2024
-  _globals['_ABORTRESPONSE']._serialized_start=2026
-  _globals['_ABORTRESPONSE']._serialized_end=2056
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2058
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2079
-  _globals['_MODELINFO']._serialized_start=2082
-  _globals['_MODELINFO']._serialized_end=2405
-  _globals['_MODELINFO_MESHSHAPEENTRY']._serialized_start=2357
-  _globals['_MODELINFO_MESHSHAPEENTRY']._serialized_end=2405
-  _globals['_XLASERVE']._serialized_start=2408
-  _globals['_XLASERVE']._serialized_end=2631
+  _globals['_SAMPLINGPARAMS']._serialized_end=1028
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=705
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=753
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=1031
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1312
+  _globals['_STRUCTUREDOUTPUTS_CHOICE']._serialized_start=1256
+  _globals['_STRUCTUREDOUTPUTS_CHOICE']._serialized_end=1281
+  _globals['_GENERATEREQUEST']._serialized_start=1315
+  _globals['_GENERATEREQUEST']._serialized_end=1565
+  _globals['_TOKENLOGPROB']._serialized_start=1567
+  _globals['_TOKENLOGPROB']._serialized_end=1667
+  _globals['_POSITIONLOGPROBS']._serialized_start=1669
+  _globals['_POSITIONLOGPROBS']._serialized_end=1769
+  _globals['_SAMPLEDELTA']._serialized_start=1772
+  _globals['_SAMPLEDELTA']._serialized_end=2024
+  _globals['_USAGE']._serialized_start=2026
+  _globals['_USAGE']._serialized_end=2113
+  _globals['_GENERATERESPONSE']._serialized_start=2116
+  _globals['_GENERATERESPONSE']._serialized_end=2332
+  _globals['_ABORTREQUEST']._serialized_start=2334
+  _globals['_ABORTREQUEST']._serialized_end=2368
+  _globals['_ABORTRESPONSE']._serialized_start=2370
+  _globals['_ABORTRESPONSE']._serialized_end=2400
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2402
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2423
+  _globals['_MODELINFO']._serialized_start=2426
+  _globals['_MODELINFO']._serialized_end=2749
+  _globals['_MODELINFO_MESHSHAPEENTRY']._serialized_start=2701
+  _globals['_MODELINFO_MESHSHAPEENTRY']._serialized_end=2749
+  _globals['_XLASERVE']._serialized_start=2752
+  _globals['_XLASERVE']._serialized_end=2975
 # @@protoc_insertion_point(module_scope)
