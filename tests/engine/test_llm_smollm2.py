@@ -222,3 +222,16 @@ def test_bad_input_is_refused_and_serving_goes_on(smollm2_llm, batch_tokens, pro
         smollm2_llm.generate([PROMPTS[0], prompt], sp, use_tqdm=False)
     assert tokens_of(smollm2_llm.generate(PROMPTS[0], GREEDY, use_tqdm=False))[0] == batch_tokens[0]
     assert_no_compiles_and_pages_back(smollm2_llm)
+
+
+def test_chat_passes_tools_to_the_template_or_its_fallback(smollm2_llm):
+    city = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": city}}]
+    conversation = [{"role": "user", "content": "Weather in Paris?"}]
+    params = SamplingParams(temperature=0, max_tokens=1)
+    with_tools = smollm2_llm.chat(conversation, params, use_tqdm=False, tools=tools)[0]
+    without = smollm2_llm.chat(conversation, params, use_tqdm=False)[0]
+    # SmolLM2's template has no tools section: the fallback system preamble lists the tool.
+    assert "<tools>" in with_tools.prompt and '"get_weather"' in with_tools.prompt
+    assert "<tools>" not in without.prompt
+    assert with_tools.prompt_token_ids[:2] == without.prompt_token_ids[:2]  # same template

@@ -56,13 +56,20 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Applies the model's chat template to one conversation or a list of them."""
+        """Applies the model's chat template to one conversation or a list of them. `tools`
+        (OpenAI tool dicts) go to the template (or its fallback, see xlaserve/tools/template.py);
+        `chat_template_kwargs` are extra template variables."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         if not isinstance(conversations, list | tuple) or not conversations:
             raise InvalidRequestError("messages", "messages must be a non-empty list")
+        extra = {"tools": tools} if tools is not None else {}
+        if chat_template_kwargs is not None:
+            extra["chat_template_kwargs"] = chat_template_kwargs
         prompts = [
-            {"messages": conv, "add_generation_prompt": add_generation_prompt}
+            {"messages": conv, "add_generation_prompt": add_generation_prompt, **extra}
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
