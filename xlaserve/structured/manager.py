@@ -22,11 +22,27 @@ from xlaserve.structured.params import StructuredOutputsParams
 logger = logging.getLogger(__name__)
 
 
+COMPILE_WORKERS = 2  # a slow grammar does not hold up a quick one submitted after it
+
+
+@dataclass
+class _Compile:
+    """One grammar's compile, shared by every request with that constraint."""
+
+    params: StructuredOutputsParams
+    future: concurrent.futures.Future
+    started: float | None = None  # monotonic time a worker took it (None: still queued)
+
+
 @dataclass
 class _Pending:
-    future: concurrent.futures.Future
+    compile: _Compile
     submitted: float
     seq_ids: list[int]
+
+    @property
+    def future(self) -> concurrent.futures.Future:
+        return self.compile.future
 
 
 @dataclass
@@ -66,7 +82,11 @@ class PendingBitmasks(Mapping):
 
 
 class StructuredOutputManager:
-    """Owned by one engine thread (compiles run on a worker thread of their own)."""
+    """Owned by one engine thread (compiles run on worker threads of their own).
+
+    The compile timeout counts from when a worker starts the compile; a compile past it fails
+    its requests and its worker pool is replaced, so a grammar that never finishes cannot
+    starve later ones."""
 
     def __init__(
         self,
@@ -77,12 +97,13 @@ class StructuredOutputManager:
         backend_name: str = "guidance",
     ) -> None:
         self.backend_name = backend_name  # known before the backend is built
-        self._factory = backend_factory
-        self._backend: GrammarBackend | None = None
         self.width = bitmask_width(vocab_size)
         self.timeout_s = compile_timeout_s
-        self._cache: dict[tuple, concurrent.futures.Future] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xlaserve-grammar")
+        self._cache: dict[tuple, _Compile] = {}
+        self._pool = self._new_pool()
+        # The backend wraps the tokenizer (~0.6 s): built in the background from the start,
+        # so the first constrained request does not stall the engine thread.
+        self._backend_future = self._pool.submit(backend_factory)
         # Bitmasks are filled on a thread of their own while the forward pass runs (the
         # backends release the GIL while they compute masks).
         self._mask_pool = concurrent.futures.ThreadPoolExecutor(
@@ -92,11 +113,15 @@ class StructuredOutputManager:
         self._matchers: dict[int, Matcher] = {}  # seq_id -> matcher
         self.stats = GrammarStats()
 
+    @staticmethod
+    def _new_pool() -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(
+            COMPILE_WORKERS, thread_name_prefix="xlaserve-grammar"
+        )
+
     @property
     def backend(self) -> GrammarBackend:
-        if self._backend is None:  # built on first use: it wraps the tokenizer (~0.6 s)
-            self._backend = self._factory()
-        return self._backend
+        return self._backend_future.result()  # waits only while it is still being built
 
     # ---- requests ----------------------------------------------------------------------------
     def check(self, params: StructuredOutputsParams) -> None:
@@ -106,15 +131,17 @@ class StructuredOutputManager:
     def submit(self, request_id: str, params: StructuredOutputsParams, seq_ids: list[int]) -> None:
         """Starts (or reuses) the compile of the request's grammar."""
         key = (self.backend.name, params.cache_key())
-        future = self._cache.get(key)
-        if future is None or (future.done() and future.exception() is not None):
-            future = self._pool.submit(self._compile, params)
-            self._cache[key] = future
+        entry = self._cache.get(key)
+        if entry is None or (entry.future.done() and entry.future.exception() is not None):
+            entry = _Compile(params, concurrent.futures.Future())
+            entry.future = self._pool.submit(self._compile, params, entry)
+            self._cache[key] = entry
         else:
             self.stats.cache_hits += 1
-        self._pending[request_id] = _Pending(future, time.monotonic(), list(seq_ids))
+        self._pending[request_id] = _Pending(entry, time.monotonic(), list(seq_ids))
 
-    def _compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
+    def _compile(self, params: StructuredOutputsParams, entry: _Compile) -> CompiledGrammar:
+        entry.started = time.monotonic()
         start = time.perf_counter()
         grammar = self.backend.compile(params)
         self.stats.compiles += 1
@@ -142,9 +169,11 @@ class StructuredOutputManager:
         now = time.monotonic()
         for request_id, p in list(self._pending.items()):
             if not p.future.done():
-                if now - p.submitted > self.timeout_s:
+                started = p.compile.started
+                if started is not None and now - started > self.timeout_s:
                     del self._pending[request_id]
                     self.stats.failures += 1
+                    self._abandon(p.compile)
                     failed.append((request_id, f"the grammar did not compile within "
                                                f"{self.timeout_s:g} s"))  # fmt: skip
                 continue
@@ -161,6 +190,19 @@ class StructuredOutputManager:
                 continue
             ready.append(request_id)
         return ready, failed
+
+    def _abandon(self, entry: _Compile) -> None:
+        """Forgets a compile past its timeout (the next request for that grammar compiles it
+        afresh) and gives later compiles a new pool: its worker may never come back."""
+        self._cache = {k: v for k, v in self._cache.items() if v is not entry}
+        if entry.future.done():
+            return
+        old, self._pool = self._pool, self._new_pool()
+        old.shutdown(wait=False, cancel_futures=True)
+        queued = {id(p.compile): p.compile for p in self._pending.values()}
+        for waiting in queued.values():  # compiles that had not started move to the new pool
+            if waiting.started is None and waiting.future.cancelled():
+                waiting.future = self._pool.submit(self._compile, waiting.params, waiting)
 
     def cancel(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
