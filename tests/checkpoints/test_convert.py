@@ -223,3 +223,41 @@ def test_converted_smollm2_serves_the_gguf_tokens_without_recompiling(smollm2_or
     assert llm.get_metrics()["compiles_after_warmup"] == 0
     gguf_out = smollm2_llm.generate(MIXED_PROMPTS, greedy, use_tqdm=False)
     assert ours == [o.outputs[0].token_ids for o in gguf_out]
+
+
+def test_a_non_empty_out_needs_overwrite_and_is_replaced_whole(tiny_f32, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert(str(tiny_f32), str(out))
+    assert (out / "old.txt").read_text() == "old"  # untouched
+    monkeypatch.chdir(tmp_path)
+    report = convert(str(tiny_f32), "out", overwrite=True)
+    assert report.out == str(out) and Path(report.out).is_absolute()
+    assert str(out) in report.describe()
+    assert not (out / "old.txt").exists()
+    assert orbax_store.read_meta(out)["dtype"] == "float32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old siblings
+
+
+def test_overwrite_failure_leaves_the_old_contents(tiny_f32, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def broken_save(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(orbax_store, "save", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert(str(tiny_f32), out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_out_that_is_a_file_is_refused_even_with_overwrite(tiny_f32, tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        convert(str(tiny_f32), path, overwrite=True)

@@ -613,3 +613,47 @@ def test_random_workloads_keep_invariants_and_exact_outputs(scenario):
                 assert rid in aborted and seq.output_token_ids == want[: seq.num_output_tokens]
             else:
                 assert (seq.output_token_ids, seq.status, seq.stop_reason) == (want, status, reason)
+
+
+# ---------------------------------------------------------------- fairness
+
+
+def test_a_small_request_is_not_starved_by_many_samples():
+    # 8 slots. Step 1: "big" (n=64) runs sample 0's prompt alone. Then "small" arrives; two
+    # requests compete, so each may fill 8 // 2 = 4 slots before the rest go in order: step 2
+    # admits big 1..3, then small (1 token, sampled at once), then big 4..6 into what is left.
+    scheduler, runner = make()
+    big = scheduler.add_request("big", [1, 2, 3], SamplingParams(n=64, max_tokens=3),
+                                arrival_time=0)  # fmt: skip
+    _, cs = step(scheduler, runner)
+    assert layout(cs) == [(big[0].seq_id, 0, 3, True)]
+    [small] = scheduler.add_request("small", [5], SamplingParams(max_tokens=1), arrival_time=1)
+    out, cs = step(scheduler, runner)
+    admitted = [s.seq_id for s in out.new_seqs]
+    assert admitted == [b.seq_id for b in big[1:4]] + [small.seq_id] + [b.seq_id for b in big[4:7]]
+    assert (small.seq_id, 0, 1, True) in layout(cs)
+    assert small.is_finished and small.output_token_ids == [5]  # 5 % 97, as when alone
+    run_to_completion(scheduler, runner)
+    assert all(s.output_token_ids == expected(s)[0] == [6, 12, 24] for s in big)
+    assert_all_free(scheduler)
+
+
+@pytest.mark.parametrize(("big_priority", "small_admitted"), [(0, False), (1, True)])
+def test_fair_share_keeps_priority_order(big_priority, small_admitted):
+    # Under "priority" a request is passed over only for one of the same priority: a more
+    # important n=64 request keeps every slot from a less important small one.
+    scheduler, runner = make(policy="priority")
+    big = scheduler.add_request("big", [1, 2, 3], SamplingParams(n=64, max_tokens=3),
+                                arrival_time=0, priority=big_priority)  # fmt: skip
+    step(scheduler, runner)
+    [small] = scheduler.add_request(
+        "small", [5], SamplingParams(max_tokens=1), arrival_time=1, priority=1
+    )
+    out, _ = step(scheduler, runner)
+    admitted = {s.seq_id for s in out.new_seqs}
+    assert (small.seq_id in admitted) is small_admitted
+    assert len(admitted) == 7  # every free slot is used either way
+    run_to_completion(scheduler, runner)
+    assert small.output_token_ids == [5]
+    assert all(s.output_token_ids == [6, 12, 24] for s in big)
+    assert_all_free(scheduler)

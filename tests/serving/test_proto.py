@@ -44,7 +44,7 @@ def test_jetstream_layout():
     }  # fmt: skip
     assert fields(js.DecodeRequest) == {
         "session_cache": 1, "priority": 3, "max_tokens": 4, "text_content": 5,
-        "token_content": 6, "metadata": 7, "num_samples": 8,
+        "token_content": 6, "metadata": 7, "num_samples": 8, "lora_adapter_id": 9, "has_bos": 10,
     }  # fmt: skip
     assert fields(js.DecodeRequest.TextContent) == {"text": 1}
     assert fields(js.DecodeRequest.TokenContent) == {"token_ids": 1}

@@ -8,9 +8,16 @@ Without an explicit dtype the parameters are stored as precisely as the source h
     dummy preset            float32
 
 so a float32 source served with dtype="float32" gives the same numbers as the source itself.
+
+The output folder must be new or empty unless `overwrite` (`--overwrite`): then the new folder is
+written beside it first and swapped in only once complete, so a failed conversion leaves the old
+contents as they were.
 """
 
+import shutil
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,24 +90,43 @@ def source_dtype(model: str, load_format: str = "auto") -> str:
 
 
 def convert(
-    model: str, out: str | Path, *, dtype: str | None = None, load_format: str = "auto"
+    model: str,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    load_format: str = "auto",
+    overwrite: bool = False,
 ) -> ConvertReport:
     """Loads `model` and stores its parameters in a new orbax folder `out`.
 
     dtype None keeps the source precision (float32 where the engine cannot hold it, e.g. a
     float64 source); "auto" means the engine's auto dtype for this platform; otherwise one of
-    float32, bfloat16, float16.
+    float32, bfloat16, float16. `overwrite` replaces the contents of a non-empty `out`.
     """
     start = time.perf_counter()
     chosen = None if dtype is None else jnp.dtype(resolve_dtype(dtype)).name
-    orbax_store.check_out_dir(out)  # before the (possibly long) load
+    out = _check_out(out, overwrite)  # before the (possibly long) load
     found = source_dtype(model, load_format)
     if chosen is None:
         chosen = found if found in DTYPES else "float32"
     loaded = load_model(model, load_format=load_format, dtype=chosen)
-    path = orbax_store.save(
-        loaded.model, loaded.tokenizer, out, dtype=loaded.dtype, source=loaded.source
-    )
+    replace = out.exists() and any(out.iterdir())
+    # A non-empty folder (overwrite) is written beside and swapped in once complete.
+    target = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)) if replace else out
+    try:
+        path = orbax_store.save(
+            loaded.model, loaded.tokenizer, target, dtype=loaded.dtype, source=loaded.source
+        )
+    except BaseException:
+        if replace:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    if replace:
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        out.rename(old)
+        target.rename(out)
+        shutil.rmtree(old)
+        path = out
     params = jax.tree.leaves(nnx.state(loaded.model, nnx.Param))
     return ConvertReport(
         source=loaded.source,
@@ -111,6 +137,20 @@ def convert(
         bytes_written=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
         seconds=time.perf_counter() - start,
     )
+
+
+def _check_out(out: str | Path, overwrite: bool) -> Path:
+    """The absolute output folder, checked: new or empty, or any folder with `overwrite`."""
+    path = Path(out).absolute()
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output path exists and is not a folder: {path}")
+    if not overwrite:
+        try:
+            orbax_store.check_out_dir(path)
+        except FileExistsError as e:
+            raise FileExistsError(f"{e} (--overwrite replaces its contents)") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 # ---- peeking at checkpoint metadata ---------------------------------------------------------

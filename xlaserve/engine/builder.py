@@ -12,6 +12,7 @@ import functools
 import importlib
 import importlib.util
 import logging
+import time
 
 from xlaserve.config import BACKENDS, EngineArgs, kv_cache_pages
 from xlaserve.engine.dp_engine import DataParallelEngine
@@ -92,7 +93,13 @@ def build_runner(args: EngineArgs, mesh=None) -> tuple[LoadedForRunner, Schedule
     """(loaded model, scheduler config, runner, not yet warmed up) for these options. Every
     process of a multi-host mesh builds the same."""
     backend = load_backend(args.backend)
+    start = time.perf_counter()
+    logger.info("loading %s (backend %s, load format %s) ...", args.model, args.backend,
+                args.load_format)  # fmt: skip
     model = backend.load(args, mesh)
+    logger.info("loaded %s in %.1fs (weights %s, tokenizer %s)", args.model,
+                time.perf_counter() - start, model.dtype_name,
+                "loaded" if model.tokenizer is not None else "none")  # fmt: skip
     max_model_len = args.resolve_max_model_len(model.config.max_position_embeddings)
     num_pages = kv_cache_pages(
         args,
@@ -100,6 +107,8 @@ def build_runner(args: EngineArgs, mesh=None) -> tuple[LoadedForRunner, Schedule
         max_model_len=max_model_len,
         device=model.memory_device,
     )
+    logger.info("KV cache: %d pages of %d tokens; compiling at warm-up next", num_pages,
+                model.kv_cache_spec.page_size)  # fmt: skip
     runner = backend.make_runner(model, runner_config_for(args, max_model_len, num_pages))
     return model, scheduler_config_for(args, max_model_len, num_pages), runner
 

@@ -28,6 +28,19 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 Conversation = list[dict]
 
 
+def check_unicode(text: str, param: str = "prompt") -> None:
+    """Refuses text that cannot be encoded (a lone UTF-16 surrogate, as JSON's "\\ud800" gives):
+    the tokenizer would fail with a message about its own types."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            param,
+            f"{param} is not valid Unicode text: lone surrogate {text[e.start]!r} at position "
+            f"{e.start}",
+        ) from None
+
+
 @dataclass(frozen=True)
 class EngineRequest:
     """A validated request, ready for a scheduler."""
@@ -122,6 +135,7 @@ class RequestIntake:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt", "prompt is empty")
+            check_unicode(prompt)
             if self.tokenizer is None:
                 raise InvalidRequestError(
                     "prompt", "this model has no tokenizer: pass prompt_token_ids"

@@ -11,6 +11,7 @@ them (`follow`), so all processes enter each collective together.
 """
 
 import logging
+import sys
 import threading
 import time
 from functools import partial
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from xlaserve.engine import sampler
 from xlaserve.engine.input_batch import (
@@ -224,16 +226,30 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Compiles every token bucket's forward (and prompt-logprob) graph and every sequence
-        bucket's sampling graph, without touching the KV cache."""
+        bucket's sampling graph, without touching the KV cache. Reports progress on stderr: a
+        tqdm bar on a terminal, else one log line per graph ("graph i of n compiled")."""
         start = time.perf_counter()
-        with self.compiles.track():
-            for num_tokens in self.config.token_buckets:
-                self.steps.forward(self.empty_step_inputs(num_tokens))
-                self.steps.prompt_logprobs(np.zeros(num_tokens, np.int32))
-            for num_seqs in self.config.seq_buckets:
-                out = self.steps.sample(self.empty_sampling_rows(num_seqs))
-            to_host(out.tokens)
-            self.steps.init_penalty_row(*self.empty_penalty_row())
+        steps = self.steps
+        graphs = []  # (name, call) in the order the calls depend on each other
+        for t in self.config.token_buckets:  # prompt logprobs read the forward's hidden rows
+            graphs.append((f"forward T={t}", partial(steps.forward, self.empty_step_inputs(t))))
+            zeros = np.zeros(t, np.int32)
+            graphs.append((f"prompt logprobs T={t}", partial(steps.prompt_logprobs, zeros)))
+        for s in self.config.seq_buckets:
+            graphs.append((f"sampler S={s}", partial(steps.sample, self.empty_sampling_rows(s))))
+        penalty_row = self.empty_penalty_row()
+        graphs.append(("penalty row init", partial(steps.init_penalty_row, *penalty_row)))
+        bar = tqdm(total=len(graphs), desc="warm-up", unit="graph",
+                   disable=not sys.stderr.isatty())  # fmt: skip
+        with self.compiles.track(), bar:
+            for i, (name, call) in enumerate(graphs, 1):
+                out = call()  # compiles synchronously; the run itself is dispatched
+                if name == f"sampler S={self.config.seq_buckets[-1]}":
+                    to_host(out.tokens)  # waits for the device once, as before
+                bar.update()
+                if bar.disable:  # not a terminal: log lines instead of a bar
+                    logger.info("warm-up: graph %d of %d compiled (%s) after %.1fs", i,
+                                len(graphs), name, time.perf_counter() - start)  # fmt: skip
         self.compiles_at_warmup = self.compiles.count
         self.warmup_seconds = time.perf_counter() - start
         logger.info("warm-up compiled %d graphs in %.1fs", self.compiles.count, self.warmup_seconds)

@@ -11,6 +11,12 @@ siblings wait until its prompt is computed, then take the prompt's full pages by
 the prefix cache, or, with prefix caching off, straight from sample 0's page table) and compute
 only the rest, at least one token.
 
+Fairness: while other requests wait, a request is admitted only up to its share of the sequence
+slots (`max_num_seqs` // requests running or waiting, at least 1); slots left over then go to
+waiting sequences in policy order, so nothing idles. A request's running sequences are never
+preempted for fairness: a newcomer takes the next slot that frees. Under "priority" a request is
+passed over only in favour of requests of the same priority.
+
 Preemption is by recomputation: the victim's pages are freed, `num_computed_tokens` drops to 0
 and it waits again; when readmitted it recomputes prompt + outputs so far (prefix-cache hits
 included) and continues decoding exactly where it stopped.
@@ -21,6 +27,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 from xlaserve.engine.block_manager import BlockManager, Prefix
@@ -229,31 +236,63 @@ class Scheduler:
                 scheduled[seq.seq_id] = (seq, num_new)
                 budget -= num_new
 
-        # Waiting sequences, unless this step already had to preempt (no room to grow).
+        # Waiting sequences, unless this step already had to preempt (no room to grow): first
+        # up to each request's fair share of the sequence slots, then in order into what is left.
         if not preempted:
-            for seq in list(self.waiting):
-                if budget == 0 or len(self.running) >= self.config.max_num_seqs:
-                    break
-                if seq.held:
-                    continue
-                if not self._requests[seq.request_id].prompt_ready and seq.sample_index > 0:
-                    continue  # a sibling waits for sample 0's prompt pages
-                prefix = self._computed_prefix(seq)
-                num_new = seq.num_tokens - prefix[1]
-                if num_new > budget:
-                    if not self.config.enable_chunked_prefill:
-                        break
-                    num_new = budget
-                if not self.block_manager.can_allocate(seq, num_new, prefix):
-                    break
-                self.block_manager.allocate(seq, num_new, prefix)
-                self.waiting.remove(seq)
-                seq.status = RequestStatus.RUNNING
-                self.running.append(seq)
-                self._running_by_id[seq.seq_id] = seq
-                scheduled[seq.seq_id] = (seq, num_new)
-                budget -= num_new
+            budget, stopped = self._admit(scheduled, budget, self._fair_share())
+            if not stopped:
+                self._admit(scheduled, budget, None)
         return self._output(scheduled.values(), preempted)
+
+    def _fair_share(self) -> int:
+        """Sequence slots one request may fill while other requests wait: max_num_seqs split
+        evenly over the requests with sequences running or ready to run (at least 1)."""
+        contenders = {s.request_id for s in self.running}
+        contenders.update(s.request_id for s in self.waiting if not s.held)
+        return max(1, self.config.max_num_seqs // max(1, len(contenders)))
+
+    def _admit(self, scheduled: dict, budget: int, share: int | None) -> tuple[int, bool]:
+        """Admits waiting sequences in policy order into `scheduled`. With `share`, a request
+        already running `share` sequences is passed over, so that one request's many samples
+        cannot take every slot while others wait (under "priority", only in favour of requests
+        of equal priority). Returns the budget left and whether admission stopped for want of
+        tokens, slots or pages (then nobody behind may go first)."""
+        running = Counter(s.request_id for s in self.running)
+        passed_over: int | None = None  # priority of the first request passed over
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                return budget, True
+            if seq.held:
+                continue
+            if not self._requests[seq.request_id].prompt_ready and seq.sample_index > 0:
+                continue  # a sibling waits for sample 0's prompt pages
+            if share is not None:
+                if (
+                    passed_over is not None
+                    and self.config.policy == "priority"
+                    and seq.priority > passed_over
+                ):
+                    break
+                if running[seq.request_id] >= share:
+                    passed_over = seq.priority if passed_over is None else passed_over
+                    continue
+            prefix = self._computed_prefix(seq)
+            num_new = seq.num_tokens - prefix[1]
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    return budget, True
+                num_new = budget
+            if not self.block_manager.can_allocate(seq, num_new, prefix):
+                return budget, True
+            self.block_manager.allocate(seq, num_new, prefix)
+            self.waiting.remove(seq)
+            seq.status = RequestStatus.RUNNING
+            self.running.append(seq)
+            self._running_by_id[seq.seq_id] = seq
+            scheduled[seq.seq_id] = (seq, num_new)
+            budget -= num_new
+            running[seq.request_id] += 1
+        return budget, False
 
     def _output(self, scheduled, preempted: list[Sequence]) -> SchedulerOutput:
         """The step as a diff against what the runner's batch already holds."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import logging
 from dataclasses import dataclass
@@ -41,14 +42,36 @@ class ServerConfig:
     # Reads tool calls from free output for tool_choice "auto" (hermes, llama3_json); None:
     # "auto" is refused (required, named functions and "none" need no parser).
     tool_call_parser: str | None = None
+    # A second gRPC listener serving only JetStream's Orchestrator (and health), for JetStream
+    # clients, which cannot send an API key. Its key: jetstream_api_key, else api_key; none at
+    # all only with jetstream_no_auth (the operator's explicit choice, warned about).
+    jetstream_port: int | None = None
+    jetstream_api_key: str | None = None
+    jetstream_no_auth: bool = False
+    # Limits on one request (serving/limits.py): samples (n / num_samples) at most max_n;
+    # max_tokens above max_tokens_cap (None: no cap) refused; gRPC Generate and JetStream Decode
+    # requests that do not set max_tokens get max_tokens_default (HTTP keeps vLLM's defaults).
+    max_n: int = 16
+    max_tokens_default: int = 256
+    max_tokens_cap: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("grpc_port", "http_port"):
+        limits = {"max_n": self.max_n, "max_tokens_default": self.max_tokens_default}
+        if self.max_tokens_cap is not None:
+            limits["max_tokens_cap"] = self.max_tokens_cap
+        for name, value in limits.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("grpc_port", "http_port", "jetstream_port"):
             port = getattr(self, name)
             if port is not None and (not isinstance(port, int) or not 0 <= port <= 65535):
                 raise ValueError(f"{name} must be in [0, 65535] or None, got {port!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be non-empty (or None for no authentication)")
+        if self.jetstream_api_key is not None and not self.jetstream_api_key:
+            raise ValueError("jetstream_api_key must be non-empty (or None)")
+        if self.jetstream_no_auth and self.jetstream_api_key is not None:
+            raise ValueError("jetstream_no_auth and jetstream_api_key contradict each other")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.tool_call_parser is not None:
@@ -57,23 +80,67 @@ class ServerConfig:
             get_parser(self.tool_call_parser)  # raises ValueError naming the choices
 
 
+def bearer_matches(authorization: str | None, key: str | None) -> bool:
+    """Whether an `authorization` value ("Bearer <key>") carries `key` (None: no key needed)."""
+    if key is None:
+        return True
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+
+
+STARTING = "the server is starting: the model is loading and compiling (warm-up); retry later"
+
+
 class ServingContext:
     """Lives on the servers' event loop; the engine thread reaches it only through
-    `call_soon_threadsafe`."""
+    `call_soon_threadsafe`.
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
-        self.engine = engine
+    The servers start before the engine exists (`engine=None`: "starting"), so that ports are
+    taken at once and health can answer; `attach` hands the ready engine over. Until then
+    `engine` raises an UNAVAILABLE `ServingError` saying the server is starting."""
+
+    def __init__(self, engine: AsyncEngine | None, config: ServerConfig) -> None:
+        self._engine: AsyncEngine | None = None
         self.config = config
-        self.model_name = config.served_model_name or engine.model_name or "default"
-        self.metrics = ServingMetrics(engine.metrics, lambda: self.healthy)
+        self.model_name = config.served_model_name or "default"
+        self.metrics = ServingMetrics(
+            self._engine_metrics, lambda: self.healthy, model_name=lambda: self.model_name
+        )
         self.draining = False
         self.failed = asyncio.Event()
         self._health_changed = asyncio.Event()
+        if engine is not None:
+            self.attach(engine)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise ServingError(Kind.UNAVAILABLE, STARTING, code="starting")
+        return self._engine
+
+    def attach(self, engine: AsyncEngine) -> None:
+        """The engine is ready (built and warmed up): requests and health use it from now on."""
+        self._engine = engine
+        self.model_name = self.config.served_model_name or engine.model_name or "default"
+        self._notify_health()
+
+    def _engine_metrics(self) -> dict:
+        if self._engine is None:  # starting: every engine gauge and counter reads 0
+            return collections.defaultdict(int)
+        return self._engine.metrics()
 
     # ---- health ------------------------------------------------------------------------------
     @property
     def healthy(self) -> bool:
-        return self.engine.is_serving and not self.draining
+        return self._engine is not None and self._engine.is_serving and not self.draining
+
+    @property
+    def has_engine(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def starting(self) -> bool:
+        return self._engine is None and not self.draining and not self.failed.is_set()
 
     def on_engine_death(self, error: EngineDeadError) -> None:
         logger.error("engine failed, reporting NOT_SERVING: %s", error)
@@ -82,7 +149,8 @@ class ServingContext:
 
     def begin_drain(self) -> None:
         self.draining = True
-        self.engine.begin_drain()
+        if self._engine is not None:
+            self._engine.begin_drain()
         self._notify_health()
 
     def _notify_health(self) -> None:
@@ -95,13 +163,11 @@ class ServingContext:
     # ---- requests ----------------------------------------------------------------------------
     def authorized(self, authorization: str | None) -> bool:
         """Checks an `authorization` header/metadata value ("Bearer <key>")."""
-        key = self.config.api_key
-        if key is None:
-            return True
-        scheme, _, token = (authorization or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+        return bearer_matches(authorization, self.config.api_key)
 
     def check_model(self, name: str | None) -> None:
+        if self._engine is None:  # every request is refused with "starting" until ready
+            raise ServingError(Kind.UNAVAILABLE, STARTING, code="starting")
         if name and name != self.model_name:
             raise ServingError(
                 Kind.NOT_FOUND,

@@ -20,7 +20,8 @@ SAMPLING_FIELDS = frozenset(_OPTIONAL + _REPEATED + ("logit_bias", "structured_o
 
 
 def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
-    """Unset fields take SamplingParams' defaults, except max_tokens (unset: no limit)."""
+    """Unset fields take SamplingParams' defaults, except max_tokens (unset: None, which the
+    server replaces by its --max-tokens-default)."""
     kwargs: dict = {name: getattr(msg, name) for name in _OPTIONAL if msg.HasField(name)}
     kwargs.setdefault("max_tokens", None)
     for name in _REPEATED:

@@ -15,7 +15,9 @@ from xlaserve.serving.context import ServingContext
 from xlaserve.serving.deltas import DeltaTracker
 from xlaserve.serving.errors import Kind, ServingError, failed_in_flight
 from xlaserve.serving.grpc_convert import generate_response, sampling_params_from_proto
+from xlaserve.serving.grpc_decode import DecodeErrorInterceptor
 from xlaserve.serving.jetstream import JETSTREAM_SERVICE, OrchestratorServicer
+from xlaserve.serving.limits import limited
 from xlaserve.serving.proto import jetstream_pb2_grpc
 from xlaserve.serving.proto import xlaserve_pb2 as pb
 from xlaserve.serving.proto import xlaserve_pb2_grpc as pb_grpc
@@ -62,6 +64,15 @@ class XlaServeServicer(pb_grpc.XlaServeServicer):
             else:
                 prompt = {"prompt_token_ids": list(request.token_ids.ids)}
             params = sampling_params_from_proto(request.sampling_params)
+            asked = params.max_tokens if request.sampling_params.HasField("max_tokens") else None
+            config = ctx.config
+            params = limited(
+                params,
+                max_n=config.max_n,
+                asked=asked,
+                default=config.max_tokens_default,
+                cap=config.max_tokens_cap,
+            )
         except Exception as e:  # noqa: BLE001 - reported to the client
             await abort_with(context, ctx.refuse(e))
         add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
@@ -74,6 +85,7 @@ class XlaServeServicer(pb_grpc.XlaServeServicer):
                 request_id=request.request_id or None,
                 priority=request.priority,
                 add_special_tokens=add_special,
+                check_length=asked is not None,  # the server's default is cut, not refused
             ),
         )
         tracker, first = DeltaTracker(), True
@@ -101,11 +113,16 @@ class XlaServeServicer(pb_grpc.XlaServeServicer):
         return pb.AbortResponse(found=found)
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
-        return pb.ModelInfo(**self.ctx.model_info())
+        try:
+            info = self.ctx.model_info()
+        except ServingError as e:  # still starting
+            await abort_with(context, self.ctx.refuse(e))
+        return pb.ModelInfo(**info)
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
-    """grpc.health.v1 answering from the engine's live state ("" = the whole server)."""
+    """grpc.health.v1 answering from the engine's live state ("" = the whole server):
+    NOT_SERVING while starting (loading, warm-up), draining or failed; SERVING otherwise."""
 
     def __init__(self, ctx: ServingContext, services: list[str]) -> None:
         self.ctx = ctx
@@ -135,17 +152,19 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires metadata `authorization: Bearer <api key>` on every method but health."""
+    """Requires metadata `authorization: Bearer <api key>` on every method but health.
+    `authorized` checks the metadata value (default: the server's --api-key)."""
 
-    def __init__(self, ctx: ServingContext) -> None:
+    def __init__(self, ctx: ServingContext, authorized=None) -> None:
         self.ctx = ctx
+        self.authorized = authorized or ctx.authorized
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or details.method in UNAUTHENTICATED_METHODS:
             return handler
         metadata = dict(details.invocation_metadata or ())
-        if self.ctx.authorized(metadata.get("authorization")):
+        if self.authorized(metadata.get("authorization")):
             return handler
         message = (
             "missing API key: send metadata 'authorization: Bearer <key>'"
@@ -181,7 +200,7 @@ async def start_grpc_server(
     """Builds and starts the server; returns it and the bound port."""
     limit = ctx.config.max_body_bytes
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(ctx)],
+        interceptors=[AuthInterceptor(ctx), DecodeErrorInterceptor()],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.so_reuseport", 0),
@@ -199,9 +218,9 @@ async def start_grpc_server(
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as e:  # grpc raises this when the address is taken
-        raise OSError(f"cannot bind the gRPC server to {address}: {e}") from e
+        raise OSError(f"cannot bind the gRPC server to {address} (--grpc-port): {e}") from e
     if bound == 0:
-        raise OSError(f"cannot bind the gRPC server to {address}")
+        raise OSError(f"cannot bind the gRPC server to {address} (--grpc-port): address in use?")
     await server.start()
     logger.info("gRPC server on %s:%d", host, bound)
     return server, bound

@@ -1,10 +1,12 @@
 """The OpenAI-compatible HTTP server (FastAPI, served by uvicorn on the shared event loop).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE streams), GET /v1/models,
-GET /health (no API key), GET /metrics (Prometheus). Every error has OpenAI's body
-{"error": {"message", "type", "param", "code"}}, whose `param` names the field the client sent
-(`client_param`: max_completion_tokens, response_format, guided_json, ...). A client that
-disconnects aborts its requests.
+GET /health (readiness, no API key: 200 once the engine serves, 503 {"status": "starting"} while
+it loads and warms up, 503 NOT_SERVING while draining or failed), GET /health/live and /livez
+(liveness, no API key: 200 whenever the process answers), GET /metrics (Prometheus). Every
+error has OpenAI's body {"error": {"message", "type", "param", "code"}}, whose `param` names
+the field the client sent (`client_param`: max_completion_tokens, response_format, guided_json,
+...). A client that disconnects aborts its requests.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xlaserve.engine.async_engine import EngineDeadError, RequestStream
 from xlaserve.engine.outputs import RequestOutput
+from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.errors import InvalidRequestError
-from xlaserve.serving.context import ServingContext
+from xlaserve.serving.context import STARTING, ServingContext
 from xlaserve.serving.deltas import DeltaTracker, Usage
 from xlaserve.serving.errors import Kind, ServingError, classify, failed_in_flight
+from xlaserve.serving.limits import COMPLETIONS_DEFAULT_MAX_TOKENS, limited
 from xlaserve.serving.metrics import CONTENT_TYPE
 from xlaserve.serving.openai_format import SSE_DONE, ResponseFormatter, sse
 from xlaserve.serving.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
@@ -34,7 +38,7 @@ from xlaserve.serving.tool_calls import plan_tools
 
 logger = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", "/health/live", "/livez"})
 
 
 def error_response(error: ServingError) -> JSONResponse:
@@ -147,7 +151,6 @@ def _grammar_backend(ctx: ServingContext) -> str | None:
 class OpenAIRoutes:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
-        self.grammar_backend = _grammar_backend(ctx)
 
     async def _submit_all(self, prompts, params, base_id: str, priority: int, **kw):
         streams = []
@@ -173,7 +176,7 @@ class OpenAIRoutes:
         self.ctx.check_model(req.model)
         prompts = req.prompts()
         with named_as_sent(req):
-            params = self._params(req)
+            params, check_length = self._params(req)
             fmt = ResponseFormatter(
                 "completion",
                 f"cmpl-{uuid.uuid4().hex}",
@@ -182,14 +185,16 @@ class OpenAIRoutes:
                 top_logprobs=req.logprobs or 0,
                 tokens_as_ids=req.return_tokens_as_token_ids,
             )
-            streams = await self._submit_all(prompts, params, fmt.id, req.priority)
+            streams = await self._submit_all(
+                prompts, params, fmt.id, req.priority, check_length=check_length
+            )
             return await self._respond(request, req, fmt, streams)
 
     async def chat_completions(self, request: Request):
         req = parse_body(await request.body(), ChatCompletionRequest)
         self.ctx.check_model(req.model)
         with named_as_sent(req):
-            params = self._params(req)
+            params, check_length = self._params(req)
             try:  # tools: their constraint set on params (required / named calls)
                 tools = plan_tools(req, params, self.ctx.config.tool_call_parser)
             except ValueError as e:
@@ -208,14 +213,35 @@ class OpenAIRoutes:
             messages = {"messages": [m.as_template_dict() for m in req.messages]}
             if tools is not None:
                 messages["tools"] = tools.tools
-            streams = await self._submit_all([messages], params, fmt.id, req.priority)
+            streams = await self._submit_all(
+                [messages], params, fmt.id, req.priority, check_length=check_length
+            )
             return await self._respond(request, req, fmt, streams)
 
-    def _params(self, req):
+    def _params(self, req) -> tuple[SamplingParams, bool]:
+        """The request's sampling params within the server's limits (serving/limits.py), and
+        whether a max_tokens that does not fit after the prompt is refused (False: a default
+        the server chose, cut at max_model_len)."""
+        config = self.ctx.config
+        if isinstance(req, CompletionRequest) and "max_tokens" not in req.model_fields_set:
+            asked, default = None, COMPLETIONS_DEFAULT_MAX_TOKENS
+        else:
+            asked, default = None, None  # set below from the params (chat: either field)
         try:
-            return req.sampling_params(structured_backend=self.grammar_backend)
+            params = req.sampling_params(structured_backend=_grammar_backend(self.ctx))
+            if default is None:
+                asked = params.max_tokens
+            params = limited(
+                params,
+                max_n=config.max_n,
+                asked=asked,
+                default=default,
+                cap=config.max_tokens_cap,
+                max_tokens_param=req.client_param("max_tokens"),
+            )
         except ValueError as e:
             raise classify(e) from e
+        return params, asked is not None or default is not None
 
     async def _respond(self, request: Request, req, fmt, streams):
         if req.stream:
@@ -226,14 +252,17 @@ class OpenAIRoutes:
             )
         collect = asyncio.create_task(self._final_outputs(streams))
         disconnect = asyncio.create_task(_wait_disconnect(request))
+        gone = True  # also when this handler itself is cancelled
         try:
             await asyncio.wait((collect, disconnect), return_when=asyncio.FIRST_COMPLETED)
+            gone = not collect.done()
         finally:
             disconnect.cancel()
-            if not collect.done():  # the client went away: stop its requests
+            if gone:  # the client went away: stop its requests
                 collect.cancel()
                 self._abort_unfinished(streams)
-        if collect.cancelled():
+        if gone:  # not an error: nobody is left to answer (499: nginx's "client closed")
+            logger.info("client disconnected from %s: request %s aborted", request.url.path, fmt.id)
             return Response(status_code=499)
         try:
             finals = collect.result()
@@ -316,10 +345,20 @@ def build_app(ctx: ServingContext) -> GuardMiddleware:
 
     @app.get("/health")
     async def health():
+        """Readiness: 200 once the engine serves; 503 while starting, draining or failed."""
         if ctx.healthy:
             return {"status": "SERVING"}
-        reason = str(ctx.engine.error) if ctx.engine.error else "the server is shutting down"
+        if ctx.starting:
+            return JSONResponse({"status": "starting", "reason": STARTING}, status_code=503)
+        error = ctx.engine.error if ctx.has_engine else None
+        reason = str(error) if error else "the server is shutting down"
         return JSONResponse({"status": "NOT_SERVING", "reason": reason}, status_code=503)
+
+    @app.get("/health/live")
+    @app.get("/livez")
+    async def live():
+        """Liveness: 200 whenever this process answers HTTP (starting included)."""
+        return {"status": "ALIVE"}
 
     @app.get("/v1/models")
     async def models():
@@ -357,7 +396,13 @@ async def start_http_server(ctx: ServingContext, host: str, port: int):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(
+            e.errno, f"cannot bind the HTTP server to {host}:{port} (--http-port): {e.strerror}"
+        ) from e
     sock.listen(2048)
     sock.setblocking(False)
     bound = sock.getsockname()[1]

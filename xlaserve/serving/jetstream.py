@@ -2,10 +2,17 @@
 its benchmark scripts work unchanged.
 
 Decode samples greedily (JetStream's servers sample as configured at start-up; the request
-carries no sampling options), `max_tokens` 0 means "until eos or max_model_len", and a prompt
-that does not leave room for `max_tokens` is cut at max_model_len rather than refused, as in
-JetStream. Each response carries every sample (`num_samples` of them, in order) with the token
-ids and text it added; a sample without news that step has empty fields.
+carries no sampling options), `max_tokens` 0 (unset) means the server's --max-tokens-default,
+and a prompt that does not leave room for `max_tokens` is cut at max_model_len rather than
+refused, as in JetStream. `num_samples` above --max-n and `max_tokens` above --max-tokens-cap are
+refused (serving/limits.py). Each response carries every sample (`num_samples` of them, in
+order) with the token ids and text it added; a sample without news that step has empty fields.
+
+`has_bos` is JetStream's: false (the default) means the content lacks the beginning-of-sequence
+token, so text is tokenized with the model's special tokens and token ids get the model's BOS
+put in front (unless they already start with it: JetStream's own benchmark sends ids from a
+tokenizer that added one, and JetStream would then decode after two); true means the content
+already has it, so nothing is added. `lora_adapter_id` is refused: this server has no adapters.
 """
 
 from __future__ import annotations
@@ -15,13 +22,38 @@ from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.serving.context import ServingContext
 from xlaserve.serving.deltas import DeltaTracker
 from xlaserve.serving.errors import Kind, ServingError, failed_in_flight
+from xlaserve.serving.limits import limited
 from xlaserve.serving.proto import jetstream_pb2 as js
 from xlaserve.serving.proto import jetstream_pb2_grpc as js_grpc
 
 JETSTREAM_SERVICE = js.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 
 
-def _decode_args(request: js.DecodeRequest):
+def bos_prefix(tokenizer) -> list[int]:
+    """[BOS] when the model's tokenizer puts it in front of a text, else []."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if tokenizer is None or bos is None:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a private copy: the engine thread may be using this one
+        from tokenizers import Tokenizer
+
+        own = Tokenizer.from_str(backend.to_str())
+        with_special = own.encode("a", add_special_tokens=True).ids
+        plain = own.encode("a", add_special_tokens=False).ids
+    else:
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return [bos] if with_special[:1] == [bos] and plain[:1] != [bos] else []
+
+
+def _decode_args(request: js.DecodeRequest, bos: list[int]):
+    if request.lora_adapter_id:
+        raise ServingError(
+            Kind.INVALID,
+            f"LoRA adapters are not supported by this server: cannot decode with adapter "
+            f"{request.lora_adapter_id!r}; leave lora_adapter_id empty for the base model",
+        )
     if request.session_cache:
         raise ServingError(
             Kind.INVALID,
@@ -33,14 +65,18 @@ def _decode_args(request: js.DecodeRequest):
         raise ServingError(Kind.INVALID, "content is required: set text_content or token_content")
     if request.max_tokens < 0:
         raise ServingError(
-            Kind.INVALID, f"max_tokens must be >= 0 (0: no limit), got {request.max_tokens}"
+            Kind.INVALID,
+            f"max_tokens must be >= 0 (0: the server's default), got {request.max_tokens}",
         )
     if request.num_samples < 0:
         raise ServingError(Kind.INVALID, f"num_samples must be >= 0, got {request.num_samples}")
     if which == "text_content":
         prompt = request.text_content.text
     else:
-        prompt = {"prompt_token_ids": list(request.token_content.token_ids)}
+        ids = list(request.token_content.token_ids)
+        if not request.has_bos and ids[: len(bos)] != bos:
+            ids = bos + ids
+        prompt = {"prompt_token_ids": ids}
     params = SamplingParams(
         n=max(request.num_samples, 1), temperature=0.0, max_tokens=request.max_tokens or None
     )
@@ -50,16 +86,37 @@ def _decode_args(request: js.DecodeRequest):
 class OrchestratorServicer(js_grpc.OrchestratorServicer):
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
+        self._bos: list[int] | None = None  # read from the engine's tokenizer once it is ready
+
+    @property
+    def bos(self) -> list[int]:
+        if self._bos is None:
+            self._bos = bos_prefix(self.ctx.engine.tokenizer)
+        return self._bos
 
     async def Decode(self, request: js.DecodeRequest, context):
         ctx = self.ctx
         try:
-            prompt, params = _decode_args(request)
+            prompt, params = _decode_args(request, self.bos)
+            params = limited(
+                params,
+                max_n=ctx.config.max_n,
+                asked=request.max_tokens or None,
+                default=ctx.config.max_tokens_default,
+                cap=ctx.config.max_tokens_cap,
+                n_param="num_samples",
+            )
         except Exception as e:  # noqa: BLE001
             error = ctx.refuse(e)
             await context.abort(error.kind.grpc_code, error.message)
         try:
-            stream = await ctx.submit(prompt, params, priority=request.priority, check_length=False)
+            stream = await ctx.submit(
+                prompt,
+                params,
+                priority=request.priority,
+                add_special_tokens=not request.has_bos,
+                check_length=False,
+            )
         except ServingError as e:
             error = ctx.refuse(e)
             await context.abort(error.kind.grpc_code, error.message)

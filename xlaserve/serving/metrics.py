@@ -1,6 +1,13 @@
 """Prometheus metrics: request outcomes and latencies (recorded as requests finish) and the
 engine's gauges and counters (read from its snapshot at scrape time). One registry per server,
-so several servers in one process never share counters."""
+so several servers in one process never share counters.
+
+The main series are also exported under vLLM's names, labelled `model_name` as vLLM does, so
+dashboards built for vLLM work: vllm:num_requests_running / _waiting, vllm:kv_cache_usage_perc
+(a fraction, 1 = full), vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds (one
+observation per gap between output tokens; a request's gaps are taken as equal, its mean),
+vllm:e2e_request_latency_seconds, vllm:prompt_tokens_total, vllm:generation_tokens_total and
+vllm:num_preemptions_total."""
 
 from __future__ import annotations
 
@@ -33,8 +40,14 @@ class ServingMetrics(EngineObserver):
     """Records finished requests (as the engine's observer) and refusals; renders the text
     exposition format."""
 
-    def __init__(self, engine_metrics: Callable[[], dict], healthy: Callable[[], bool]):
+    def __init__(
+        self,
+        engine_metrics: Callable[[], dict],
+        healthy: Callable[[], bool],
+        model_name: Callable[[], str] = lambda: "default",
+    ):
         self.registry = CollectorRegistry()
+        self.model_name = model_name
         r = self.registry
         self.requests = Counter("xlaserve_requests", "Requests by outcome", ["outcome"], registry=r)
         for outcome in OUTCOMES:
@@ -63,7 +76,8 @@ class ServingMetrics(EngineObserver):
         self.generation_tokens = Counter(
             "xlaserve_generation_tokens", "Output tokens of finished requests", registry=r
         )
-        r.register(_EngineCollector(engine_metrics, healthy))
+        self.vllm = _VllmSeries(r)
+        r.register(_EngineCollector(engine_metrics, healthy, model_name))
 
     # ---- observer hooks (engine thread) ------------------------------------------------------
     def on_request_finished(self, output: RequestOutput) -> None:
@@ -78,6 +92,7 @@ class ServingMetrics(EngineObserver):
                 self.tpot.observe((m.finished_time - m.first_token_time) / (num_tokens - 1))
         if m.finished_time is not None:
             self.e2e.observe(max(m.finished_time - m.arrival_time, 0.0))
+        self.vllm.on_request_finished(output, num_tokens, self.model_name())
 
     def on_requests_failed(self, count: int) -> None:
         self.requests.labels("error").inc(count)
@@ -90,10 +105,48 @@ class ServingMetrics(EngineObserver):
         return generate_latest(self.registry)
 
 
+class _VllmSeries:
+    """The per-request series under vLLM's names (recorded as requests finish)."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        label = ["model_name"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival to first output token",
+                              label, buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Gaps between output tokens",
+                             label, buckets=_TPOT_BUCKETS, registry=r)  # fmt: skip
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last output token",
+                             label, buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests",
+                                     label, registry=r)  # fmt: skip
+        self.generation_tokens = Counter("vllm:generation_tokens",
+                                         "Output tokens of finished requests", label,
+                                         registry=r)  # fmt: skip
+
+    def on_request_finished(self, output: RequestOutput, num_tokens: int, model: str) -> None:
+        m = output.metrics
+        self.prompt_tokens.labels(model).inc(len(output.prompt_token_ids))
+        self.generation_tokens.labels(model).inc(sum(len(c.token_ids) for c in output.outputs))
+        if m.first_token_time is not None:
+            self.ttft.labels(model).observe(max(m.first_token_time - m.arrival_time, 0.0))
+            if m.finished_time is not None and num_tokens > 1:
+                gap = max(m.finished_time - m.first_token_time, 0.0) / (num_tokens - 1)
+                itl = self.itl.labels(model)
+                for _ in range(num_tokens - 1):
+                    itl.observe(gap)
+        if m.finished_time is not None:
+            self.e2e.labels(model).observe(max(m.finished_time - m.arrival_time, 0.0))
+
+
 class _EngineCollector(Collector):
-    def __init__(self, engine_metrics: Callable[[], dict], healthy: Callable[[], bool]):
+    def __init__(
+        self,
+        engine_metrics: Callable[[], dict],
+        healthy: Callable[[], bool],
+        model_name: Callable[[], str],
+    ):
         self._engine_metrics = engine_metrics
         self._healthy = healthy
+        self._model_name = model_name
 
     def collect(self):
         m = self._engine_metrics()
@@ -124,6 +177,7 @@ class _EngineCollector(Collector):
         yield counter("compiles_after_warmup", "XLA compilations after warm-up (should be 0)",
                       m["compiles_after_warmup"])  # fmt: skip
         yield counter("preemptions", "Sequences preempted for KV pages", m["preemptions"])
+        yield from self._vllm(m, (total - free) / total if total else 0.0)
         # The engine's own step counters (LLMEngine.get_metrics): steps that ran a batch, their
         # wall time, and the part from dispatch until the sampled tokens reached the host; the
         # rest of step_seconds is host work per step (scheduling, packing, postprocessing).
@@ -134,3 +188,21 @@ class _EngineCollector(Collector):
         yield counter("engine_device_seconds",
                       "Time from each step's dispatch until its sampled tokens reached the host",
                       m.get("device_seconds", 0.0))  # fmt: skip
+
+    def _vllm(self, m: dict, usage: float):
+        """The engine's series under vLLM's names."""
+        labels = [self._model_name()]
+
+        def family(kind, name, doc, value):
+            metric = kind(f"vllm:{name}", doc, labels=["model_name"])
+            metric.add_metric(labels, value)
+            return metric
+
+        yield family(GaugeMetricFamily, "num_requests_running",
+                     "Sequences being decoded or prefilled", m["num_running"])  # fmt: skip
+        yield family(GaugeMetricFamily, "num_requests_waiting",
+                     "Sequences waiting to be scheduled", m["num_waiting"])  # fmt: skip
+        yield family(GaugeMetricFamily, "kv_cache_usage_perc",
+                     "Share of KV cache pages held by sequences (1: full)", usage)  # fmt: skip
+        yield family(CounterMetricFamily, "num_preemptions",
+                     "Sequences preempted for KV pages", m["preemptions"])  # fmt: skip

@@ -5,6 +5,12 @@ health turns NOT_SERVING, new requests are refused with UNAVAILABLE / 503, in-fl
 `drain_timeout_s` to finish); 1 when the engine failed (health turns NOT_SERVING at once,
 in-flight requests fail, and after `failure_exit_delay_s` the servers stop) so that a
 supervisor restarts the process instead of it hanging.
+
+Start-up order: both ports are bound first (a port in use fails at once, naming it), then the
+engine is built and warmed up on a worker thread while the servers answer: HTTP `/health` 503
+{"status": "starting"}, `/health/live` and `/livez` 200, gRPC health NOT_SERVING, and every
+request 503 / UNAVAILABLE "the server is starting". Once the engine is ready, health turns
+SERVING and requests are taken.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +27,7 @@ from xlaserve.engine.async_engine import AsyncEngine
 from xlaserve.serving.context import ServerConfig, ServingContext
 from xlaserve.serving.grpc_server import start_grpc_server
 from xlaserve.serving.http_server import start_http_server
+from xlaserve.serving.jetstream_listener import start_jetstream_server
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +43,7 @@ class Endpoints:
     host: str
     grpc_port: int | None
     http_port: int | None
+    jetstream_port: int | None = None  # the JetStream-only gRPC listener (--jetstream-port)
 
     @property
     def grpc_target(self) -> str:
@@ -48,23 +57,29 @@ class Endpoints:
         return f"[{self.host}]" if ":" in self.host else self.host
 
 
+EngineOrBuilder = AsyncEngine | Callable[[], AsyncEngine]
+
+
 async def serve(
-    engine: AsyncEngine,
+    engine: EngineOrBuilder,
     config: ServerConfig,
     *,
     on_ready: Callable[[Endpoints], None] | None = None,
+    on_listening: Callable[[Endpoints], None] | None = None,
     shutdown: asyncio.Event | None = None,
     handle_signals: bool = False,
 ) -> int:
-    """Starts the engine and both servers, runs until `shutdown` is set (or SIGTERM/SIGINT with
-    `handle_signals`) or the engine fails; returns the process exit code."""
+    """Binds both servers, then builds (when given a builder: it runs on a worker thread while
+    the servers answer "starting") and starts the engine; runs until `shutdown` is set (or
+    SIGTERM/SIGINT with `handle_signals`) or the engine fails; returns the process exit code.
+    `on_listening` is called once the ports are bound, `on_ready` once requests are taken. An
+    exception from the builder is raised after the servers stopped."""
     loop = asyncio.get_running_loop()
     shutdown = shutdown or asyncio.Event()
-    ctx = ServingContext(engine, config)
-    engine.observer = ctx.metrics
-    engine.add_death_callback(lambda error: loop.call_soon_threadsafe(ctx.on_engine_death, error))
-    engine.start()
-    grpc_server = http = None
+    build = None if isinstance(engine, AsyncEngine) else engine
+    ctx = ServingContext(None, config)
+    started: AsyncEngine | None = None
+    grpc_server = http = jetstream_server = None
     code = EXIT_OK
     try:
         grpc_port = http_port = None
@@ -73,11 +88,29 @@ async def serve(
         if config.http_port is not None:
             http = await start_http_server(ctx, config.host, config.http_port)
             http_port = http[2]
+        jetstream_port = None
+        if config.jetstream_port is not None:
+            jetstream_server, jetstream_port = await start_jetstream_server(
+                ctx, config.host, config.jetstream_port
+            )
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, shutdown.set)
+        endpoints = Endpoints(config.host, grpc_port, http_port, jetstream_port)
+        if on_listening is not None:
+            on_listening(endpoints)
+        if build is not None:
+            engine = await _build_engine(build, shutdown)
+            if engine is None:  # shut down while starting
+                return EXIT_OK
+        engine.observer = ctx.metrics
+        engine.add_death_callback(
+            lambda error: loop.call_soon_threadsafe(ctx.on_engine_death, error)
+        )
+        started = engine.start()
+        ctx.attach(engine)
         if on_ready is not None:
-            on_ready(Endpoints(config.host, grpc_port, http_port))
+            on_ready(endpoints)
         stop_wait = asyncio.ensure_future(shutdown.wait())
         fail_wait = asyncio.ensure_future(ctx.failed.wait())
         await asyncio.wait((stop_wait, fail_wait), return_when=asyncio.FIRST_COMPLETED)
@@ -110,8 +143,44 @@ async def serve(
             await task
         if grpc_server is not None:
             await grpc_server.stop(grace=2.0)
-        await engine.shutdown_async(0)
+        if jetstream_server is not None:
+            await jetstream_server.stop(grace=2.0)
+        if started is not None:
+            await started.shutdown_async(0)
     return code
+
+
+async def _build_engine(build: Callable[[], AsyncEngine], shutdown: asyncio.Event):
+    """Runs `build` on a daemon thread (loading and warm-up block for a while); its engine, or
+    None when `shutdown` is set first (the thread is left to finish or die with the process)."""
+    loop = asyncio.get_running_loop()
+    built: asyncio.Future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not built.done():
+            built.set_exception(error) if error is not None else built.set_result(result)
+
+    def run() -> None:
+        result = error = None
+        try:
+            result = build()
+        except BaseException as e:  # noqa: BLE001 - raised on the loop's side
+            error = e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop already closed (shut down while starting)
+            pass
+
+    threading.Thread(target=run, name="xlaserve-build", daemon=True).start()
+    stop_wait = asyncio.ensure_future(shutdown.wait())
+    try:
+        await asyncio.wait((built, stop_wait), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_wait.cancel()
+    if not built.done():
+        logger.info("shut down while starting")
+        return None
+    return built.result()
 
 
 class ServerThread:
@@ -119,16 +188,21 @@ class ServerThread:
 
     with ServerThread(AsyncEngine(engine), ServerConfig(grpc_port=0, http_port=0)) as s:
         client = XlaServeClient(s.endpoints.grpc_target)
+
+    `engine` may be a builder (`() -> AsyncEngine`), run while the servers answer "starting";
+    `start(wait_ready=False)` returns as soon as the ports are bound.
     """
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
-        self.engine = engine
+    def __init__(self, engine: EngineOrBuilder, config: ServerConfig) -> None:
+        self.engine = engine if isinstance(engine, AsyncEngine) else None  # set once built
+        self._engine_or_builder = engine
         self.config = config
         self.endpoints: Endpoints | None = None
         self.exit_code: int | None = None
         self.error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shutdown: asyncio.Event | None = None
+        self._listening = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="xlaserve-server", daemon=True)
 
@@ -136,8 +210,15 @@ class ServerThread:
         async def main():
             self._loop = asyncio.get_running_loop()
             self._shutdown = asyncio.Event()
+            engine = self._engine_or_builder
+            if not isinstance(engine, AsyncEngine):
+                engine = self._built(engine)
             return await serve(
-                self.engine, self.config, on_ready=self._on_ready, shutdown=self._shutdown
+                engine,
+                self.config,
+                on_listening=self._on_listening,
+                on_ready=self._on_ready,
+                shutdown=self._shutdown,
             )
 
         try:
@@ -145,19 +226,40 @@ class ServerThread:
         except BaseException as e:  # noqa: BLE001 - handed to the thread that waits
             self.error = e
         finally:
+            self._listening.set()
             self._ready.set()
 
-    def _on_ready(self, endpoints: Endpoints) -> None:
+    def _built(self, build: Callable[[], AsyncEngine]) -> Callable[[], AsyncEngine]:
+        def run() -> AsyncEngine:
+            self.engine = build()
+            return self.engine
+
+        return run
+
+    def _on_listening(self, endpoints: Endpoints) -> None:
         self.endpoints = endpoints
+        self._listening.set()
+
+    def _on_ready(self, endpoints: Endpoints) -> None:
         self._ready.set()
 
-    def start(self, timeout: float = 60.0) -> Endpoints:
+    def start(self, timeout: float = 60.0, *, wait_ready: bool = True) -> Endpoints:
+        """Starts the servers; returns their endpoints once the engine is ready (or, with
+        `wait_ready=False`, once the ports are bound; `wait_ready()` waits for the rest)."""
         self._thread.start()
-        if not self._ready.wait(timeout):
+        event = self._ready if wait_ready else self._listening
+        if not event.wait(timeout):
             raise TimeoutError(f"the servers did not start within {timeout}s")
-        if self.endpoints is None:
+        if self.endpoints is None or (wait_ready and self.error is not None):
             raise RuntimeError("the servers failed to start") from self.error
         return self.endpoints
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Waits until the engine is ready and requests are taken."""
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"the engine was not ready within {timeout}s")
+        if self.error is not None:
+            raise RuntimeError("the engine failed to start") from self.error
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """Graceful shutdown; returns the exit code."""
@@ -184,22 +286,44 @@ class ServerThread:
 
 
 def run_server(engine_args, config: ServerConfig) -> int:
-    """What `xlaserve serve` runs: loads the model, serves until a signal or an engine failure,
-    returns the exit code."""
+    """What `xlaserve serve` runs: binds the ports (an `OSError` naming a port in use comes at
+    once), loads and warms up the model while health answers "starting", serves until a signal
+    or an engine failure, returns the exit code."""
+    import time
+
     from xlaserve.engine.builder import build_engine
 
-    engine = AsyncEngine(build_engine(engine_args))
+    built: list[AsyncEngine] = []
+    t0 = time.perf_counter()
 
-    def ready(endpoints: Endpoints) -> None:
+    def build() -> AsyncEngine:
+        built.append(AsyncEngine(build_engine(engine_args)))
+        return built[0]
+
+    def where(endpoints: Endpoints) -> str:
         parts = []
         if endpoints.grpc_port is not None:
             parts.append(f"gRPC on {endpoints.grpc_target}")
         if endpoints.http_port is not None:
             parts.append(f"HTTP on {endpoints.http_url}")
+        if endpoints.jetstream_port is not None:
+            parts.append(f"JetStream gRPC on {endpoints._host()}:{endpoints.jetstream_port}")
+        return ", ".join(parts)
+
+    def listening(endpoints: Endpoints) -> None:
+        print(f"xlaserve starting: {where(endpoints)}; loading {engine_args.model!r} "
+              "(/health answers 503 until the model is loaded and warmed up)",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    def ready(endpoints: Endpoints) -> None:
         auth = "API key required" if config.api_key else "no API key"
-        print(f"xlaserve serving {engine.model_name!r}: {', '.join(parts)} ({auth})", flush=True)
+        print(f"xlaserve serving {built[0].model_name!r}: {where(endpoints)} ({auth}); "
+              f"ready after {time.perf_counter() - t0:.1f}s", flush=True)  # fmt: skip
 
     try:
-        return asyncio.run(serve(engine, config, on_ready=ready, handle_signals=True))
+        return asyncio.run(
+            serve(build, config, on_listening=listening, on_ready=ready, handle_signals=True)
+        )
     finally:
-        engine.engine.shutdown()  # releases multi-host followers
+        if built:
+            built[0].engine.shutdown()  # releases multi-host followers
