@@ -217,6 +217,20 @@ def test_lone_surrogate_prompt_is_a_400_naming_it(http):
     assert "position 1" in error["message"]
 
 
+def test_lone_surrogate_in_a_chat_message_is_refused_naming_messages():
+    from tests.serving.helpers import char_tokenizer
+    from xlaserve.engine.intake import RequestIntake
+    from xlaserve.errors import InvalidRequestError
+
+    intake = RequestIntake(char_tokenizer(), vocab_size=97, max_model_len=64)
+    with pytest.raises(InvalidRequestError) as info:
+        intake.parse_prompt({"messages": [{"role": "user", "content": "x\udfffy"}]})
+    assert info.value.param == "messages"
+    assert "messages is not valid Unicode text: lone surrogate '\\udfff'" in str(info.value)
+    text, ids = intake.parse_prompt({"messages": [{"role": "user", "content": "hi"}]})
+    assert text == "user: hi | assistant:" and len(ids) == len(text)
+
+
 def test_non_streaming_disconnect_aborts_quietly(caplog):
     caplog.set_level(logging.INFO)
     server, engine, _ = start_mock_server(delay=0.05)

@@ -207,6 +207,7 @@ class RequestIntake:
             )
         except Exception as e:  # noqa: BLE001 - a template error is the caller's input
             raise InvalidRequestError("messages", f"the chat template failed: {e}") from e
+        check_unicode(text, "messages")  # a lone surrogate in any message or tool
         return {
             "prompt": text,
             "prompt_token_ids": tok(text, add_special_tokens=False)["input_ids"],
