@@ -246,6 +246,9 @@ class CompileFailsFor:
             raise InvalidRequestError("structured_outputs", f"cannot compile {self.regex!r}")
         return self.backend.compile(params)
 
+    def fill_bitmasks(self, matchers, out) -> None:
+        self.backend.fill_bitmasks(matchers, out)
+
 
 def structured_mock_engine() -> LLMEngine:
     """The serving tests' mock engine (page size 4, max_model_len 64, vocab 97, eos 0) with

@@ -233,3 +233,25 @@ def test_xgrammar_still_ignores_the_keywords_it_refuses(where, keyword):
     assert unenforced_keywords(schema) == set(keyword) <= UNENFORCED_KEYWORDS
     grammar = xgrammar.Grammar.from_json_schema
     assert str(grammar(json.dumps(schema))) == str(grammar(json.dumps(base)))
+
+
+def test_batched_fill_equals_row_by_row(backend, tokenizer):
+    # Five matchers at different points of three constraints: the batched fill (llguidance
+    # fills rows in parallel) gives exactly the rows one-by-one fills give.
+    schema = P(json={"type": "object", "properties": {"a": {"type": "integer"}}})
+    texts = [(schema, ""), (schema, '{"a'), (P(regex=r"\d{3}-\d{4}"), "12"),
+             (P(choice=["red", "green"]), ""), (P(regex=r"\d{3}-\d{4}"), "123")]  # fmt: skip
+    matchers = []
+    for params, prefix in texts:
+        matcher = backend.compile(params).new_matcher()
+        for token in tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []:
+            assert matcher.accept(token)
+        matchers.append(matcher)
+    width = bitmask_width(VOCAB)
+    one_by_one = np.empty((len(matchers), width), np.int32)
+    for i, matcher in enumerate(matchers):
+        matcher.fill_bitmask(one_by_one[i])
+    batched = np.zeros((len(matchers), width), np.int32)
+    backend.fill_bitmasks(matchers, batched)
+    np.testing.assert_array_equal(batched, one_by_one)
+    assert len({row.tobytes() for row in batched}) == len(matchers)  # the states really differ

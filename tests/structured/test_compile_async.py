@@ -59,6 +59,10 @@ class FakeBackend:
         if params.kind != "regex":
             raise InvalidRequestError("structured_outputs", "the fake backend takes regexes")
 
+    def fill_bitmasks(self, matchers, out) -> None:
+        for i, matcher in enumerate(matchers):
+            matcher.fill_bitmask(out[i])
+
     def compile(self, params) -> FakeGrammar:
         self.threads.add(threading.current_thread())
         if params.regex == "block":

@@ -37,6 +37,10 @@ class GrammarBackend(Protocol):
         """The compiled constraint (may take long: runs off the engine thread). Raises
         `InvalidRequestError` for a constraint it cannot compile."""
 
+    def fill_bitmasks(self, matchers: list[Matcher], out: np.ndarray) -> None:
+        """Row i of `out` (int32[len(matchers), W]) = matchers[i]'s allowed next tokens; a
+        backend may fill the rows in parallel."""
+
 
 def bitmask_width(vocab_size: int) -> int:
     return (vocab_size + 31) // 32

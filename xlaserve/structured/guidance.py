@@ -63,6 +63,8 @@ class GuidanceBackend:
             hf_tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids) or None
         )
         self._limits = llguidance.LLParserLimits(step_lexer_fuel=STEP_LEXER_FUEL)
+        # Fills many rows at once on llguidance's own threads (GIL released).
+        self._executor = llguidance.LLExecutor()
 
     def grammar_text(self, params: StructuredOutputsParams) -> str:
         """The llguidance grammar of a constraint (not yet checked)."""
@@ -81,6 +83,14 @@ class GuidanceBackend:
             return self._llg.grammar_from("grammar", params.grammar)  # Lark, or GBNF converted
         except ValueError as e:
             raise _invalid(f"grammar: {e}") from None
+
+    def fill_bitmasks(self, matchers: list[GuidanceMatcher], out: np.ndarray) -> None:
+        if len(matchers) == 1:
+            matchers[0].fill_bitmask(out[0])
+            return
+        assert out.dtype == np.int32 and out.flags["C_CONTIGUOUS"], "masks: int32, contiguous"
+        pairs = [(m._m, i) for i, m in enumerate(matchers)]
+        self._executor.unsafe_compute_mask_ptr(pairs, out.ctypes.data, out.shape[1] * 4, len(out))
 
     def check(self, params: StructuredOutputsParams) -> None:
         error = self._llg.LLMatcher.validate_grammar(self.grammar_text(params), self._tokenizer)

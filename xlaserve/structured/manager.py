@@ -214,15 +214,12 @@ class StructuredOutputManager:
     def bitmasks(self, seq_ids: Iterable[int]) -> dict[int, np.ndarray]:
         """The allowed next tokens of each constrained sequence: int32[W] rows."""
         start = time.perf_counter()
-        rows = {}
-        for seq_id in seq_ids:
-            matcher = self._matchers.get(seq_id)
-            if matcher is not None:
-                row = np.empty(self.width, np.int32)
-                matcher.fill_bitmask(row)
-                rows[seq_id] = row
+        owned = [s for s in seq_ids if s in self._matchers]
+        out = np.empty((len(owned), self.width), np.int32)
+        if owned:
+            self.backend.fill_bitmasks([self._matchers[s] for s in owned], out)
         self.stats.bitmask_seconds += time.perf_counter() - start
-        return rows
+        return {seq_id: out[i] for i, seq_id in enumerate(owned)}
 
     def bitmasks_async(self, seq_ids: list[int]) -> PendingBitmasks:
         """`bitmasks(seq_ids)` filled on the mask thread. Matchers must not advance before

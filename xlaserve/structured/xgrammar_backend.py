@@ -186,6 +186,10 @@ class XGrammarBackend:
             options["whitespace_pattern"] = params.whitespace_pattern
         return options
 
+    def fill_bitmasks(self, matchers: list[XGrammarMatcher], out: np.ndarray) -> None:
+        for i, matcher in enumerate(matchers):  # each keeps its own end-of-grammar logic
+            matcher.fill_bitmask(out[i])
+
     def check(self, params: StructuredOutputsParams) -> None:
         self.grammar(params)
 
