@@ -25,19 +25,6 @@ def server():
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        yield channel
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    with httpx.Client(base_url=server.http_url, headers=headers, timeout=30) as client:
-        yield client
-
-
 def gen(prompt=(1, 2, 3), **kw):
     return build_request(list(prompt) if isinstance(prompt, tuple) else prompt, **kw)
 

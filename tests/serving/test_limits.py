@@ -48,18 +48,6 @@ def server():
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        yield channel
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.http_url, headers=KEY, timeout=30) as client:
-        yield client
-
-
 def test_doubling_is_the_mock_rule():
     assert doubling(20) == DOUBLING
 

@@ -12,7 +12,6 @@ import functools
 import json
 
 import grpc
-import httpx
 import pytest
 from pydantic import BaseModel
 
@@ -22,7 +21,6 @@ from tests.serving.helpers import API_KEY, AUTH, CHAT_TEMPLATE
 from tests.serving.test_bad_inputs import (
     CHAT,
     COMPLETIONS,
-    KEY,
     assert_grpc_serves,
     assert_http_serves,
     body,
@@ -288,18 +286,6 @@ def server():
     server.start()
     yield server.endpoints
     assert server.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        yield channel
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.http_url, headers=KEY, timeout=30) as client:
-        yield client
 
 
 # (name, extra body fields, the error's param, words its message must contain)

@@ -31,18 +31,6 @@ def server():
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        yield channel
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.http_url, headers=KEY, timeout=30) as client:
-        yield client
-
-
 def refused(http, path: str, json: dict) -> dict:
     """The OpenAI error object of a request that must be refused with 400."""
     response = http.post(path, json=json)
