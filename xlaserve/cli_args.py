@@ -56,6 +56,8 @@ def _parser_for(field: dataclasses.Field):
     hint = hints[field.name]
     if field.name == "kv_cache_memory":
         return _kv_memory, {"metavar": "BYTES|FRACTION"}
+    if field.name == "speculative_config":  # JSON, parsed and checked by EngineArgs
+        return _optional(str), {"metavar": "JSON"}
     if hint is bool:
         return None, {"action": argparse.BooleanOptionalAction}
     args = typing.get_args(hint)

@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 
 from xlaserve.checkpoints.presets import DEFAULT_MODEL
+from xlaserve.spec_decode.config import SpeculativeConfig
 
 DEFAULT_COMPILATION_CACHE = str(Path.home() / ".cache" / "xlaserve" / "jax")
 # On the CPU (no device memory to size against), the default KV cache is what max_num_seqs
@@ -81,6 +82,11 @@ class EngineArgs:
     structured_outputs_timeout: float = _opt(
         30.0, "seconds a grammar may take to compile before its request fails"
     )
+    speculative_config: SpeculativeConfig | dict | None = _opt(
+        None,
+        'speculative decoding as JSON with vLLM\'s keys, e.g. {"method": "ngram", '
+        '"num_speculative_tokens": 4} (methods: ngram, draft_model, eagle, eagle3)',
+    )
 
     def __post_init__(self):
         for name in (
@@ -130,6 +136,10 @@ class EngineArgs:
             raise ValueError(f"structured_outputs_timeout must be > 0 seconds, got {timeout!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        # Parsed once: a dict or JSON string becomes a validated SpeculativeConfig.
+        object.__setattr__(
+            self, "speculative_config", SpeculativeConfig.from_value(self.speculative_config)
+        )
 
     def resolve_max_model_len(self, model_max: int) -> int:
         if self.max_model_len is None:

@@ -53,5 +53,14 @@ class JaxBackend:
             mesh=mesh,
         )
 
-    def make_runner(self, model: LoadedForRunner, config: RunnerConfig) -> ModelRunner:
-        return ModelRunner(model.model, config, model.kv_cache_spec, mesh=model.mesh)
+    def make_runner(
+        self, model: LoadedForRunner, config: RunnerConfig, speculative_config=None
+    ) -> ModelRunner:
+        proposer = None
+        if speculative_config is not None:
+            from xlaserve.spec_decode.build import make_proposer
+
+            proposer = make_proposer(speculative_config, model, config)
+        return ModelRunner(
+            model.model, config, model.kv_cache_spec, mesh=model.mesh, proposer=proposer
+        )

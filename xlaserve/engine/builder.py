@@ -19,6 +19,7 @@ from xlaserve.engine.dp_engine import DataParallelEngine
 from xlaserve.engine.llm_engine import LLMEngine
 from xlaserve.engine.runner_api import LoadedForRunner, Runner, RunnerConfig
 from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
+from xlaserve.spec_decode.policy import SpecDecodePolicy
 from xlaserve.structured.manager import (
     StructuredOutputManager,
     make_backend,
@@ -58,8 +59,9 @@ def build_replica(args: EngineArgs, mesh=None) -> LLMEngine:
     """One engine on `mesh` (default: the first tensor_parallel_size devices when
     tensor_parallel_size > 1, else the default device). Warms the runner up."""
     model, scheduler_config, runner = build_runner(args, mesh)
+    spec = args.speculative_config
     return LLMEngine(
-        Scheduler(scheduler_config),
+        Scheduler(scheduler_config, None if spec is None else SpecDecodePolicy(spec)),
         runner,
         tokenizer=model.tokenizer,
         vocab_size=model.config.vocab_size,
@@ -109,7 +111,11 @@ def build_runner(args: EngineArgs, mesh=None) -> tuple[LoadedForRunner, Schedule
     )
     logger.info("KV cache: %d pages of %d tokens; compiling at warm-up next", num_pages,
                 model.kv_cache_spec.page_size)  # fmt: skip
-    runner = backend.make_runner(model, runner_config_for(args, max_model_len, num_pages))
+    runner_config = runner_config_for(args, max_model_len, num_pages)
+    if args.speculative_config is None:
+        runner = backend.make_runner(model, runner_config)
+    else:
+        runner = backend.make_runner(model, runner_config, args.speculative_config)
     return model, scheduler_config_for(args, max_model_len, num_pages), runner
 
 
@@ -121,6 +127,7 @@ def run_follower(args: EngineArgs) -> None:
 
 
 def scheduler_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -> SchedulerConfig:
+    spec = args.speculative_config
     return SchedulerConfig(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.resolve_max_num_batched_tokens(),
@@ -131,6 +138,7 @@ def scheduler_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -
         enable_chunked_prefill=args.enable_chunked_prefill,
         policy=args.scheduling_policy,
         max_waiting_requests=args.max_waiting_requests,
+        num_lookahead_tokens=0 if spec is None else spec.num_lookahead_tokens,
     )
 
 
@@ -144,4 +152,7 @@ def runner_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -> R
         seed=args.seed,
         min_token_bucket=args.min_token_bucket,
         token_bucket_sizes=tuple(args.token_buckets) if args.token_buckets else None,
+        num_speculative_tokens=(
+            0 if args.speculative_config is None else args.speculative_config.num_speculative_tokens
+        ),
     )

@@ -37,6 +37,9 @@ class StepInputs(NamedTuple):
     page_indices: np.ndarray  # i32[R, pages_per_seq] page tables
     num_seqs: np.ndarray  # i32[1] real sequences
     logits_indices: np.ndarray  # i32[R] each sequence's last new token (padding: the last real one)
+    # i32[R, Q] (Q = 1 + drafts per step): a sequence's last committed token then its drafts,
+    # the rows speculative decoding verifies; repeats the last one past its drafts.
+    spec_indices: np.ndarray
 
 
 class SamplingRows(NamedTuple):
@@ -73,6 +76,7 @@ class Chunk:
     start_pos: int
     page_ids: list[int]  # the page table (the live list: read, never mutate)
     sample: bool  # the chunk ends at the last known token: sample the next one
+    num_drafts: int = 0  # speculative drafts at the end of token_ids (sample is then True)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,13 @@ class PromptLogprobSpan:
     num_logprobs: int
 
 
+class DraftRows(NamedTuple):
+    """Per sampling row [S]: the drafts it feeds (speculative decoding)."""
+
+    draft_token_ids: np.ndarray  # i32[S, K], 0 past num_draft_tokens
+    num_draft_tokens: np.ndarray  # i32[S]
+
+
 @dataclass(frozen=True)
 class PreparedStep:
     chunks: list[Chunk]
@@ -103,6 +114,7 @@ class PreparedStep:
     prompt_logprob_targets: np.ndarray | None  # i32[T], the token each row scores
     prompt_logprob_spans: list[PromptLogprobSpan]
     want_logprobs: dict[int, int]  # row -> top logprobs asked for, for rows that want them
+    drafts: DraftRows | None = None  # None: no row feeds drafts this step
 
 
 @dataclass
@@ -153,9 +165,16 @@ def bucket_for(n: int, buckets: Sequence[int] | None) -> int:
 
 
 def pack_tokens(
-    chunks: Iterable[Chunk], num_tokens: int, num_rows: int, pages_per_seq: int, page_size: int
+    chunks: Iterable[Chunk],
+    num_tokens: int,
+    num_rows: int,
+    pages_per_seq: int,
+    page_size: int,
+    spec_width: int = 1,
 ) -> StepInputs:
-    """The step's forward inputs for `chunks`, padded to `num_tokens` and `num_rows` rows."""
+    """The step's forward inputs for `chunks`, padded to `num_tokens` and `num_rows` rows;
+    `spec_width` = 1 + the drafts a sequence may feed."""
+    drafts = np.zeros(num_rows, np.int32)
     ids = np.zeros(num_tokens, np.int32)
     positions = np.zeros(num_tokens, np.int32)
     slots = np.full(num_tokens, -1, np.int32)
@@ -172,9 +191,12 @@ def pack_tokens(
         slots[offset : offset + n] = pages[pos // page_size] * page_size + pos % page_size
         page_indices[i - 1, : len(pages)] = pages
         kv_lens[i - 1] = c.start_pos + n
+        drafts[i - 1] = c.num_drafts
         offset += n
         cu_q_lens[i] = offset
     cu_q_lens[i + 1 :] = offset
+    last = np.maximum(cu_q_lens[1:] - 1, 0)
+    spec = (last - drafts)[:, None] + np.minimum(np.arange(spec_width)[None, :], drafts[:, None])
     return StepInputs(
         input_ids=ids,
         positions=positions,
@@ -183,7 +205,8 @@ def pack_tokens(
         kv_lens=kv_lens,
         page_indices=page_indices,
         num_seqs=np.asarray([i], np.int32),
-        logits_indices=np.maximum(cu_q_lens[1:] - 1, 0),
+        logits_indices=last,
+        spec_indices=spec.astype(np.int32),
     )
 
 
@@ -228,6 +251,7 @@ class InputBatch:
         seed: int = 0,
         token_buckets: Sequence[int] | None = None,
         seq_buckets: Sequence[int] | None = None,
+        num_speculative_tokens: int = 0,
     ) -> None:
         self.max_num_seqs = max_num_seqs
         self.pages_per_seq = pages_per_seq
@@ -236,6 +260,7 @@ class InputBatch:
         self.seed = seed % 2**32
         self.token_buckets = tuple(token_buckets) if token_buckets else None
         self.seq_buckets = tuple(seq_buckets) if seq_buckets else None
+        self.num_speculative_tokens = num_speculative_tokens
         self._seqs: dict[int, _SeqState] = {}
         self._free_penalty_rows = list(range(max_num_seqs))
 
@@ -285,17 +310,20 @@ class InputBatch:
         chunks = []
         for seq_id, n in out.num_scheduled_tokens.items():
             state = self._seqs[seq_id]
+            drafts = out.spec_token_ids.get(seq_id, ())
+            if len(drafts) > self.num_speculative_tokens:
+                raise ValueError(f"sequence {seq_id}: {len(drafts)} drafts, more than "
+                                 f"{self.num_speculative_tokens} per step")  # fmt: skip
             start = state.num_computed_tokens
-            end = start + n
-            if n < 1 or end > len(state.token_ids):
-                raise ValueError(
-                    f"sequence {seq_id}: {n} tokens scheduled from {start}, "
-                    f"but {len(state.token_ids)} are known"
-                )
-            chunks.append(
-                Chunk(seq_id, state.token_ids[start:end], start, state.page_ids,
-                      end == len(state.token_ids))
-            )  # fmt: skip
+            end = start + n - len(drafts)
+            known = len(state.token_ids)
+            if n < 1 or end > known or (drafts and end != known):
+                raise ValueError(f"sequence {seq_id}: {n} tokens ({len(drafts)} drafts) "
+                                 f"scheduled from {start}, but {known} are known")  # fmt: skip
+            tokens = state.token_ids[start:end]
+            if drafts:
+                tokens = tokens + list(drafts)
+            chunks.append(Chunk(seq_id, tokens, start, state.page_ids, end == known, len(drafts)))
         return chunks
 
     # ---- packing --------------------------------------------------------------------------
@@ -306,7 +334,8 @@ class InputBatch:
         chunks = self.update(out)
         num_tokens = bucket_for(out.total_num_scheduled_tokens, self.token_buckets)
         num_rows = self.max_num_seqs if self.token_buckets else len(chunks)
-        inputs = pack_tokens(chunks, num_tokens, num_rows, self.pages_per_seq, self.page_size)
+        inputs = pack_tokens(chunks, num_tokens, num_rows, self.pages_per_seq, self.page_size,
+                             1 + self.num_speculative_tokens)  # fmt: skip
         targets, spans = self._prompt_logprob_targets(chunks, num_tokens)
         step = PreparedStep(chunks, inputs, None, {}, [], targets, spans, {})
         return self.with_sampling(step, out) if sampling else step
@@ -318,8 +347,19 @@ class InputBatch:
         sampling, rows, inits, want = self._sampling_rows(step.chunks, out.token_bitmasks)
         return dataclasses.replace(
             step, sampling=sampling, sampling_seq_ids=rows, penalty_inits=inits,
-            want_logprobs=want,
+            want_logprobs=want, drafts=self._draft_rows(step.chunks, len(sampling.temperature)),
         )  # fmt: skip
+
+    def _draft_rows(self, chunks: list[Chunk], num_rows: int) -> DraftRows | None:
+        if not any(c.num_drafts for c in chunks):
+            return None
+        ids = np.zeros((num_rows, self.num_speculative_tokens), np.int32)
+        counts = np.zeros(num_rows, np.int32)
+        for i, c in enumerate(chunks):
+            if c.num_drafts:
+                ids[i, : c.num_drafts] = c.token_ids[-c.num_drafts :]
+                counts[i] = c.num_drafts
+        return DraftRows(ids, counts)
 
     def _sampling_rows(self, chunks: list[Chunk], bitmasks: Mapping[int, np.ndarray]):
         R, V = self.max_num_seqs, self.vocab_size

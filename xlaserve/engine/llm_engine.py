@@ -190,13 +190,21 @@ class LLMEngine:
         if isinstance(scheduled.token_bitmasks, PendingBitmasks):
             scheduled.token_bitmasks.result()  # the mask thread is done with the matchers
         tokens = {seq_id: s.token for seq_id, s in result.sampled.items()}
-        self.scheduler.update_from_output(scheduled, tokens)
-        outputs = failed + self._postprocess(scheduled, result)
+        outputs_before = {seq_id: self._seq(seq_id).num_output_tokens for seq_id in tokens}
+        accepted = {seq_id: [t.token for t in ts] for seq_id, ts in result.accepted.items()}
+        self.scheduler.update_from_output(scheduled, tokens, accepted, result.drafts)
+        if self.scheduler.spec is not None:
+            self.scheduler.spec.update_costs(self.runner.stats().step_seconds_by_tokens)
+        outputs = failed + self._postprocess(scheduled, result, outputs_before)
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - start
         return outputs
 
-    def _postprocess(self, scheduled, result) -> list[RequestOutput]:
+    def _seq(self, seq_id: int) -> Sequence:
+        state, index = self._owners[seq_id]
+        return state.seqs[index]
+
+    def _postprocess(self, scheduled, result, outputs_before) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, RequestState] = {}
         for seq_id in scheduled.num_scheduled_tokens:
@@ -212,7 +220,16 @@ class LLMEngine:
             state, index = self._owners[seq_id]
             seq = state.seqs[index]
             state.metrics.first_token_time = state.metrics.first_token_time or now
-            self._record_token(state, index, seq, sampled)
+            # Several tokens when drafts were accepted; the scheduler appended them up to the
+            # first that ended the sequence.
+            before = outputs_before[seq_id]
+            emitted = (result.accepted.get(seq_id, []) + [sampled])[: seq.num_output_tokens
+                                                                    - before]  # fmt: skip
+            for i, token in enumerate(emitted):
+                last = i + 1 == len(emitted)
+                if self._record_token(state, index, seq, token, last) and not last:
+                    seq.truncate_outputs(before + i + 1)  # a stop string ended it early
+                    break
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():
@@ -262,7 +279,11 @@ class LLMEngine:
         if not seq.is_finished:
             self.scheduler.finish_sequence(seq, RequestStatus.FINISHED_STOPPED)
 
-    def _record_token(self, state: RequestState, index: int, seq: Sequence, s: SampledToken):
+    def _record_token(
+        self, state: RequestState, index: int, seq: Sequence, s: SampledToken, last: bool = True
+    ) -> bool:
+        """Records one emitted token (`last`: the step's last for this sequence); True if a
+        stop string ended the sequence at it."""
         if self.structured is not None and self.structured.owns(seq.seq_id):
             self._advance_grammar(seq, s.token)
         if s.logprob is not None:
@@ -272,15 +293,16 @@ class LLMEngine:
             state.cumulative_logprob[index] += s.logprob
         detok = state.detokenizers[index]
         if detok is None:
-            return
+            return False
         update = detok.append([s.token])
         if update.stop_str is not None:
             if seq.is_finished:  # the same token also ended it by length: the stop string wins
                 seq.finish(RequestStatus.FINISHED_STOPPED, update.stop_str)
             else:
                 self.scheduler.finish_sequence(seq, RequestStatus.FINISHED_STOPPED, update.stop_str)
-        if seq.is_finished:
+        if seq.is_finished and (last or update.stop_str is not None):
             detok.flush()
+        return update.stop_str is not None
 
     def _position_logprobs(self, token: int, logprob: float, top) -> PositionLogprobs:
         entry = {tid: Logprob(lp, rank + 1, self._decode_one(tid)) for rank, (tid, lp) in
@@ -379,6 +401,21 @@ class LLMEngine:
             # step_seconds is host work (scheduling, packing, detokenizing) the device waits on.
             "device_seconds": stats.device_seconds,
             **self._grammar_metrics(),
+            **self._spec_decode_metrics(stats),
+        }
+
+    def _spec_decode_metrics(self, runner_stats) -> dict:
+        if self.scheduler.spec is None:
+            return {}
+        s = self.scheduler.spec.stats
+        return {
+            "spec_decode_num_drafts": s.num_drafts,
+            "spec_decode_num_draft_tokens": s.num_draft_tokens,
+            "spec_decode_num_accepted_tokens": s.num_accepted_tokens,
+            "spec_decode_acceptance_rate": s.acceptance_rate,
+            "spec_decode_accepted_per_position": list(s.accepted_per_position),
+            "spec_decode_disabled_steps": s.disabled_steps,
+            "spec_decode_propose_seconds": runner_stats.propose_seconds,
         }
 
     def _grammar_metrics(self) -> dict:

@@ -57,6 +57,9 @@ class Sequence:
     stop_reason: int | str | None = None
     num_cached_prompt_tokens: int = 0  # prefix-cache hits at the last admission
     held: bool = False  # not schedulable yet (its grammar is compiling)
+    # Speculative decoding: tokens drafted for the next step (never part of the outputs until
+    # the target model accepts them).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -121,6 +124,16 @@ class Sequence:
         if params.max_tokens is not None and self.num_output_tokens >= params.max_tokens:
             return self.finish(RequestStatus.FINISHED_LENGTH)
         return self.status
+
+    def truncate_outputs(self, num_outputs: int) -> None:
+        """Drops outputs past the first `num_outputs` of a finished sequence (several tokens
+        accepted in one step, and a stop string ended it at an earlier one)."""
+        if not self.is_finished:
+            raise RuntimeError(f"sequence {self.seq_id} is running; cannot drop its outputs")
+        drop = self.num_output_tokens - num_outputs
+        if drop > 0:
+            del self.output_token_ids[num_outputs:]
+            del self._token_ids[len(self._token_ids) - drop :]
 
     def finish(self, status: RequestStatus, stop_reason: int | str | None = None) -> RequestStatus:
         """Marks the sequence finished (pages are freed by the scheduler, not here)."""

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from xlaserve.engine import sampler
 from xlaserve.engine.input_batch import (
+    DraftRows,
     InputBatch,
     PreparedStep,
     SamplingRows,
@@ -44,9 +45,12 @@ from xlaserve.engine.scheduler_output import SchedulerOutput
 from xlaserve.models.attention import AttentionMetadata
 from xlaserve.models.transformer import Transformer
 from xlaserve.sharding import distributed, rules
+from xlaserve.spec_decode import rejection
+from xlaserve.spec_decode.proposer import Proposer
 
 logger = logging.getLogger(__name__)
 LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+COST_EMA_WEIGHT = 0.1  # weight of a new step in the measured per-bucket step seconds
 
 
 class CompileCounter:
@@ -110,9 +114,10 @@ class DeviceSteps:
                 out_shardings=rules.kv_cache_sharding(model.config, mesh),
             )()
             self.penalty_state = jax.jit(state_zeros, out_shardings=rules.replicated(mesh))()
-        self.rows = self.hidden = None
+        self.rows = self.hidden = self.spec_rows = None
         self.forward_graph = jax.jit(self._forward_fn, donate_argnums=(1,))
         self.sample_graph = jax.jit(self._sample_fn, donate_argnums=(3,))
+        self.verify_graph = jax.jit(self._verify_fn, donate_argnums=(4,))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn)
         self._init_row = jax.jit(sampler.init_penalty_row, donate_argnums=(0,))
 
@@ -126,13 +131,24 @@ class DeviceSteps:
             num_seqs=inputs.num_seqs,
         )
         kv_cache, hidden = model(inputs.input_ids, inputs.positions, kv_cache, metadata)
-        return kv_cache, hidden[inputs.logits_indices], hidden  # [R, D], [T, D]
+        # [R, D], [T, D], [R, Q, D]
+        return kv_cache, hidden[inputs.logits_indices], hidden, hidden[inputs.spec_indices]
 
     def _sample_fn(self, params, hidden_rows, batch: SamplingRows, state):
         num_rows = batch.temperature.shape[0]  # S
         model = nnx.merge(self.graphdef, params)
         logits = model.compute_logits(hidden_rows[:num_rows])  # [S, V]
         return sampler.sample(logits, batch, state)
+
+    def _verify_fn(self, params, spec_rows, batch: SamplingRows, drafts: DraftRows, state):
+        num_rows = batch.temperature.shape[0]  # S
+        model = nnx.merge(self.graphdef, params)
+        rows = spec_rows[:num_rows]  # [S, Q, D]
+        logits = model.compute_logits(rows.reshape(-1, rows.shape[-1]))
+        logits = logits.reshape(num_rows, rows.shape[1], -1)  # [S, Q, V]
+        return rejection.verify(
+            logits, batch, state, drafts.draft_token_ids, drafts.num_draft_tokens
+        )
 
     def _prompt_logprobs_fn(self, params, hidden, targets):
         model = nnx.merge(self.graphdef, params)
@@ -150,9 +166,15 @@ class DeviceSteps:
         )
 
     def forward(self, inputs: StepInputs) -> None:
-        self.kv_cache, self.rows, self.hidden = self.forward_graph(
+        self.kv_cache, self.rows, self.hidden, self.spec_rows = self.forward_graph(
             self.params, self.kv_cache, self._put(inputs)
         )
+
+    def verify(self, batch: SamplingRows, drafts: DraftRows) -> rejection.VerifyOutput:
+        out, self.penalty_state = self.verify_graph(
+            self.params, self.spec_rows, batch, drafts, self.penalty_state
+        )
+        return out
 
     def sample(self, batch: SamplingRows) -> sampler.SamplerOutput:
         out, self.penalty_state = self.sample_graph(
@@ -177,9 +199,19 @@ class ModelRunner:
     """The JAX backend's `Runner`: the input batch's arrays to tokens through DeviceSteps."""
 
     def __init__(
-        self, model: Transformer, config: RunnerConfig, kv_cache_spec: KVCacheSpec, *, mesh=None
+        self,
+        model: Transformer,
+        config: RunnerConfig,
+        kv_cache_spec: KVCacheSpec,
+        *,
+        mesh=None,
+        proposer: Proposer | None = None,
     ):
         self.config = config
+        self.proposer = proposer
+        if config.num_speculative_tokens and jax.process_count() > 1:
+            raise ValueError("speculative decoding runs on one host: speculative_config is not "
+                             "supported with multi-host meshes yet")  # fmt: skip
         self.kv_cache_spec = kv_cache_spec
         self.mesh = mesh
         self.vocab_size = model.config.vocab_size
@@ -195,11 +227,14 @@ class ModelRunner:
             seed=config.seed,
             token_buckets=config.token_buckets,
             seq_buckets=config.seq_buckets,
+            num_speculative_tokens=config.num_speculative_tokens,
         )
         self.compiles = CompileCounter()
         self.compiles_at_warmup: int | None = None
         self.warmup_seconds: float | None = None
         self.device_seconds = 0.0
+        self.step_seconds_by_tokens: dict[int, float] = {}
+        self.propose_seconds = 0.0
 
     # ---- the Runner contract --------------------------------------------------------------
     def device_info(self) -> DeviceInfo:
@@ -218,7 +253,8 @@ class ModelRunner:
         after = (
             0 if self.compiles_at_warmup is None else self.compiles.count - self.compiles_at_warmup
         )
-        return RunnerStats(self.compiles.count, after, self.warmup_seconds, self.device_seconds)
+        return RunnerStats(self.compiles.count, after, self.warmup_seconds, self.device_seconds,
+                           dict(self.step_seconds_by_tokens), self.propose_seconds)  # fmt: skip
 
     def shutdown(self) -> None:
         if self.leader:
@@ -237,6 +273,9 @@ class ModelRunner:
             graphs.append((f"prompt logprobs T={t}", partial(steps.prompt_logprobs, zeros)))
         for s in self.config.seq_buckets:
             graphs.append((f"sampler S={s}", partial(steps.sample, self.empty_sampling_rows(s))))
+            if self.config.num_speculative_tokens:
+                verify = partial(steps.verify, self.empty_sampling_rows(s), self.empty_drafts(s))
+                graphs.append((f"verifier S={s}", verify))
         penalty_row = self.empty_penalty_row()
         graphs.append(("penalty row init", partial(steps.init_penalty_row, *penalty_row)))
         bar = tqdm(total=len(graphs), desc="warm-up", unit="graph",
@@ -250,6 +289,8 @@ class ModelRunner:
                 if bar.disable:  # not a terminal: log lines instead of a bar
                     logger.info("warm-up: graph %d of %d compiled (%s) after %.1fs", i,
                                 len(graphs), name, time.perf_counter() - start)  # fmt: skip
+        if self.config.num_speculative_tokens:
+            self._time_buckets()
         self.compiles_at_warmup = self.compiles.count
         self.warmup_seconds = time.perf_counter() - start
         logger.info("warm-up compiled %d graphs in %.1fs", self.compiles.count, self.warmup_seconds)
@@ -267,10 +308,24 @@ class ModelRunner:
             )
         return result
 
+    def _time_buckets(self) -> None:
+        """Measures each token bucket's forward once (compiled already): the step costs that
+        decide whether drafting pays at a batch size."""
+        for t in self.config.token_buckets:
+            begin = time.perf_counter()
+            self.steps.forward(self.empty_step_inputs(t))
+            to_host(self.steps.rows[:1, :1])
+            self.step_seconds_by_tokens[t] = time.perf_counter() - begin
+
     # ---- empty inputs (warm-up, followers, the bucket sweep) --------------------------------
     def empty_step_inputs(self, num_tokens: int) -> StepInputs:
         c = self.config
-        return pack_tokens([], num_tokens, c.max_num_seqs, c.pages_per_seq, c.page_size)
+        return pack_tokens([], num_tokens, c.max_num_seqs, c.pages_per_seq, c.page_size,
+                           1 + c.num_speculative_tokens)  # fmt: skip
+
+    def empty_drafts(self, num_rows: int) -> DraftRows:
+        k = self.config.num_speculative_tokens
+        return DraftRows(np.zeros((num_rows, k), np.int32), np.zeros(num_rows, np.int32))
 
     def empty_sampling_rows(self, num_rows: int) -> SamplingRows:
         fields = default_sampling_rows(
@@ -300,20 +355,56 @@ class ModelRunner:
             self.steps.init_penalty_row(
                 np.int32(init.row), init.prompt_mask, init.output_counts, init.logit_bias
             )
-        sampled = self.steps.sample(step.sampling)
-        tokens = to_host(sampled.tokens)
-        self.device_seconds += time.perf_counter() - dispatched
+        if step.drafts is None:
+            sampled = self.steps.sample(step.sampling)
+            emitted = to_host(sampled.tokens)[:, None]  # [S, 1]
+            counts = None
+        else:
+            sampled = self.steps.verify(step.sampling, step.drafts)
+            emitted, counts = to_host(sampled.tokens), to_host(sampled.num_tokens)  # [S, Q]
+        elapsed = time.perf_counter() - dispatched
+        self.device_seconds += elapsed
+        if self.config.num_speculative_tokens:
+            self._measure(len(step.inputs.input_ids), elapsed)
         if step.want_logprobs:
-            token_lp = to_host(sampled.token_logprobs)
-            top_ids, top_lp = to_host(sampled.top_ids), to_host(sampled.top_logprobs)
+            token_lp = to_host(sampled.token_logprobs).reshape(len(emitted), -1)
+            top_ids = to_host(sampled.top_ids).reshape(len(emitted), emitted.shape[1], -1)
+            top_lp = to_host(sampled.top_logprobs).reshape(top_ids.shape)
         for row, seq_id in step.sampling_seq_ids.items():
             k = step.want_logprobs.get(row)
-            if k is None:
-                result.sampled[seq_id] = SampledToken(int(tokens[row]))
-            else:
-                top = list(zip(top_ids[row, :k].tolist(), top_lp[row, :k].tolist(), strict=True))
-                result.sampled[seq_id] = SampledToken(int(tokens[row]), float(token_lp[row]), top)
+            n = 1 if counts is None else int(counts[row])
+            tokens = []
+            for j in range(n):
+                token = int(emitted[row, j])
+                if k is None:
+                    tokens.append(SampledToken(token))
+                else:
+                    top = list(zip(top_ids[row, j, :k].tolist(), top_lp[row, j, :k].tolist(),
+                                   strict=True))  # fmt: skip
+                    tokens.append(SampledToken(token, float(token_lp[row, j]), top))
+            result.sampled[seq_id] = tokens[-1]
+            if n > 1:
+                result.accepted[seq_id] = tokens[:-1]
+        if self.proposer is not None and out.propose_seq_ids:
+            result.drafts = self._propose(step, out, result)
         return result
+
+    def _measure(self, num_tokens: int, seconds: float) -> None:
+        known = self.step_seconds_by_tokens.get(num_tokens)
+        self.step_seconds_by_tokens[num_tokens] = (
+            seconds if known is None else known + COST_EMA_WEIGHT * (seconds - known)
+        )
+
+    def _propose(self, step: PreparedStep, out: SchedulerOutput, result: RunnerOutput):
+        begin = time.perf_counter()
+        emitted = {
+            seq_id: [t.token for t in result.accepted.get(seq_id, ())] + [s.token]
+            for seq_id, s in result.sampled.items()
+            if seq_id in out.propose_seq_ids
+        }
+        drafts = self.proposer.propose(self.batch, step, emitted, list(emitted))
+        self.propose_seconds += time.perf_counter() - begin
+        return drafts
 
     def _prompt_logprobs(self, step: PreparedStep) -> dict[int, list[PromptLogprob]]:
         targets = step.prompt_logprob_targets

@@ -39,6 +39,7 @@ class RunnerConfig:
     # An explicit token-bucket set (e.g. from `xlaserve bench buckets`); the token budget is
     # always added as the largest bucket.
     token_bucket_sizes: tuple[int, ...] | None = None
+    num_speculative_tokens: int = 0  # K: drafts a sequence may feed per step (0: none)
 
     @property
     def token_buckets(self) -> tuple[int, ...]:
@@ -138,6 +139,10 @@ class RunnerStats:
     compiles_after_warmup: int = 0
     warmup_seconds: float | None = None
     device_seconds: float = 0.0  # dispatch of a step's forward -> its tokens on the host
+    # Speculative decoding: measured seconds of a step by its token bucket (warm-up timing,
+    # then a moving average of real steps), and the seconds spent drafting.
+    step_seconds_by_tokens: dict[int, float] = field(default_factory=dict)
+    propose_seconds: float = 0.0
 
 
 @dataclass
@@ -158,6 +163,10 @@ class PromptLogprob:
 @dataclass
 class RunnerOutput:
     sampled: dict[int, SampledToken] = field(default_factory=dict)  # seq_id -> token
+    # Speculative decoding: seq_id -> the drafts accepted in this step (they precede its
+    # sampled token), and seq_id -> the tokens drafted for its next step.
+    accepted: dict[int, list[SampledToken]] = field(default_factory=dict)
+    drafts: dict[int, list[int]] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[PromptLogprob]] = field(default_factory=dict)
 
 

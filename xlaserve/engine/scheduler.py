@@ -17,6 +17,13 @@ waiting sequences in policy order, so nothing idles. A request's running sequenc
 preempted for fairness: a newcomer takes the next slot that frees. Under "priority" a request is
 passed over only in favour of requests of the same priority.
 
+Speculative decoding (with a `SpecDecodePolicy`): a decoding sequence with drafted tokens feeds
+its last token plus the drafts (as many as the budget and its length limits allow); the runner
+verifies them and the sequence advances by the accepted count only: rejected positions hold K/V
+that later steps overwrite, and only committed tokens are ever hashed into the prefix cache. A
+draft-model method also reserves `num_lookahead_tokens` slots past each step for the draft's
+own K/V. Drafts and look-ahead are given up before anyone is preempted for room.
+
 Preemption is by recomputation: the victim's pages are freed, `num_computed_tokens` drops to 0
 and it waits again; when readmitted it recomputes prompt + outputs so far (prefix-cache hits
 included) and continues decoding exactly where it stopped.
@@ -34,6 +41,7 @@ from xlaserve.engine.block_manager import BlockManager, Prefix
 from xlaserve.engine.request import RequestStatus, Sequence
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import CachedSequence, NewSequence, SchedulerOutput
+from xlaserve.spec_decode.policy import SpecDecodePolicy
 
 POLICIES = ("fcfs", "priority")
 
@@ -53,10 +61,12 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # "fcfs": arrival order; "priority": (priority, arrival) order
     max_waiting_requests: int | None = None
+    num_lookahead_tokens: int = 0  # KV slots reserved past a step for a draft model's drafts
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages"):
             _check_int(name, getattr(self, name), minimum=1)
+        _check_int("num_lookahead_tokens", self.num_lookahead_tokens, minimum=0)
         _check_int("max_model_len", self.max_model_len, minimum=2)
         if self.max_waiting_requests is not None:
             _check_int("max_waiting_requests", self.max_waiting_requests, minimum=1)
@@ -93,8 +103,9 @@ class _Request:
 class Scheduler:
     """Device-free continuous-batching scheduler. Not thread-safe: one engine thread owns it."""
 
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, spec: SpecDecodePolicy | None = None) -> None:
         self.config = config
+        self.spec = spec
         self.block_manager = BlockManager(
             config.num_pages, config.page_size, config.enable_prefix_caching
         )
@@ -107,6 +118,8 @@ class Scheduler:
         # What the runner's batch holds of each sequence in it: (tokens, pages) sent so far.
         self._sent: dict[int, tuple[int, int]] = {}
         self._left_batch: set[int] = set()  # left the runner's batch since the last schedule()
+        self._spec_tokens: dict[int, tuple[int, ...]] = {}  # this step's drafts
+        self._propose: set[int] = set()  # sequences to draft for after this step
 
     # ---------------------------------------------------------------- requests
 
@@ -212,6 +225,10 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[int, tuple[Sequence, int]] = {}  # seq_id -> (seq, tokens this step)
         preempted: list[Sequence] = []
+        self._spec_tokens = {}
+        self._propose = set()
+        if self.spec is not None:
+            self.spec.begin_step(sum(1 for s in self.running if not s.is_prefill))
 
         # Running sequences: decodes first, then partial prefills, each in policy order.
         order = sorted(self.running, key=lambda s: (s.is_prefill, self._policy_key(s)))
@@ -223,7 +240,13 @@ class Scheduler:
             num_new = min(seq.num_uncomputed_tokens, budget)
             if num_new < seq.num_uncomputed_tokens and not self.config.enable_chunked_prefill:
                 continue
-            while not self.block_manager.can_append(seq, num_new):
+            samples = num_new == seq.num_uncomputed_tokens
+            drafts = self._schedulable_drafts(seq, budget - num_new) if samples else ()
+            lookahead = self._lookahead(seq, num_new + len(drafts)) if samples else 0
+            while not self.block_manager.can_append(seq, num_new + len(drafts) + lookahead):
+                if drafts or lookahead:  # give up speculation before preempting anyone
+                    drafts, lookahead = (), -1
+                    continue
                 victim = max(self.running, key=self._policy_key)
                 self.preempt(victim)
                 preempted.append(victim)
@@ -232,9 +255,14 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                self.block_manager.append_slots(seq, num_new)
+                self.block_manager.append_slots(seq, num_new + len(drafts) + max(lookahead, 0))
+                num_new += len(drafts)
                 scheduled[seq.seq_id] = (seq, num_new)
                 budget -= num_new
+                if drafts:
+                    self._spec_tokens[seq.seq_id] = drafts
+                if samples and lookahead >= 0 and self._may_propose(seq):
+                    self._propose.add(seq.seq_id)
 
         # Waiting sequences, unless this step already had to preempt (no room to grow): first
         # up to each request's fair share of the sequence slots, then in order into what is left.
@@ -282,9 +310,15 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill:
                     return budget, True
                 num_new = budget
-            if not self.block_manager.can_allocate(seq, num_new, prefix):
+            samples = prefix[1] + num_new == seq.num_tokens
+            lookahead = self._lookahead(seq, prefix[1] + num_new) if samples else 0  # computed: 0
+            if not self.block_manager.can_allocate(seq, num_new + lookahead, prefix):
                 return budget, True
             self.block_manager.allocate(seq, num_new, prefix)
+            if lookahead:
+                self.block_manager.append_slots(seq, num_new + lookahead)
+            if samples and self._may_propose(seq):
+                self._propose.add(seq.seq_id)
             self.waiting.remove(seq)
             seq.status = RequestStatus.RUNNING
             self.running.append(seq)
@@ -332,27 +366,76 @@ class Scheduler:
             num_scheduled_tokens=num_scheduled,
             finished_seq_ids=left,
             preempted_seq_ids=tuple(s.seq_id for s in preempted),
+            spec_token_ids=self._spec_tokens,
+            propose_seq_ids=frozenset(self._propose),
+        )
+
+    # ---------------------------------------------------------------- speculation
+
+    def _schedulable_drafts(self, seq: Sequence, room: int) -> tuple[int, ...]:
+        """The drafts to feed after `seq`'s last token: no more than the budget left, and none
+        that could only be accepted past max_model_len or max_tokens."""
+        if not seq.spec_token_ids or room <= 0:
+            return ()
+        limit = min(room, self.config.max_model_len - seq.num_tokens - 1)
+        if seq.params.max_tokens is not None:
+            limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return tuple(seq.spec_token_ids[: max(limit, 0)])
+
+    def _lookahead(self, seq: Sequence, num_new: int) -> int:
+        """Slots past this step's tokens a draft model writes while drafting for `seq`."""
+        if not self.config.num_lookahead_tokens or not self._may_propose(seq):
+            return 0
+        end = seq.num_computed_tokens + num_new
+        return max(0, min(self.config.num_lookahead_tokens, self.config.max_model_len - end))
+
+    def _may_propose(self, seq: Sequence) -> bool:
+        return (
+            self.spec is not None
+            and seq.params.structured_outputs is None  # its mask is for one position only
+            and self.spec.wants_drafts(seq.seq_id)
         )
 
     def update_from_output(
-        self, output: SchedulerOutput, sampled: dict[int, int]
+        self,
+        output: SchedulerOutput,
+        sampled: dict[int, int],
+        accepted: dict[int, list[int]] | None = None,
+        drafts: dict[int, list[int]] | None = None,
     ) -> list[Sequence]:
         """Applies one executed step: advances computed tokens, appends the sampled tokens
         (`sampled`: seq_id -> token for every sequence whose chunk reached its last known
         token), caches newly full pages and frees finished sequences. Returns the sequences
         that finished in this step. Sequences aborted or finished since `schedule()` are
-        skipped."""
+        skipped. Speculative decoding: `accepted` holds the drafts the runner accepted (they
+        come before the sampled token), `drafts` the tokens drafted for the next step."""
         finished: list[Sequence] = []
+        accepted = accepted or {}
+        drafts = drafts or {}
         for seq_id, num_new in output.num_scheduled_tokens.items():
             seq = self._running_by_id.get(seq_id)
             if seq is None or seq.status is not RequestStatus.RUNNING:
                 continue
-            seq.num_computed_tokens += num_new
+            num_spec = len(output.spec_token_ids.get(seq_id, ()))
+            seq.num_computed_tokens += num_new - num_spec
             assert seq.num_computed_tokens <= seq.num_tokens, "schedule/update out of step"
             if seq.num_computed_tokens == seq.num_tokens:
                 if seq_id not in sampled:
                     raise ValueError(f"no sampled token for sequence {seq_id}")
-                seq.append_token(sampled[seq_id])
+                accepted_ids = accepted.get(seq_id, ())
+                if len(accepted_ids) > num_spec:
+                    raise ValueError(f"sequence {seq_id}: {len(accepted_ids)} drafts accepted "
+                                     f"of {num_spec} fed")  # fmt: skip
+                for token in accepted_ids:  # their K/V were computed as drafts
+                    if seq.is_finished:
+                        break
+                    seq.num_computed_tokens += 1
+                    seq.append_token(token)
+                if not seq.is_finished:
+                    seq.append_token(sampled[seq_id])
+                if self.spec is not None:
+                    self.spec.observe(seq_id, num_spec, len(accepted_ids))
+            seq.spec_token_ids = list(drafts.get(seq_id, ())) if not seq.is_finished else []
             self.block_manager.cache_full_pages(seq)
             if seq.sample_index == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 self._requests[seq.request_id].prompt_ready = True
@@ -374,6 +457,7 @@ class Scheduler:
         self._leave_batch(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1
         self._enqueue(seq, preempted=True)
@@ -421,6 +505,9 @@ class Scheduler:
             self.waiting.remove(seq)
         self._leave_batch(seq)
         self.block_manager.free(seq)
+        seq.spec_token_ids = []
+        if self.spec is not None:
+            self.spec.forget(seq.seq_id)
 
     def _leave_batch(self, seq: Sequence) -> None:
         """The runner's batch drops `seq` at the next step (it re-enters whole if resumed)."""

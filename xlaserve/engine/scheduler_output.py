@@ -55,6 +55,11 @@ class SchedulerOutput:
     # t//32), for constrained sequences that sample this step. The engine may hand a mapping
     # still being filled on another thread (`PendingBitmasks`): reading it waits for it.
     token_bitmasks: Mapping[int, np.ndarray] = field(default_factory=dict)
+    # Speculative decoding: seq_id -> draft tokens fed after its last committed token (they
+    # are counted in num_scheduled_tokens), and the sequences that sample in this step and
+    # should get drafts proposed for the next one.
+    spec_token_ids: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    propose_seq_ids: frozenset[int] = frozenset()
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -58,5 +58,12 @@ class TorchBackend:
             memory_device=TorchDeviceMemory(loaded.device),
         )
 
-    def make_runner(self, model: LoadedForRunner, config: RunnerConfig) -> TorchModelRunner:
+    def make_runner(
+        self, model: LoadedForRunner, config: RunnerConfig, speculative_config=None
+    ) -> TorchModelRunner:
+        if speculative_config is not None:
+            raise ValueError(
+                "speculative_config is not supported by the torch parity backend (it checks "
+                "the target model's numerics); use backend 'jax'"
+            )
         return TorchModelRunner(model.model, config, model.kv_cache_spec)

@@ -1,0 +1,15 @@
+"""The proposer a speculative config asks for, checked against the target model."""
+
+from __future__ import annotations
+
+from xlaserve.engine.runner_api import LoadedForRunner, RunnerConfig
+from xlaserve.spec_decode.config import SpeculativeConfig
+from xlaserve.spec_decode.proposer import NgramProposer, Proposer
+
+
+def make_proposer(
+    spec: SpeculativeConfig, target: LoadedForRunner, config: RunnerConfig
+) -> Proposer:
+    if spec.method == "ngram":
+        return NgramProposer(spec, config.max_model_len)
+    raise ValueError(f"speculative_config method {spec.method!r} is not available yet")

@@ -1,0 +1,143 @@
+"""When to draft: per-request back-off and an engine-wide cost check, from measured figures.
+
+Device-free (the scheduler owns one). Two decisions, both from measurements:
+
+- per request: an exponential moving average of its acceptance rate; below
+  `backoff_acceptance` it stops drafting for a number of steps (doubling, up to
+  `max_backoff_steps`), then drafts again and is measured anew;
+- per step: drafting pays when the tokens a step is expected to emit per second of step time
+  beat plain decoding. With acceptance rate a and k drafts a sequence emits
+  (1 - a^(k+1)) / (1 - a) tokens per verification step; step times per token count come from
+  the runner's measured step costs (`update_costs`). Until costs are known it drafts.
+
+Also the counters behind the `spec_decode_*` metrics.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from xlaserve.spec_decode.config import SpeculativeConfig
+
+EMA_WEIGHT = 0.3  # weight of the newest observation in a request's acceptance average
+PRIOR_ACCEPTANCE = 0.5  # a new request's assumed acceptance until the engine has measured one
+FIRST_BACKOFF_STEPS = 4
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens one verification emits (accepted drafts + 1), drafts accepted i.i.d."""
+    a = min(max(acceptance, 0.0), 0.999)
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+@dataclass
+class SpecDecodeStats:
+    """Cumulative counters (vLLM's spec_decode metrics)."""
+
+    num_drafts: int = 0  # verifications of at least one draft token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [k]
+    disabled_steps: int = 0  # steps in which the cost check turned drafting off
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        if not self.num_draft_tokens:
+            return None
+        return self.num_accepted_tokens / self.num_draft_tokens
+
+
+@dataclass
+class _RequestState:
+    acceptance: float
+    observations: int = 0
+    backoff: int = 0  # steps of the current back-off (0: none yet)
+    resume_at: int = 0  # step at which it drafts again
+
+
+class SpecDecodePolicy:
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+        self.k = config.num_speculative_tokens
+        self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
+        self._requests: dict[int, _RequestState] = {}  # seq_id ->
+        self._step = 0
+        self._global_acceptance = PRIOR_ACCEPTANCE
+        self._cost_tokens: list[int] = []  # sorted token counts with a measured step cost
+        self._cost_seconds: list[float] = []
+        self.batch_enabled = True
+
+    # ---- measurements ---------------------------------------------------------------------
+    def update_costs(self, seconds_by_tokens: dict[int, float]) -> None:
+        """Measured step seconds by (bucketed) token count, from the runner."""
+        items = sorted(seconds_by_tokens.items())
+        self._cost_tokens = [t for t, _ in items]
+        self._cost_seconds = [s for _, s in items]
+
+    def step_cost(self, num_tokens: int) -> float | None:
+        """Seconds of a step of `num_tokens` tokens: the smallest measured count >= it."""
+        i = bisect.bisect_left(self._cost_tokens, num_tokens)
+        return self._cost_seconds[i] if i < len(self._cost_seconds) else None
+
+    def observe(self, seq_id: int, num_drafted: int, num_accepted: int) -> None:
+        """One verification of `num_drafted` drafts, `num_accepted` of them accepted."""
+        if num_drafted <= 0:
+            return
+        s = self.stats
+        s.num_drafts += 1
+        s.num_draft_tokens += num_drafted
+        s.num_accepted_tokens += num_accepted
+        for j in range(num_accepted):
+            s.accepted_per_position[j] += 1
+        rate = num_accepted / num_drafted
+        self._global_acceptance += EMA_WEIGHT * (rate - self._global_acceptance)
+        state = self._state(seq_id)
+        state.acceptance += EMA_WEIGHT * (rate - state.acceptance)
+        state.observations += 1
+        if (
+            self.config.adaptive
+            and state.observations >= 2
+            and state.acceptance < self.config.backoff_acceptance
+        ):
+            state.backoff = min(max(FIRST_BACKOFF_STEPS, 2 * state.backoff),
+                                self.config.max_backoff_steps)  # fmt: skip
+            state.resume_at = self._step + state.backoff
+            state.observations = 0  # measured anew when it resumes
+            state.acceptance = self.config.backoff_acceptance  # a neutral start on resuming
+
+    def forget(self, seq_id: int) -> None:
+        self._requests.pop(seq_id, None)
+
+    # ---- decisions --------------------------------------------------------------------------
+    def begin_step(self, num_decodes: int) -> None:
+        """Called once per schedule with the sequences that will decode: decides whether
+        drafting pays at this batch size."""
+        self._step += 1
+        cap = self.config.disable_by_batch_size
+        enabled = cap is None or num_decodes < cap
+        if enabled and self.config.adaptive and num_decodes > 0:
+            enabled = self._drafting_pays(num_decodes)
+        if not enabled:
+            self.stats.disabled_steps += 1
+        self.batch_enabled = enabled
+
+    def wants_drafts(self, seq_id: int) -> bool:
+        if not self.batch_enabled:
+            return False
+        state = self._requests.get(seq_id)
+        return state is None or self._step >= state.resume_at
+
+    def _drafting_pays(self, num_decodes: int) -> bool:
+        plain = self.step_cost(num_decodes)
+        drafting = self.step_cost(num_decodes * (1 + self.k))
+        if plain is None or drafting is None:
+            return drafting is not None or plain is None  # unmeasured: try it
+        emitted = num_decodes * expected_tokens(self._global_acceptance, self.k)
+        return emitted / drafting > num_decodes / plain
+
+    def _state(self, seq_id: int) -> _RequestState:
+        state = self._requests.get(seq_id)
+        if state is None:
+            state = self._requests[seq_id] = _RequestState(self._global_acceptance)
+        return state

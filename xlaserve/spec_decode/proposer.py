@@ -1,0 +1,40 @@
+"""Proposers: what drafts the next step's tokens for the sequences the scheduler picked.
+
+A proposer runs in the runner after a step's tokens are known, and sees the runner's input
+batch (committed tokens), the tokens each sequence emitted in this step and, for proposers that
+run a model, the step's prepared inputs. It returns seq_id -> drafts (at most k each).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from xlaserve.engine.input_batch import InputBatch, PreparedStep
+from xlaserve.spec_decode.config import SpeculativeConfig
+from xlaserve.spec_decode.ngram import propose_ngram
+
+
+class Proposer(Protocol):
+    def propose(
+        self,
+        batch: InputBatch,
+        step: PreparedStep,
+        emitted: dict[int, list[int]],
+        seq_ids: list[int],
+    ) -> dict[int, list[int]]: ...
+
+
+class NgramProposer:
+    """Prompt lookup over each sequence's own prompt and outputs (host, numpy)."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        self.k = config.num_speculative_tokens
+        self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+        self.max_model_len = max_model_len
+
+    def propose(self, batch, step, emitted, seq_ids):
+        contexts = [batch.token_ids(s) + emitted[s] for s in seq_ids]
+        # A draft is only useful if it can be accepted before max_model_len.
+        limits = [self.max_model_len - len(c) - 1 for c in contexts]
+        drafts = propose_ngram(contexts, self.k, self.min_n, self.max_n, limits=limits)
+        return {s: d for s, d in zip(seq_ids, drafts, strict=True) if d}
