@@ -3,6 +3,8 @@ spec and the `ModelRunner`."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -12,6 +14,8 @@ from xlaserve.config import EngineArgs, enable_compilation_cache
 from xlaserve.engine.runner import ModelRunner
 from xlaserve.engine.runner_api import KVCacheSpec, LoadedForRunner, RunnerConfig
 from xlaserve.sharding.mesh import MODEL, make_mesh
+from xlaserve.spec_decode.draft_model import check_draft_fits
+from xlaserve.spec_decode.eagle import load_eagle_head
 
 
 class JaxBackend:
@@ -21,11 +25,23 @@ class JaxBackend:
         enable_compilation_cache(args.compilation_cache_dir)
         if mesh is None and (args.tensor_parallel_size > 1 or jax.process_count() > 1):
             mesh = make_mesh(args.tensor_parallel_size)
+        target = self._load(args, args.model, args.load_format, args.dtype, mesh)
+        spec = args.speculative_config
+        if spec is None or spec.method == "ngram":
+            return target
+        if spec.method == "draft_model":
+            draft = self._load(args, spec.model, spec.load_format, spec.dtype, mesh)
+            check_draft_fits(target, draft, spec.model)
+        else:
+            draft = load_eagle_head(spec, target)
+        return dataclasses.replace(target, draft=draft)
+
+    def _load(self, args: EngineArgs, model: str, load_format: str, dtype: str, mesh):
         on_cpu = jax.default_backend() == "cpu"
         loaded = load_model(
-            args.model,
-            load_format=args.load_format,
-            dtype=args.dtype,
+            model,
+            load_format=load_format,
+            dtype=dtype,
             seed=args.seed,
             mesh=mesh,
             attention_backend=args.attention_backend,

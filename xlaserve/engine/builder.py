@@ -105,7 +105,7 @@ def build_runner(args: EngineArgs, mesh=None) -> tuple[LoadedForRunner, Schedule
     max_model_len = args.resolve_max_model_len(model.config.max_position_embeddings)
     num_pages = kv_cache_pages(
         args,
-        page_bytes=model.kv_cache_spec.page_bytes,
+        page_bytes=model.page_bytes,
         max_model_len=max_model_len,
         device=model.memory_device,
     )

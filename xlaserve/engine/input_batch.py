@@ -274,6 +274,10 @@ class InputBatch:
         """Prompt + outputs known for the sequence (the live list: read, never mutate)."""
         return self._seqs[seq_id].token_ids
 
+    def page_ids(self, seq_id: int) -> list[int]:
+        """The sequence's page table (the live list: read, never mutate)."""
+        return self._seqs[seq_id].page_ids
+
     def output_token_ids(self, seq_id: int) -> list[int]:
         s = self._seqs[seq_id]
         return s.token_ids[s.num_prompt_tokens :]

@@ -278,6 +278,8 @@ class ModelRunner:
                 graphs.append((f"verifier S={s}", verify))
         penalty_row = self.empty_penalty_row()
         graphs.append(("penalty row init", partial(steps.init_penalty_row, *penalty_row)))
+        if self.proposer is not None:
+            graphs += self.proposer.warmup_graphs(self)
         bar = tqdm(total=len(graphs), desc="warm-up", unit="graph",
                    disable=not sys.stderr.isatty())  # fmt: skip
         with self.compiles.track(), bar:
@@ -346,6 +348,8 @@ class ModelRunner:
             return result
         dispatched = time.perf_counter()
         self.steps.forward(step.inputs)  # runs on the device while the host packs sampling
+        if self.proposer is not None:
+            self.proposer.on_forward(step)
         if step.prompt_logprob_spans:
             result.prompt_logprobs = self._prompt_logprobs(step)
         step = self.batch.with_sampling(step, out)  # may wait for structured-output bitmasks

@@ -117,6 +117,14 @@ class LoadedForRunner:
     kv_cache_spec: KVCacheSpec
     memory_device: object  # `platform` and `memory_stats()`: where free memory is read
     mesh: object | None = None
+    draft: LoadedForRunner | None = None  # speculative decoding's draft model, if any
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one KV page on one device: the target's, plus the draft's (its cache
+        shares the target's page ids)."""
+        extra = 0 if self.draft is None else self.draft.kv_cache_spec.page_bytes
+        return self.kv_cache_spec.page_bytes + extra
 
 
 @dataclass(frozen=True)

@@ -12,4 +12,8 @@ def make_proposer(
 ) -> Proposer:
     if spec.method == "ngram":
         return NgramProposer(spec, config.max_model_len)
+    if spec.method == "draft_model":
+        from xlaserve.spec_decode.draft_model import DraftModelProposer
+
+        return DraftModelProposer(spec, target.draft, config, target.mesh)
     raise ValueError(f"speculative_config method {spec.method!r} is not available yet")

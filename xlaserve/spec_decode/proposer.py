@@ -15,6 +15,12 @@ from xlaserve.spec_decode.ngram import propose_ngram
 
 
 class Proposer(Protocol):
+    def warmup_graphs(self, runner) -> list:
+        """(name, call) of every graph the proposer runs, compiled at the runner's warm-up."""
+
+    def on_forward(self, step: PreparedStep) -> None:
+        """Called right after the target's forward of each step is dispatched."""
+
     def propose(
         self,
         batch: InputBatch,
@@ -31,6 +37,12 @@ class NgramProposer:
         self.k = config.num_speculative_tokens
         self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
         self.max_model_len = max_model_len
+
+    def warmup_graphs(self, runner) -> list:
+        return []
+
+    def on_forward(self, step) -> None:
+        pass
 
     def propose(self, batch, step, emitted, seq_ids):
         contexts = [batch.token_ids(s) + emitted[s] for s in seq_ids]
