@@ -8,7 +8,6 @@ import pytest
 
 from xlaserve.engine import sampler
 from xlaserve.engine.input_batch import default_sampling_rows
-from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.spec_decode import rejection
 
 V = 8

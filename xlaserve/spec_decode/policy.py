@@ -102,7 +102,7 @@ class SpecDecodePolicy:
         ):
             state.backoff = min(max(FIRST_BACKOFF_STEPS, 2 * state.backoff),
                                 self.config.max_backoff_steps)  # fmt: skip
-            state.resume_at = self._step + state.backoff
+            state.resume_at = self._step + state.backoff + 1  # off for `backoff` steps
             state.observations = 0  # measured anew when it resumes
             state.acceptance = self.config.backoff_acceptance  # a neutral start on resuming
 
