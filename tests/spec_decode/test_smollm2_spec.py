@@ -151,3 +151,21 @@ def test_the_torch_parity_backend_refuses_speculation():
 
     with pytest.raises(ValueError, match="not supported by the torch parity backend"):
         TorchBackend().make_runner(None, None, SpeculativeConfig("ngram", 2))
+
+
+def test_metrics_exported_under_our_names_and_vllms(ngram_llm):
+    from xlaserve.serving.metrics import ServingMetrics
+
+    m = ngram_llm.get_metrics()
+    text = ServingMetrics(ngram_llm.get_metrics, lambda: True, lambda: "smollm2").render().decode()
+    accepted = m["spec_decode_num_accepted_tokens"]
+    assert (
+        f'vllm:spec_decode_num_accepted_tokens_total{{model_name="smollm2"}} {accepted}.0' in text
+    )
+    assert (
+        f"xlaserve_spec_decode_num_draft_tokens_total {m['spec_decode_num_draft_tokens']}.0" in text
+    )
+    first = m["spec_decode_accepted_per_position"][0]
+    assert (f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="smollm2",'
+            f'position="0"}} {first}.0') in text  # fmt: skip
+    assert "xlaserve_spec_decode_acceptance_rate" in text

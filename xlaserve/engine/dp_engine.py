@@ -15,6 +15,13 @@ from xlaserve.engine.outputs import RequestOutput
 from xlaserve.engine.runner_api import DeviceInfo
 from xlaserve.engine.sampling_params import SamplingParams
 
+SPEC_DECODE_SUMMED = (
+    "spec_decode_num_drafts",
+    "spec_decode_num_draft_tokens",
+    "spec_decode_num_accepted_tokens",
+    "spec_decode_disabled_steps",
+    "spec_decode_propose_seconds",
+)
 SUMMED_METRICS = (
     "compiles",
     "compiles_after_warmup",
@@ -114,5 +121,16 @@ class DataParallelEngine:
         per_replica = [e.get_metrics() for e in self.replicas]
         merged = {k: sum(m[k] for m in per_replica) for k in SUMMED_METRICS}
         merged["warmup_seconds"] = max(m["warmup_seconds"] or 0.0 for m in per_replica)
+        if "spec_decode_num_drafts" in per_replica[0]:
+            for k in SPEC_DECODE_SUMMED:
+                merged[k] = sum(m[k] for m in per_replica)
+            merged["spec_decode_accepted_per_position"] = [
+                sum(c) for c in zip(*(m["spec_decode_accepted_per_position"] for m in per_replica),
+                                    strict=True)
+            ]  # fmt: skip
+            drafted = merged["spec_decode_num_draft_tokens"]
+            merged["spec_decode_acceptance_rate"] = (
+                merged["spec_decode_num_accepted_tokens"] / drafted if drafted else None
+            )
         merged["replicas"] = per_replica
         return merged

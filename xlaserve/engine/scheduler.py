@@ -243,9 +243,7 @@ class Scheduler:
             samples = num_new == seq.num_uncomputed_tokens
             drafts = self._schedulable_drafts(seq, budget - num_new) if samples else ()
             lookahead = self._lookahead(seq, num_new + len(drafts)) if samples else 0
-            while not self.block_manager.can_append(
-                seq, num_new + len(drafts) + max(lookahead, 0)
-            ):
+            while not self.block_manager.can_append(seq, num_new + len(drafts) + max(lookahead, 0)):
                 if drafts or lookahead > 0:  # give up speculation before preempting anyone
                     drafts, lookahead = (), -1
                     continue

@@ -178,6 +178,8 @@ class _EngineCollector(Collector):
                       m["compiles_after_warmup"])  # fmt: skip
         yield counter("preemptions", "Sequences preempted for KV pages", m["preemptions"])
         yield from self._vllm(m, (total - free) / total if total else 0.0)
+        if "spec_decode_num_drafts" in m:
+            yield from self._spec_decode(m, counter, gauge)
         # The engine's own step counters (LLMEngine.get_metrics): steps that ran a batch, their
         # wall time, and the part from dispatch until the sampled tokens reached the host; the
         # rest of step_seconds is host work per step (scheduling, packing, postprocessing).
@@ -188,6 +190,36 @@ class _EngineCollector(Collector):
         yield counter("engine_device_seconds",
                       "Time from each step's dispatch until its sampled tokens reached the host",
                       m.get("device_seconds", 0.0))  # fmt: skip
+
+    def _spec_decode(self, m: dict, counter, gauge):
+        """Speculative decoding, under our names and vLLM's."""
+        series = (
+            ("num_drafts", "Verifications of at least one drafted token"),
+            ("num_draft_tokens", "Drafted tokens verified"),
+            ("num_accepted_tokens", "Drafted tokens accepted"),
+        )
+        labels = [self._model_name()]
+        for name, doc in series:
+            yield counter(f"spec_decode_{name}", doc, m[f"spec_decode_{name}"])
+            family = CounterMetricFamily(f"vllm:spec_decode_{name}", doc, labels=["model_name"])
+            family.add_metric(labels, m[f"spec_decode_{name}"])
+            yield family
+        rate = m["spec_decode_acceptance_rate"]
+        yield gauge("spec_decode_acceptance_rate", "Accepted / drafted tokens so far",
+                    0.0 if rate is None else rate)  # fmt: skip
+        yield counter("spec_decode_disabled_steps",
+                      "Steps in which the measured costs turned drafting off",
+                      m["spec_decode_disabled_steps"])  # fmt: skip
+        per_pos = "Drafts accepted at each draft position"
+        ours = CounterMetricFamily("xlaserve_spec_decode_num_accepted_tokens_per_pos", per_pos,
+                                   labels=["position"])  # fmt: skip
+        theirs = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos", per_pos,
+                                     labels=["model_name", "position"])  # fmt: skip
+        for pos, count in enumerate(m["spec_decode_accepted_per_position"]):
+            ours.add_metric([str(pos)], count)
+            theirs.add_metric([*labels, str(pos)], count)
+        yield ours
+        yield theirs
 
     def _vllm(self, m: dict, usage: float):
         """The engine's series under vLLM's names."""
