@@ -10,6 +10,7 @@ import pytest
 from xlaserve.cli import build_parser
 from xlaserve.cli_args import engine_args_from, flag_name
 from xlaserve.config import DEFAULT_COMPILATION_CACHE, EngineArgs
+from xlaserve.spec_decode.config import SpeculativeConfig
 
 FIELDS = [f.name for f in dataclasses.fields(EngineArgs)]
 
@@ -58,6 +59,12 @@ CASES = [
     ("compilation_cache_dir", ["/tmp/xla-cache"], "/tmp/xla-cache"),
     ("compilation_cache_dir", ["none"], None),  # the cache off
     ("min_token_bucket", ["8"], 8),
+    (
+        "speculative_config",
+        ['{"method": "ngram", "num_speculative_tokens": 3}'],
+        SpeculativeConfig("ngram", 3),
+    ),
+    ("speculative_config", ["none"], None),
     ("token_buckets", ["8,16,64"], (8, 16, 64)),
     ("token_buckets", ["none"], None),
     ("backend", ["torch"], "torch"),

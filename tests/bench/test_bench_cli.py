@@ -24,7 +24,7 @@ from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import CachedSequence, NewSequence, SchedulerOutput
 
 REPO = Path(__file__).parents[2]
-NAMES = ("buckets", "throughput", "latency", "serve", "structured")
+NAMES = ("buckets", "throughput", "latency", "serve", "structured", "spec")
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -78,6 +78,9 @@ def flag_values() -> tuple[list[str], dict]:
         if f.name == "kv_cache_memory":
             argv += [flag, "0.25"]
             expected[f.name] = 0.25
+        elif f.name == "speculative_config":
+            argv += [flag, '{"method": "ngram", "num_speculative_tokens": 2}']
+            expected[f.name] = {"method": "ngram", "num_speculative_tokens": 2}
         elif hint is bool:
             argv.append(flag if not f.default else f"--no-{flag[2:]}")
             expected[f.name] = not f.default
@@ -104,6 +107,9 @@ def flag_values() -> tuple[list[str], dict]:
 @pytest.mark.parametrize("name", NAMES)
 def test_every_engine_arg_is_a_flag(name):
     argv, expected = flag_values()
+    if name == "spec":  # it sets speculative_config itself, per engine it compares
+        i = argv.index("--speculative-config")
+        del argv[i : i + 2], expected["speculative_config"]
     args = bench_parser().parse_args(["bench", name, *argv])
     assert args.func.__name__ == f"run_{name}"
     assert engine_args_from(args) == EngineArgs(**expected)
