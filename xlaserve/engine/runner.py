@@ -93,9 +93,17 @@ class DeviceSteps:
     for the sampling and prompt-logprob steps.
     """
 
-    def __init__(self, model: Transformer, config: RunnerConfig, spec: KVCacheSpec, mesh=None):
+    def __init__(
+        self,
+        model: Transformer,
+        config: RunnerConfig,
+        spec: KVCacheSpec,
+        mesh=None,
+        aux_layers: tuple[int, ...] = (),
+    ):
         self.config = config
         self.mesh = mesh
+        self.aux_layers = tuple(aux_layers)  # layers whose inputs the forward also keeps
         self.graphdef, state = nnx.split(model)
         # Plain nested dicts of arrays: jit flattens them in C++ on every call, where nnx
         # Variables would cost a Python callback per parameter per step.
@@ -114,7 +122,7 @@ class DeviceSteps:
                 out_shardings=rules.kv_cache_sharding(model.config, mesh),
             )()
             self.penalty_state = jax.jit(state_zeros, out_shardings=rules.replicated(mesh))()
-        self.rows = self.hidden = self.spec_rows = None
+        self.rows = self.hidden = self.spec_rows = self.aux = None
         self.forward_graph = jax.jit(self._forward_fn, donate_argnums=(1,))
         self.sample_graph = jax.jit(self._sample_fn, donate_argnums=(3,))
         self.verify_graph = jax.jit(self._verify_fn, donate_argnums=(4,))
@@ -130,9 +138,12 @@ class DeviceSteps:
             page_indices=inputs.page_indices,
             num_seqs=inputs.num_seqs,
         )
-        kv_cache, hidden = model(inputs.input_ids, inputs.positions, kv_cache, metadata)
+        out = model(inputs.input_ids, inputs.positions, kv_cache, metadata, self.aux_layers)
+        kv_cache, hidden = out[:2]
+        aux = out[2] if self.aux_layers else None  # [T, len(aux_layers) * D]
         # [R, D], [T, D], [R, Q, D]
-        return kv_cache, hidden[inputs.logits_indices], hidden, hidden[inputs.spec_indices]
+        rows, spec_rows = hidden[inputs.logits_indices], hidden[inputs.spec_indices]
+        return kv_cache, rows, hidden, spec_rows, aux
 
     def _sample_fn(self, params, hidden_rows, batch: SamplingRows, state):
         num_rows = batch.temperature.shape[0]  # S
@@ -166,7 +177,7 @@ class DeviceSteps:
         )
 
     def forward(self, inputs: StepInputs) -> None:
-        self.kv_cache, self.rows, self.hidden, self.spec_rows = self.forward_graph(
+        self.kv_cache, self.rows, self.hidden, self.spec_rows, self.aux = self.forward_graph(
             self.params, self.kv_cache, self._put(inputs)
         )
 
@@ -215,7 +226,8 @@ class ModelRunner:
         self.kv_cache_spec = kv_cache_spec
         self.mesh = mesh
         self.vocab_size = model.config.vocab_size
-        self.steps = DeviceSteps(model, config, kv_cache_spec, mesh)
+        aux_layers = () if proposer is None else proposer.target_aux_layers
+        self.steps = DeviceSteps(model, config, kv_cache_spec, mesh, aux_layers)
         self.leader = jax.process_count() > 1 and jax.process_index() == 0
         if self.leader:
             self.steps = distributed.BroadcastSteps(self.steps)  # followers replay each step
@@ -354,6 +366,8 @@ class ModelRunner:
             result.prompt_logprobs = self._prompt_logprobs(step)
         step = self.batch.with_sampling(step, out)  # may wait for structured-output bitmasks
         if step.sampling is None:
+            if self.proposer is not None:  # a head that tracks every position sees prefills
+                result.drafts = self._propose(step, out, result)
             return result
         for init in step.penalty_inits:
             self.steps.init_penalty_row(
@@ -389,7 +403,7 @@ class ModelRunner:
             result.sampled[seq_id] = tokens[-1]
             if n > 1:
                 result.accepted[seq_id] = tokens[:-1]
-        if self.proposer is not None and out.propose_seq_ids:
+        if self.proposer is not None:
             result.drafts = self._propose(step, out, result)
         return result
 
@@ -404,9 +418,9 @@ class ModelRunner:
         emitted = {
             seq_id: [t.token for t in result.accepted.get(seq_id, ())] + [s.token]
             for seq_id, s in result.sampled.items()
-            if seq_id in out.propose_seq_ids
         }
-        drafts = self.proposer.propose(self.batch, step, emitted, list(emitted))
+        wanted = [seq_id for seq_id in emitted if seq_id in out.propose_seq_ids]
+        drafts = self.proposer.propose(self.batch, step, emitted, wanted)
         self.propose_seconds += time.perf_counter() - begin
         return drafts
 

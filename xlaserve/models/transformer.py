@@ -161,10 +161,12 @@ class Transformer(nnx.Module):
         positions: jax.Array,
         kv_cache: jax.Array,
         metadata: AttentionMetadata,
-    ) -> tuple[jax.Array, jax.Array]:
+        aux_layers: tuple[int, ...] = (),
+    ):
         """input_ids, positions: i32[T]; kv_cache: [L, P, page_size, 2K, H].
 
-        Returns (updated kv_cache, final-normed hidden states [T, D]).
+        Returns (updated kv_cache, final-normed hidden states [T, D]); with `aux_layers` also
+        the inputs of those layers concatenated [T, len(aux_layers) * D] (EAGLE-3 features).
         """
         c = self.config
         x = self.embed[...][input_ids]  # [T, D]
@@ -172,21 +174,30 @@ class Transformer(nnx.Module):
         cos, sin = rope_cos_sin(positions, inv_freq)  # [T, H/2]
 
         layer_fn = partial(decoder_layer, config=c, backend=self.attention_backend)
+        aux = []
         if isinstance(self.layers, DecoderLayers):
 
             def layer_step(carry, layer_inputs):
-                return layer_fn(*carry, *layer_inputs, cos, sin, metadata), None
+                x_in = carry[0]
+                out = layer_fn(*carry, *layer_inputs, cos, sin, metadata)
+                return out, (x_in if aux_layers else None)
 
             layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
-            (x, kv_cache), _ = jax.lax.scan(
+            (x, kv_cache), inputs = jax.lax.scan(
                 layer_step, (x, kv_cache), (self.layers.values(), layer_ids)
             )
+            aux = [inputs[i] for i in aux_layers]
         else:  # unstacked: one call per layer, each reading its own weight buffers
             for i, layer in enumerate(self.layers):
+                if i in aux_layers:
+                    aux.append(x)
                 x, kv_cache = layer_fn(
                     x, kv_cache, layer.values(), jnp.int32(i), cos, sin, metadata
                 )
-        return kv_cache, rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+        hidden = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+        if aux_layers:
+            return kv_cache, hidden, jnp.concatenate(aux, axis=-1)
+        return kv_cache, hidden
 
     def unstack_layers(self) -> None:
         """Gives every layer's parameters arrays of their own; the layers then run unrolled.

@@ -16,4 +16,8 @@ def make_proposer(
         from xlaserve.spec_decode.draft_model import DraftModelProposer
 
         return DraftModelProposer(spec, target.draft, config, target.mesh)
+    if spec.method in ("eagle", "eagle3"):
+        from xlaserve.spec_decode.eagle import EagleProposer
+
+        return EagleProposer(spec, target.draft, config)
     raise ValueError(f"speculative_config method {spec.method!r} is not available yet")

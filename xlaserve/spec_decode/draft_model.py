@@ -45,6 +45,8 @@ def check_draft_fits(target: LoadedForRunner, draft: LoadedForRunner, name: str)
 
 
 class DraftModelProposer:
+    target_aux_layers = ()
+
     def __init__(
         self, spec: SpeculativeConfig, draft: LoadedForRunner, config: RunnerConfig, mesh=None
     ):
@@ -69,6 +71,8 @@ class DraftModelProposer:
         self.steps.forward(step.inputs)
 
     def propose(self, batch: InputBatch, step, emitted, seq_ids) -> dict[int, list[int]]:
+        if not seq_ids:
+            return {}
         c = self.config
         tokens, positions, pages, limits, num = self._empty_loop_inputs()
         caps = []

@@ -15,6 +15,9 @@ from xlaserve.spec_decode.ngram import propose_ngram
 
 
 class Proposer(Protocol):
+    # Target layers whose inputs the target's forward keeps for the proposer (EAGLE-3).
+    target_aux_layers: tuple[int, ...]
+
     def warmup_graphs(self, runner) -> list:
         """(name, call) of every graph the proposer runs, compiled at the runner's warm-up."""
 
@@ -27,11 +30,15 @@ class Proposer(Protocol):
         step: PreparedStep,
         emitted: dict[int, list[int]],
         seq_ids: list[int],
-    ) -> dict[int, list[int]]: ...
+    ) -> dict[int, list[int]]:
+        """Called after every step: `emitted` holds the tokens each sampled sequence emitted
+        (accepted drafts, then the sampled one), `seq_ids` those to draft for."""
 
 
 class NgramProposer:
     """Prompt lookup over each sequence's own prompt and outputs (host, numpy)."""
+
+    target_aux_layers = ()
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
         self.k = config.num_speculative_tokens
@@ -45,6 +52,8 @@ class NgramProposer:
         pass
 
     def propose(self, batch, step, emitted, seq_ids):
+        if not seq_ids:
+            return {}
         contexts = [batch.token_ids(s) + emitted[s] for s in seq_ids]
         # A draft is only useful if it can be accepted before max_model_len.
         limits = [self.max_model_len - len(c) - 1 for c in contexts]
