@@ -169,3 +169,24 @@ def test_metrics_exported_under_our_names_and_vllms(ngram_llm):
     assert (f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="smollm2",'
             f'position="0"}} {first}.0') in text  # fmt: skip
     assert "xlaserve_spec_decode_acceptance_rate" in text
+
+
+def test_ngram_under_tensor_and_data_parallel_equals_one_device():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    out = subprocess.run(
+        [sys.executable, str(root / "tests/spec_decode/tp_spec_check.py")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, cwd=root,
+        timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout)
+    for name in ("tp1", "tp2", "dp2"):
+        r = results[name]
+        assert r["tokens"] == results["plain"]["tokens"], name
+        assert r["draft_tokens"] > 0 and r["compiles_after_warmup"] == 0, (name, r)

@@ -30,6 +30,9 @@ class JaxBackend:
         if spec is None or spec.method == "ngram":
             return target
         if spec.method == "draft_model":
+            if mesh is not None:
+                raise ValueError("speculative_config method 'draft_model' runs on one device; "
+                                 "tensor/data parallel meshes are not supported with it yet")
             draft = self._load(args, spec.model, spec.load_format, spec.dtype, mesh)
             check_draft_fits(target, draft, spec.model)
         else:
