@@ -81,6 +81,12 @@ class EngineArgs:
     structured_outputs_timeout: float = _opt(
         30.0, "seconds a grammar may take to compile before its request fails"
     )
+    enable_lora: bool = _opt(False, "serve LoRA adapters (requests name one with lora_request)")
+    max_loras: int = _opt(4, "LoRA adapters resident on the device at once (one step's limit)")
+    max_lora_rank: int = _opt(16, "largest LoRA rank accepted (smaller ranks are zero-padded)")
+    max_cpu_loras: int | None = _opt(
+        None, "LoRA adapters whose weights stay in host memory (default: max_loras)"
+    )
 
     def __post_init__(self):
         for name in (
@@ -130,6 +136,17 @@ class EngineArgs:
             raise ValueError(f"structured_outputs_timeout must be > 0 seconds, got {timeout!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.enable_lora, bool):
+            raise ValueError(f"enable_lora must be a bool, got {self.enable_lora!r}")
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            value = getattr(self, name)
+            if value is None and name == "max_cpu_loras":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
+                             f"({self.max_loras})")  # fmt: skip
 
     def resolve_max_model_len(self, model_max: int) -> int:
         if self.max_model_len is None:

@@ -19,6 +19,9 @@ class JaxBackend:
 
     def load(self, args: EngineArgs, mesh: Mesh | None) -> LoadedForRunner:
         enable_compilation_cache(args.compilation_cache_dir)
+        if args.enable_lora and jax.process_count() > 1:
+            raise ValueError("LoRA adapters (enable_lora=True) are served on one host; this "
+                             f"mesh spans {jax.process_count()} processes")  # fmt: skip
         if mesh is None and (args.tensor_parallel_size > 1 or jax.process_count() > 1):
             mesh = make_mesh(args.tensor_parallel_size)
         on_cpu = jax.default_backend() == "cpu"

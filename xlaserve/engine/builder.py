@@ -19,6 +19,7 @@ from xlaserve.engine.dp_engine import DataParallelEngine
 from xlaserve.engine.llm_engine import LLMEngine
 from xlaserve.engine.runner_api import LoadedForRunner, Runner, RunnerConfig
 from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
+from xlaserve.lora.manager import LoRAConfig, LoRAManager
 from xlaserve.structured.manager import (
     StructuredOutputManager,
     make_backend,
@@ -67,7 +68,20 @@ def build_replica(args: EngineArgs, mesh=None) -> LLMEngine:
         model_name=args.model,
         dtype=model.dtype_name,
         structured=structured_outputs_for(args, model),
+        lora=lora_manager_for(args, model),
     )
+
+
+def lora_config_for(args: EngineArgs) -> LoRAConfig | None:
+    if not args.enable_lora:
+        return None
+    return LoRAConfig(args.max_loras, args.max_lora_rank, args.max_cpu_loras or args.max_loras)
+
+
+def lora_manager_for(args: EngineArgs, model: LoadedForRunner) -> LoRAManager | None:
+    """The host registry and cache of LoRA adapters, or None when LoRA is off."""
+    config = lora_config_for(args)
+    return None if config is None else LoRAManager(config, model.config)
 
 
 def structured_outputs_for(args: EngineArgs, model: LoadedForRunner):
@@ -131,6 +145,7 @@ def scheduler_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -
         enable_chunked_prefill=args.enable_chunked_prefill,
         policy=args.scheduling_policy,
         max_waiting_requests=args.max_waiting_requests,
+        max_loras=args.max_loras if args.enable_lora else None,
     )
 
 
@@ -144,4 +159,6 @@ def runner_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -> R
         seed=args.seed,
         min_token_bucket=args.min_token_bucket,
         token_bucket_sizes=tuple(args.token_buckets) if args.token_buckets else None,
+        max_loras=args.max_loras if args.enable_lora else 0,
+        max_lora_rank=args.max_lora_rank if args.enable_lora else 0,
     )

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from xlaserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from xlaserve.lora.adapter import LoRAAdapter
 
 
 class RequestStatus(enum.Enum):
@@ -57,6 +61,7 @@ class Sequence:
     stop_reason: int | str | None = None
     num_cached_prompt_tokens: int = 0  # prefix-cache hits at the last admission
     held: bool = False  # not schedulable yet (its grammar is compiling)
+    lora: LoRAAdapter | None = None  # LoRA adapter (None: the base model)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -68,6 +73,11 @@ class Sequence:
     def all_token_ids(self) -> list[int]:
         """Prompt + outputs (the live list: read it, never mutate it)."""
         return self._token_ids
+
+    @property
+    def lora_key(self) -> str | None:
+        """The adapter's identity (what its KV pages are cached under), None for the base."""
+        return None if self.lora is None else self.lora.identity
 
     @property
     def num_tokens(self) -> int:

@@ -41,8 +41,9 @@ from xlaserve.engine.runner_api import (
     SampledToken,
 )
 from xlaserve.engine.scheduler_output import SchedulerOutput
+from xlaserve.lora.device import LoRASlots
 from xlaserve.models.attention import AttentionMetadata
-from xlaserve.models.transformer import Transformer
+from xlaserve.models.transformer import DecoderLayers, Transformer
 from xlaserve.sharding import distributed, rules
 
 logger = logging.getLogger(__name__)
@@ -110,13 +111,23 @@ class DeviceSteps:
                 out_shardings=rules.kv_cache_sharding(model.config, mesh),
             )()
             self.penalty_state = jax.jit(state_zeros, out_shardings=rules.replicated(mesh))()
+        self.lora = None  # LoRA adapter slots (when the engine serves adapters)
+        if config.max_loras:
+            self.lora = LoRASlots(
+                model.config,
+                max_loras=config.max_loras,
+                max_rank=config.max_lora_rank,
+                dtype=model.embed[...].dtype,
+                per_layer=not isinstance(model.layers, DecoderLayers),
+                mesh=mesh,
+            )
         self.rows = self.hidden = None
         self.forward_graph = jax.jit(self._forward_fn, donate_argnums=(1,))
         self.sample_graph = jax.jit(self._sample_fn, donate_argnums=(3,))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn)
         self._init_row = jax.jit(sampler.init_penalty_row, donate_argnums=(0,))
 
-    def _forward_fn(self, params, kv_cache, inputs: StepInputs):
+    def _forward_fn(self, params, kv_cache, inputs: StepInputs, lora_weights):
         model = nnx.merge(self.graphdef, params)
         metadata = AttentionMetadata(
             slot_mapping=inputs.slot_mapping,
@@ -125,7 +136,10 @@ class DeviceSteps:
             page_indices=inputs.page_indices,
             num_seqs=inputs.num_seqs,
         )
-        kv_cache, hidden = model(inputs.input_ids, inputs.positions, kv_cache, metadata)
+        kv_cache, hidden = model(
+            inputs.input_ids, inputs.positions, kv_cache, metadata, lora_weights,
+            inputs.lora_slots,
+        )  # fmt: skip
         return kv_cache, hidden[inputs.logits_indices], hidden  # [R, D], [T, D]
 
     def _sample_fn(self, params, hidden_rows, batch: SamplingRows, state):
@@ -150,9 +164,14 @@ class DeviceSteps:
         )
 
     def forward(self, inputs: StepInputs) -> None:
+        lora_weights = None if self.lora is None else self.lora.buffers
         self.kv_cache, self.rows, self.hidden = self.forward_graph(
-            self.params, self.kv_cache, self._put(inputs)
+            self.params, self.kv_cache, self._put(inputs), lora_weights
         )
+
+    def write_lora_slot(self, slot: int, adapter) -> None:
+        """Puts a LoRA adapter (None: zeros) into a device slot, in place (no compile)."""
+        self.lora.write(slot, adapter)
 
     def sample(self, batch: SamplingRows) -> sampler.SamplerOutput:
         out, self.penalty_state = self.sample_graph(
@@ -195,6 +214,7 @@ class ModelRunner:
             seed=config.seed,
             token_buckets=config.token_buckets,
             seq_buckets=config.seq_buckets,
+            max_loras=config.max_loras,
         )
         self.compiles = CompileCounter()
         self.compiles_at_warmup: int | None = None
@@ -239,6 +259,8 @@ class ModelRunner:
             graphs.append((f"sampler S={s}", partial(steps.sample, self.empty_sampling_rows(s))))
         penalty_row = self.empty_penalty_row()
         graphs.append(("penalty row init", partial(steps.init_penalty_row, *penalty_row)))
+        if self.config.max_loras:  # slot 0 is zeros and stays zeros: a harmless write
+            graphs.append(("LoRA slot write", partial(steps.write_lora_slot, 0, None)))
         bar = tqdm(total=len(graphs), desc="warm-up", unit="graph",
                    disable=not sys.stderr.isatty())  # fmt: skip
         with self.compiles.track(), bar:
@@ -270,7 +292,8 @@ class ModelRunner:
     # ---- empty inputs (warm-up, followers, the bucket sweep) --------------------------------
     def empty_step_inputs(self, num_tokens: int) -> StepInputs:
         c = self.config
-        return pack_tokens([], num_tokens, c.max_num_seqs, c.pages_per_seq, c.page_size)
+        lora_slots = [] if c.max_loras else None
+        return pack_tokens([], num_tokens, c.max_num_seqs, c.pages_per_seq, c.page_size, lora_slots)
 
     def empty_sampling_rows(self, num_rows: int) -> SamplingRows:
         fields = default_sampling_rows(
@@ -290,6 +313,8 @@ class ModelRunner:
         if not step.chunks:
             return result
         dispatched = time.perf_counter()
+        for slot, adapter in step.lora_writes:  # adapters entering the device for this step
+            self.steps.write_lora_slot(slot, adapter)
         self.steps.forward(step.inputs)  # runs on the device while the host packs sampling
         if step.prompt_logprob_spans:
             result.prompt_logprobs = self._prompt_logprobs(step)

@@ -39,6 +39,9 @@ class RunnerConfig:
     # An explicit token-bucket set (e.g. from `xlaserve bench buckets`); the token budget is
     # always added as the largest bucket.
     token_bucket_sizes: tuple[int, ...] | None = None
+    # LoRA: adapter slots on the device and the rank they hold (0: no LoRA).
+    max_loras: int = 0
+    max_lora_rank: int = 0
 
     @property
     def token_buckets(self) -> tuple[int, ...]:
