@@ -108,12 +108,17 @@ class LoRAManager:
         return adapter
 
     def resolve(self, request: LoRARequest) -> LoRAAdapter:
-        """The adapter a request names: loaded on first use (vLLM's offline behaviour)."""
+        """The adapter a request names: loaded on first use (vLLM's offline behaviour). A
+        request without a path names an adapter that must already be loaded (serving)."""
         if not isinstance(request, LoRARequest):
             raise InvalidRequestError("lora_request", f"lora_request must be a LoRARequest, "
                                       f"got {type(request).__name__}")  # fmt: skip
         known = self._known.get(request.lora_name)
         if known is None:
+            if not request.lora_path:
+                raise InvalidRequestError(
+                    "model", f"no LoRA adapter named {request.lora_name!r} is loaded"
+                )
             return self.add(request)
         registered = known[0]
         if request.lora_path and request.lora_path != registered.lora_path:
