@@ -140,4 +140,5 @@ def test_input_batch_packs_each_token_s_adapter_slot():
     assert step.lora_writes == [(1, B), (2, A)]
     np.testing.assert_array_equal(step.inputs.lora_slots, [1, 1, 1, 0, 0, 2] + [0] * 10)
     plain = InputBatch(max_num_seqs=4, pages_per_seq=4, page_size=4, vocab_size=97)
-    assert plain.prepare(SchedulerOutput()).inputs.lora_slots is None  # LoRA off: no field
+    plain_step = plain.prepare(SchedulerOutput(new_seqs=(news[0],), num_scheduled_tokens={0: 3}))
+    assert plain_step.inputs.lora_slots.tolist() == [0, 0, 0]  # LoRA off: every token slot 0

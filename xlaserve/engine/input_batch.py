@@ -38,7 +38,7 @@ class StepInputs(NamedTuple):
     page_indices: np.ndarray  # i32[R, pages_per_seq] page tables
     num_seqs: np.ndarray  # i32[1] real sequences
     logits_indices: np.ndarray  # i32[R] each sequence's last new token (padding: the last real one)
-    # LoRA: i32[T] each token's adapter slot (0 = none); None when the engine has no LoRA.
+    # LoRA: i32[T] each token's adapter slot (0 = none: always so without LoRA).
     lora_slots: np.ndarray | None = None
 
 
@@ -168,9 +168,9 @@ def pack_tokens(
     chunk_lora_slots: Sequence[int] | None = None,
 ) -> StepInputs:
     """The step's forward inputs for `chunks`, padded to `num_tokens` and `num_rows` rows.
-    With `chunk_lora_slots` (one adapter slot per chunk, [] for an empty step) the tokens
-    carry their chunk's slot in `lora_slots` (padding: slot 0)."""
-    lora_slots = None if chunk_lora_slots is None else np.zeros(num_tokens, np.int32)
+    `chunk_lora_slots`: one LoRA adapter slot per chunk (None: all 0, no adapter); each token
+    carries its chunk's slot in `lora_slots` (padding: slot 0)."""
+    lora_slots = np.zeros(num_tokens, np.int32)
     ids = np.zeros(num_tokens, np.int32)
     positions = np.zeros(num_tokens, np.int32)
     slots = np.full(num_tokens, -1, np.int32)
@@ -187,7 +187,7 @@ def pack_tokens(
         slots[offset : offset + n] = pages[pos // page_size] * page_size + pos % page_size
         page_indices[i - 1, : len(pages)] = pages
         kv_lens[i - 1] = c.start_pos + n
-        if lora_slots is not None:
+        if chunk_lora_slots is not None:
             lora_slots[offset : offset + n] = chunk_lora_slots[i - 1]
         offset += n
         cu_q_lens[i] = offset

@@ -292,8 +292,7 @@ class ModelRunner:
     # ---- empty inputs (warm-up, followers, the bucket sweep) --------------------------------
     def empty_step_inputs(self, num_tokens: int) -> StepInputs:
         c = self.config
-        lora_slots = [] if c.max_loras else None
-        return pack_tokens([], num_tokens, c.max_num_seqs, c.pages_per_seq, c.page_size, lora_slots)
+        return pack_tokens([], num_tokens, c.max_num_seqs, c.pages_per_seq, c.page_size)
 
     def empty_sampling_rows(self, num_rows: int) -> SamplingRows:
         fields = default_sampling_rows(
