@@ -164,10 +164,14 @@ class DeviceSteps:
         )
 
     def forward(self, inputs: StepInputs) -> None:
-        lora_weights = None if self.lora is None else self.lora.buffers
         self.kv_cache, self.rows, self.hidden = self.forward_graph(
-            self.params, self.kv_cache, self._put(inputs), lora_weights
+            self.params, self.kv_cache, self._put(inputs), self.lora_weights
         )
+
+    @property
+    def lora_weights(self):
+        """The LoRA slot buffers the forward reads (None without LoRA)."""
+        return None if self.lora is None else self.lora.buffers
 
     def write_lora_slot(self, slot: int, adapter) -> None:
         """Puts a LoRA adapter (None: zeros) into a device slot, in place (no compile)."""
