@@ -180,3 +180,34 @@ def test_engine_without_lora_refuses_lora_requests_and_keeps_serving(tmp_path):
     assert e.value.param == "lora_request"
     assert engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=2)) == "r"
     assert not engine.scheduler.block_manager.ref_counts.count(1)  # nothing was allocated
+
+
+def test_torch_backend_refuses_lora_at_start_up():
+    pytest.importorskip("torch", reason="the torch parity backend needs torch")
+    from xlaserve.config import EngineArgs
+    from xlaserve.kernels_cuda.backend import TorchBackend
+
+    with pytest.raises(ValueError, match="backend 'torch' does not serve LoRA adapters"):
+        TorchBackend().load(EngineArgs(backend="torch", enable_lora=True), None)
+
+
+def test_lora_options_are_validated():
+    from xlaserve.config import EngineArgs
+
+    with pytest.raises(ValueError, match="max_lora_rank must be a positive int"):
+        EngineArgs(enable_lora=True, max_lora_rank=0)
+    with pytest.raises(ValueError, match=r"max_cpu_loras \(2\) must be >= max_loras \(4\)"):
+        EngineArgs(enable_lora=True, max_loras=4, max_cpu_loras=2)
+
+
+def test_serve_flags_for_lora_modules():
+    from xlaserve.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["serve", "--enable-lora", "--lora-modules", "sql=/a/sql", "chat=/b", 
+         "--allow-runtime-lora-loading"]
+    )  # fmt: skip
+    assert args.lora_modules == [("sql", "/a/sql"), ("chat", "/b")]
+    assert args.allow_runtime_lora_loading and args.enable_lora
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--lora-modules", "no-equals-sign"])

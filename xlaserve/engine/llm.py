@@ -31,6 +31,17 @@ class LLM:
     def get_metrics(self) -> dict:
         return self.engine.get_metrics()
 
+    def add_lora(self, lora_request: LoRARequest):
+        """Loads a LoRA adapter ahead of use (generate/chat also load one on first use)."""
+        return self.engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_name: str) -> None:
+        self.engine.remove_lora(lora_name)
+
+    def list_loras(self) -> list:
+        """The loaded adapters (`AdapterInfo`: name, lora_int_id, path, identity, rank)."""
+        return self.engine.list_loras()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

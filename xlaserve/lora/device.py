@@ -47,6 +47,21 @@ def buffer_shardings(config: TransformerConfig, mesh: Mesh) -> dict:
     return out
 
 
+def value_shardings(config: TransformerConfig, mesh: Mesh) -> dict:
+    """NamedShardings of one slot's contents (A [L, I, R], B [L, R, O]), split like the
+    buffers, so an adapter goes from the host straight into each device's shard."""
+    logical = rules.logical_rules(config, mesh.shape[MODEL])
+    specs = layer_param_specs(config)
+    out = {}
+    for name in module_shapes(config):
+        in_axis, out_axis = specs[name][2]
+        out[name] = {
+            "a": NamedSharding(mesh, rules.spec_for(("layers", in_axis, None), logical)),
+            "b": NamedSharding(mesh, rules.spec_for(("layers", None, out_axis), logical)),
+        }
+    return out
+
+
 def _write_stacked(buffers: dict, slot: jax.Array, values: dict) -> dict:
     return {
         name: {
@@ -86,6 +101,7 @@ class LoRASlots:
         self.config = config
         self.max_rank = max_rank
         self.per_layer = per_layer
+        self._value_shardings = None if mesh is None else value_shardings(config, mesh)
         shapes = buffer_shapes(config, max_loras, max_rank)
         zeros = partial(jax.tree.map, lambda shape: jnp.zeros(shape, dtype))
         is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
@@ -125,4 +141,12 @@ class LoRASlots:
     def write(self, slot: int, adapter: LoRAAdapter | None) -> None:
         """Puts `adapter` (None: zeros) into `slot`, in place."""
         values = self.host_values(adapter)
+        if self._value_shardings is not None:  # each device receives only its shard
+            values = jax.tree.map(
+                lambda x, sharding: jax.make_array_from_callback(
+                    x.shape, sharding, lambda index: x[index]
+                ),
+                values,
+                self._value_shardings,
+            )
         self.buffers = self._write(self.buffers, np.int32(slot), values)
