@@ -109,8 +109,8 @@ class LoRASlots:
             if mesh is not None:
                 raise ValueError("the per-layer layout is for one device")
             layer = {n: {k: s[1:] for k, s in ab.items()} for n, ab in shapes.items()}
-            self.buffers = [jax.jit(lambda: zeros(layer, is_leaf=is_shape))()
-                            for _ in range(config.num_layers)]  # fmt: skip
+            make_layer = jax.jit(lambda: zeros(layer, is_leaf=is_shape))  # compiled once
+            self.buffers = [make_layer() for _ in range(config.num_layers)]
             self._write = jax.jit(_write_per_layer, donate_argnums=(0,))
         elif mesh is None:
             self.buffers = jax.jit(lambda: zeros(shapes, is_leaf=is_shape))()
