@@ -9,13 +9,13 @@ from xlaserve.kernels_pallas.lora import lora_delta, pallas, reference, resolve_
 
 
 def test_reference_by_hand():
-    # Two slots besides the empty slot 0, rank 1, I = O = 2.
+    # Two stored slots (token slots 1 and 2; 0 = no adapter), rank 1, I = O = 2.
     # slot 1: A = [[1], [2]], B = [[1, 0]] -> x @ A @ B = (x0 + 2 x1, 0)
     # slot 2: A = [[0], [1]], B = [[0, 3]] -> (0, 3 x1)
-    a = np.zeros((2, 3, 1), np.float32)
-    a[:, 1, 0], a[:, 2, 0] = [1, 2], [0, 1]
-    b = np.zeros((3, 1, 2), np.float32)
-    b[1, 0], b[2, 0] = [1, 0], [0, 3]
+    a = np.zeros((2, 2, 1), np.float32)
+    a[:, 0, 0], a[:, 1, 0] = [1, 2], [0, 1]
+    b = np.zeros((2, 1, 2), np.float32)
+    b[0, 0], b[1, 0] = [1, 0], [0, 3]
     x = np.array([[1, 1], [1, 1], [2, 5], [4, 4]], np.float32)
     slots = np.array([1, 2, 0, 1], np.int32)
     want = [[3, 0], [0, 3], [0, 0], [12, 0]]
@@ -27,15 +27,16 @@ def random_case(T, I, S, R, O, dtype, seed=0):
     x = rng.standard_normal((T, I)).astype(np.float32)
     a = rng.standard_normal((I, S, R)).astype(np.float32)
     b = rng.standard_normal((S, R, O)).astype(np.float32)
-    a[:, 0], b[0] = 0, 0  # slot 0 is the empty slot
-    slots = rng.integers(0, S, T).astype(np.int32)
+    slots = rng.integers(0, S + 1, T).astype(np.int32)  # 0: no adapter, s: stored slot s - 1
     return (jnp.asarray(x, dtype), jnp.asarray(a, dtype), jnp.asarray(b, dtype),
             jnp.asarray(slots))  # fmt: skip
 
 
 def test_reference_equals_per_token_products():
     x, a, b, slots = random_case(9, 12, 4, 3, 10, jnp.float32)
-    want = np.stack([np.asarray(x[t] @ a[:, s] @ b[s]) for t, s in enumerate(np.asarray(slots))])
+    want = np.stack([np.asarray(x[t] @ a[:, s - 1] @ b[s - 1]) if s else np.zeros(10)
+                     for t, s in enumerate(np.asarray(slots))])  # fmt: skip
+    assert 0 in np.asarray(slots)
     np.testing.assert_allclose(reference.lora_delta(x, a, b, slots), want, rtol=1e-5, atol=1e-5)
 
 
@@ -60,8 +61,8 @@ def test_kernel_with_only_the_empty_slot_and_all_one_slot():
     x, a, b, _ = random_case(16, 32, 4, 4, 64, jnp.float32)
     zero = jnp.zeros(16, jnp.int32)
     assert not np.asarray(pallas.lora_delta(x, a, b, zero, interpret=True)).any()
-    three = jnp.full(16, 3, jnp.int32)
-    np.testing.assert_allclose(pallas.lora_delta(x, a, b, three, interpret=True),
+    four = jnp.full(16, 4, jnp.int32)  # the last stored slot
+    np.testing.assert_allclose(pallas.lora_delta(x, a, b, four, interpret=True),
                                np.asarray(x @ a[:, 3] @ b[3]), rtol=1e-4, atol=1e-4)  # fmt: skip
 
 

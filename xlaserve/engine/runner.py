@@ -263,8 +263,8 @@ class ModelRunner:
             graphs.append((f"sampler S={s}", partial(steps.sample, self.empty_sampling_rows(s))))
         penalty_row = self.empty_penalty_row()
         graphs.append(("penalty row init", partial(steps.init_penalty_row, *penalty_row)))
-        if self.config.max_loras:  # slot 0 is zeros and stays zeros: a harmless write
-            graphs.append(("LoRA slot write", partial(steps.write_lora_slot, 0, None)))
+        if self.config.max_loras:  # every slot is empty before the first step: harmless
+            graphs.append(("LoRA slot write", partial(steps.write_lora_slot, 1, None)))
         bar = tqdm(total=len(graphs), desc="warm-up", unit="graph",
                    disable=not sys.stderr.isatty())  # fmt: skip
         with self.compiles.track(), bar:

@@ -1,10 +1,10 @@
 """The device half of multi-LoRA: static adapter-slot buffers and the jitted slot write.
 
-Per target module, A [L, I, S, R] and B [L, S, R, O] with S = max_loras + 1 slots (slot 0 stays
-zero: no adapter) and R = max_lora_rank; the per-layer (CPU) layout keeps one dict per layer
-without the L axis, like the base weights. Writing an adapter into a slot is one jitted
-update with the buffers donated (in place), compiled once at warm-up for every slot: loading,
-evicting and mixing adapters never compiles.
+Per target module, A [L, I, S, R] and B [L, S, R, O] with S = max_loras stored slots (token
+slot s >= 1 reads stored slot s - 1; slot 0, no adapter, is not stored) and R = max_lora_rank;
+the per-layer (CPU) layout keeps one dict per layer without the L axis, like the base weights.
+Writing an adapter into a slot is one jitted update with the buffers donated (in place),
+compiled once at warm-up for every slot: loading, evicting and mixing adapters never compiles.
 
 Under tensor parallelism the buffers are sharded like the base weights they attach to: for a
 column-parallel weight (q/k/v/gate/up, output axis split) B is split on O; for a row-parallel
@@ -28,7 +28,7 @@ from xlaserve.sharding.mesh import MODEL
 
 
 def buffer_shapes(config: TransformerConfig, max_loras: int, max_rank: int) -> dict:
-    S, R, L = max_loras + 1, max_rank, config.num_layers
+    S, R, L = max_loras, max_rank, config.num_layers
     return {name: {"a": (L, i, S, R), "b": (L, S, R, o)}
             for name, (i, o) in module_shapes(config).items()}  # fmt: skip
 
@@ -99,6 +99,7 @@ class LoRASlots:
         mesh: Mesh | None = None,
     ) -> None:
         self.config = config
+        self.max_loras = max_loras
         self.max_rank = max_rank
         self.per_layer = per_layer
         self._value_shardings = None if mesh is None else value_shardings(config, mesh)
@@ -139,7 +140,9 @@ class LoRASlots:
         return values
 
     def write(self, slot: int, adapter: LoRAAdapter | None) -> None:
-        """Puts `adapter` (None: zeros) into `slot`, in place."""
+        """Puts `adapter` (None: zeros) into token slot `slot` (1..max_loras), in place."""
+        if not 1 <= slot <= self.max_loras:
+            raise ValueError(f"LoRA slot {slot} is not in [1, {self.max_loras}]")
         values = self.host_values(adapter)
         if self._value_shardings is not None:  # each device receives only its shard
             values = jax.tree.map(
@@ -149,4 +152,4 @@ class LoRASlots:
                 values,
                 self._value_shardings,
             )
-        self.buffers = self._write(self.buffers, np.int32(slot), values)
+        self.buffers = self._write(self.buffers, np.int32(slot - 1), values)

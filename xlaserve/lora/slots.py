@@ -1,6 +1,6 @@
 """Device slots for adapters: which adapter sits in which slot, least recently used first out.
 
-Slot 0 is all zeros (no adapter); slots 1..max_loras hold adapters. Device-free: the input
+Slot 0 means no adapter; slots 1..max_loras hold adapters. Device-free: the input
 batch asks for the slots of one step's adapters and gets back the slot writes to make first.
 """
 

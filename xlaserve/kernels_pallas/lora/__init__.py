@@ -29,7 +29,8 @@ def lora_delta(
     interpret: bool = False,
 ) -> jax.Array:
     """f32[T, O]: each token's x [T, I] through its slot's A [I, S, R] and B [S, R, O]
-    (token_slots i32[T]; slot 0 = zeros = no adapter). Contract in `reference.py`."""
+    (token_slots i32[T]: slot s >= 1 is stored slot s - 1; 0 = no adapter). Contract in
+    `reference.py`."""
     impl = resolve_impl(impl)
     if impl == "reference":
         return reference.lora_delta(x, a, b, token_slots)

@@ -1,10 +1,11 @@
 """Grouped LoRA matmul as a Pallas kernel (the accelerator path; same contract as
 `reference.py`).
 
-A program owns `block_tokens` tokens and `block_out` output columns. It loops over the adapter
-slots 1..S-1 and, only for slots some of its tokens use, shrinks its tokens through A[:, s, :]
+A program owns `block_tokens` tokens and `block_out` output columns. It loops over the stored
+adapter slots and, only for slots some of its tokens use, shrinks its tokens through A[:, s, :]
 ([Bt, I] @ [I, R]), zeroes the rows of other slots and expands through B[s][:, block]
-([Bt, R] @ [R, Bo]), accumulating in float32. A decode batch whose tokens use few adapters so
+([Bt, R] @ [R, Bo]), accumulating in float32 (token slot s + 1 is stored slot s; token slot 0,
+no adapter, is never visited). A decode batch whose tokens use few adapters so
 does the work of those adapters only, and the grid, block shapes and loop bounds never depend
 on which adapters are present (no recompiles when adapters load or mix).
 
@@ -38,7 +39,7 @@ def _kernel(slots_ref, x_ref, a_ref, b_ref, o_ref, *, num_slots: int):
     x = x_ref[...]  # [Bt, I]
 
     def add_slot(s, acc):
-        mine = slots == s  # [Bt]
+        mine = slots == s + 1  # [Bt]
 
         def add(acc):
             a = a_ref[:, pl.ds(s, 1), :][:, 0, :]  # [I, R]
@@ -50,7 +51,7 @@ def _kernel(slots_ref, x_ref, a_ref, b_ref, o_ref, *, num_slots: int):
         return lax.cond(jnp.any(mine), add, lambda acc: acc, acc)
 
     acc = jnp.zeros(o_ref.shape, jnp.float32)
-    o_ref[...] = lax.fori_loop(1, num_slots, add_slot, acc)  # slot 0 is "no adapter"
+    o_ref[...] = lax.fori_loop(0, num_slots, add_slot, acc)
 
 
 @functools.partial(jax.jit, static_argnames=("block_tokens", "block_out", "interpret"))

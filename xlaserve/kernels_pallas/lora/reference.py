@@ -1,11 +1,12 @@
 """Grouped LoRA matmul, plain jnp: the truth for the kernel and the CPU path.
 
-Every token t adds x[t] @ A[:, s, :] @ B[s] for its slot s = token_slots[t]. Slot 0 holds
-zeros (no adapter). Shapes never depend on which adapters are present: all S slots are
-multiplied in one shrink and one expand matmul and each token keeps its own slot's columns,
-so loading or mixing adapters never compiles anything new.
+Every token t with slot s = token_slots[t] >= 1 adds x[t] @ A[:, s - 1, :] @ B[s - 1]; slot 0
+means no adapter and is not stored (it would only add zeros and cost a slot's reads). Shapes
+never depend on which adapters are present: all S stored slots are multiplied in one shrink
+and one expand matmul and each token keeps its own slot's columns, so loading or mixing
+adapters never compiles anything new.
 
-Axis letters (docs/glossary.md): T tokens, S adapter slots (max_loras + 1), R rank,
+Axis letters (docs/glossary.md): T tokens, S stored adapter slots (max_loras), R rank,
 I the base weight's input width, O its output width.
 A is laid out [I, S, R] so that A.reshape(I, S * R) is free; B is [S, R, O].
 """
@@ -30,13 +31,13 @@ def validate_inputs(x: jax.Array, a: jax.Array, b: jax.Array, token_slots: jax.A
 
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, token_slots: jax.Array) -> jax.Array:
     """f32[T, O]: x [T, I] through each token's adapter slot (a [I, S, R], b [S, R, O],
-    token_slots i32[T] in [0, S)). Accumulates in float32; the shrink is rounded to b's
-    dtype before the expand (as a bfloat16 model would)."""
+    token_slots i32[T] in [0, S]; 0 = none). Accumulates in float32; the shrink is rounded to
+    b's dtype before the expand (as a bfloat16 model would)."""
     validate_inputs(x, a, b, token_slots)
     T, I = x.shape
     _, S, R = a.shape
     shrunk = jnp.dot(x.astype(a.dtype), a.reshape(I, S * R), preferred_element_type=jnp.float32)
-    own = token_slots[:, None] == jnp.arange(S, dtype=token_slots.dtype)[None, :]  # [T, S]
+    own = token_slots[:, None] == jnp.arange(1, S + 1, dtype=token_slots.dtype)[None, :]  # [T, S]
     shrunk = jnp.where(own[:, :, None], shrunk.reshape(T, S, R), 0.0)  # [T, S, R]
     return jnp.dot(
         shrunk.reshape(T, S * R).astype(b.dtype),
