@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from xlaserve.lora.adapter import LoRAAdapter
+if TYPE_CHECKING:
+    from xlaserve.lora.adapter import LoRAAdapter
 
 
 class SlotManager:
