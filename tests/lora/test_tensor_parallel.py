@@ -44,6 +44,6 @@ def test_adapter_slots_are_split_like_their_base_weights(results):
     assert specs["wq.a"] == "(None, None, None, None)"
     assert specs["wo.a"] == "(None, 'model', None, None)"  # row-parallel: A on its inputs
     assert specs["wo.b"] == "(None, None, None, None)"
-    # w_up's B [L, S, R, F]: F = 128 split four ways.
-    assert results["tp4/dp1"]["w_up_b_shard"] == [2, 3, 8, 32]
-    assert results["tp2/dp1"]["w_up_b_shard"] == [2, 3, 8, 64]
+    # w_up's B [L, S, R, F] (S = max_loras 2 stored slots): F = 128 split four ways.
+    assert results["tp4/dp1"]["w_up_b_shard"] == [2, 2, 8, 32]
+    assert results["tp2/dp1"]["w_up_b_shard"] == [2, 2, 8, 64]
