@@ -160,7 +160,7 @@ def run(a: argparse.Namespace) -> int:
         },  # fmt: skip
         "adapter_bytes_on_disk": sum(f.stat().st_size for f in (folder / "a0").iterdir()),
         "compiles_after_warmup": lora.get_metrics()["compiles_after_warmup"],
-        "note": "the CPU is shared with other work while this runs: ratios are measured "
+        "note": "The CPU is shared with other work while this runs: ratios are measured "
         "within one run, alternating rounds",
     }
     model = slug(args.model.split("/")[-1])
