@@ -159,6 +159,8 @@ def test_names_and_ids_are_unique(tmp_path):
     with pytest.raises(InvalidRequestError, match="loaded from .* not "):
         m.resolve(LoRARequest("a", 1, str(tmp_path / "b")))
     assert m.resolve(LoRARequest("a", 1, str(tmp_path / "a"))).name == "a"
+    with pytest.raises(InvalidRequestError, match="loaded with lora_int_id 1, not 5"):
+        m.resolve(LoRARequest("a", 5, str(tmp_path / "a")))
     with pytest.raises(InvalidRequestError, match="no LoRA adapter named 'ghost' is loaded"):
         m.resolve(LoRARequest("ghost", 7))  # no path: it must be loaded already (serving)
     with pytest.raises(InvalidRequestError, match="no LoRA adapter named 'zzz'"):

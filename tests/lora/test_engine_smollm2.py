@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.lora.conftest import NEW_TOKENS, PROMPTS, SPECS
-from xlaserve import LoRARequest, SamplingParams
+from xlaserve import InvalidRequestError, LoRARequest, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)
 IDS = {name: i + 1 for i, name in enumerate(SPECS)}
@@ -101,4 +101,22 @@ def test_prefix_cache_shares_only_under_the_same_adapter_weights(
     shutil.copytree(smollm2_adapters["attn8"].path, tmp_path / "copy")
     renamed, tokens_c = cached(LoRARequest("attn8-renamed", 99, str(tmp_path / "copy")))
     assert renamed >= 48 and tokens_c == tokens_a
+    assert_clean(lora_llm)
+
+
+def test_bad_adapters_refused_engine_keeps_serving(lora_llm, smollm2_adapters, tmp_path):
+    missing = LoRARequest("missing", 77, str(tmp_path / "nope"))
+    with pytest.raises(InvalidRequestError, match="folder not found") as e:
+        lora_llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=[None, None, missing])
+    assert e.value.param == "lora_path"
+    shutil.copytree(smollm2_adapters["all16-rslora"].path, tmp_path / "big")
+    config = tmp_path / "big" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"r": 16', '"r": 32'))
+    with pytest.raises(InvalidRequestError, match="rank 32 exceeds max_lora_rank 16"):
+        lora_llm.generate(PROMPTS[0], GREEDY, use_tqdm=False,
+                          lora_request=LoRARequest("big", 78, str(tmp_path / "big")))  # fmt: skip
+    assert {"missing", "big"}.isdisjoint(a.name for a in lora_llm.list_loras())
+    got = lora_llm.generate(PROMPTS, GREEDY, use_tqdm=False,
+                            lora_request=request(smollm2_adapters, "attn8"))  # fmt: skip
+    assert tokens(got) == smollm2_adapters["attn8"].greedy
     assert_clean(lora_llm)

@@ -121,6 +121,12 @@ class LoRAManager:
                 )
             return self.add(request)
         registered = known[0]
+        if request.lora_int_id != registered.lora_int_id:
+            raise InvalidRequestError(
+                "lora_int_id",
+                f"LoRA adapter {request.lora_name!r} is loaded with lora_int_id "
+                f"{registered.lora_int_id}, not {request.lora_int_id}",
+            )
         if request.lora_path and request.lora_path != registered.lora_path:
             raise InvalidRequestError(
                 "lora_request",
