@@ -42,11 +42,11 @@ from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.lora.adapter import TARGET_MODULES, module_shapes
 from xlaserve.lora.request import LoRARequest
 
-DEFAULTS = dict(max_model_len=512, max_num_seqs=32, max_num_batched_tokens=512)
+DEFAULTS = dict(max_model_len=512, max_num_seqs=32, max_num_batched_tokens=512, max_loras=8)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_engine_args(p, defaults=DEFAULTS, skip=("enable_lora", "max_loras", "max_lora_rank"))
+    add_engine_args(p, defaults=DEFAULTS)  # the LoRA engine gets enable_lora and room below
     p.add_argument("--batch-size", type=int, default=32, help="rows decoding together")
     p.add_argument("--num-adapters", type=int, default=8, help="distinct adapters in the batch")
     p.add_argument("--rank", type=int, default=16, help="rank of every adapter")
@@ -112,9 +112,11 @@ def load_seconds(llm, requests: list[LoRARequest]) -> tuple[list[float], list[fl
 def run(a: argparse.Namespace) -> int:
     args = engine_args_from(a)
     n, k = a.batch_size, a.num_adapters
-    plain = build_llm(args)
-    lora_args = dataclasses.replace(args, enable_lora=True, max_loras=k, max_lora_rank=a.rank,
-                                    max_cpu_loras=2 * k)  # fmt: skip
+    plain = build_llm(dataclasses.replace(args, enable_lora=False))
+    max_loras = max(args.max_loras, k)
+    lora_args = dataclasses.replace(args, enable_lora=True, max_loras=max_loras,
+                                    max_lora_rank=max(args.max_lora_rank, a.rank),
+                                    max_cpu_loras=max(args.max_cpu_loras or 0, 2 * k))  # fmt: skip
     lora = build_llm(lora_args)
     config = lora.engine.runner.steps.lora.config
     folder = Path(tempfile.mkdtemp(prefix="xlaserve-lora-bench-"))
@@ -145,7 +147,7 @@ def run(a: argparse.Namespace) -> int:
         "batch_size": n,
         "num_adapters": k,
         "rank": a.rank,
-        "max_loras": k,
+        "max_loras": max_loras,
         "decode_step_ms": {name: 1e3 * v for name, v in medians.items()},
         "decode_steps_timed": {name: len(v) for name, v in rounds.items()},
         "step_ratio_adapters_vs_no_lora": medians["adapters"] / base,
