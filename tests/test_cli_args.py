@@ -70,6 +70,12 @@ CASES = [
     ("backend", ["torch"], "torch"),
     ("structured_outputs_backend", ["xgrammar"], "xgrammar"),
     ("structured_outputs_timeout", ["2.5"], 2.5),
+    ("enable_lora", None, True),
+    ("enable_lora", "no", False),
+    ("max_loras", ["8"], 8),
+    ("max_lora_rank", ["64"], 64),
+    ("max_cpu_loras", ["16"], 16),
+    ("max_cpu_loras", ["none"], None),  # default: max_loras
 ]
 
 

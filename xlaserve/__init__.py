@@ -9,6 +9,7 @@ __all__ = [
     "CompletionOutput",
     "SamplingParams",
     "InvalidRequestError",
+    "LoRARequest",
 ]
 
 
@@ -30,6 +31,10 @@ def __getattr__(name: str):
         from xlaserve.errors import InvalidRequestError
 
         return InvalidRequestError
+    if name == "LoRARequest":
+        from xlaserve.lora.request import LoRARequest
+
+        return LoRARequest
     if name == "SamplingParams":
         from xlaserve.engine.sampling_params import SamplingParams
 

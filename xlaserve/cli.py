@@ -135,12 +135,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_n=args.max_n,
         max_tokens_default=args.max_tokens_default,
         max_tokens_cap=args.max_tokens_cap,
+        lora_modules=tuple(args.lora_modules or ()),
+        allow_runtime_lora_loading=args.allow_runtime_lora_loading,
     )
     try:
         return run_server(engine_args, config)
     except OSError as e:  # e.g. a port in use
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _lora_module(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, path
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -187,6 +196,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens-cap", type=int, default=None,
                    help="refuse requests asking more max_tokens, and cap the defaults "
                    "(default: none, max_model_len bounds them)")  # fmt: skip
+    g.add_argument("--lora-modules", nargs="+", type=_lora_module, default=None,
+                   metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT folders) served under these model names from "
+                   "start-up (needs --enable-lora)")  # fmt: skip
+    g.add_argument("--allow-runtime-lora-loading", action="store_true",
+                   help="offer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (and the "
+                   "gRPC Load/Unload RPCs), behind --api-key like every route")  # fmt: skip
     from xlaserve.tools.parsers import PARSERS
 
     g.add_argument(

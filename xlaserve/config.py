@@ -87,6 +87,12 @@ class EngineArgs:
         'speculative decoding as JSON with vLLM\'s keys, e.g. {"method": "ngram", '
         '"num_speculative_tokens": 4} (methods: ngram, draft_model, eagle, eagle3)',
     )
+    enable_lora: bool = _opt(False, "serve LoRA adapters (requests name one with lora_request)")
+    max_loras: int = _opt(4, "LoRA adapters resident on the device at once (one step's limit)")
+    max_lora_rank: int = _opt(16, "largest LoRA rank accepted (smaller ranks are zero-padded)")
+    max_cpu_loras: int | None = _opt(
+        None, "LoRA adapters whose weights stay in host memory (default: max_loras)"
+    )
 
     def __post_init__(self):
         for name in (
@@ -140,6 +146,17 @@ class EngineArgs:
         object.__setattr__(
             self, "speculative_config", SpeculativeConfig.from_value(self.speculative_config)
         )
+        if not isinstance(self.enable_lora, bool):
+            raise ValueError(f"enable_lora must be a bool, got {self.enable_lora!r}")
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            value = getattr(self, name)
+            if value is None and name == "max_cpu_loras":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
+                             f"({self.max_loras})")  # fmt: skip
 
     def resolve_max_model_len(self, model_max: int) -> int:
         if self.max_model_len is None:

@@ -67,13 +67,14 @@ def text(value):
 # ---- JetStream fields -------------------------------------------------------------------------
 
 
-def test_lora_adapter_id_is_refused_naming_it(bos_server):
+def test_unknown_lora_adapter_id_is_refused_naming_it(bos_server):
     with grpc.insecure_channel(bos_server.grpc_target) as channel:
         with pytest.raises(grpc.RpcError) as e:
             decode_ids(channel, token_content=tokens(1, 2), max_tokens=2, lora_adapter_id="sql-v2")
     assert e.value.code() == Code.INVALID_ARGUMENT
-    assert "LoRA adapters are not supported by this server" in e.value.details()
-    assert "'sql-v2'" in e.value.details()
+    assert "lora_adapter_id 'sql-v2' names no loaded LoRA adapter (loaded: none)" in (
+        e.value.details()
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""`xlaserve bench {buckets,throughput,latency,serve,structured,spec}`.
+"""`xlaserve bench {buckets,throughput,latency,serve,structured,spec,lora}`.
 
 Each benchmark module offers `add_arguments(parser)` and `run(args) -> int`. A subcommand's
 module is imported only when that subcommand is parsed (its flags are added then), so
@@ -22,6 +22,7 @@ BENCHMARKS = {
     "compile cold vs cached, TTFT of a constrained request joining a busy batch",
     "spec": "speculative decoding: output tokens/s with n-gram and draft-model drafts vs none, "
     "on repetitive and chat prompts, with acceptance rates",
+    "lora": "multi-LoRA: decode steps with many adapters vs the base model, adapter load time",
 }
 
 
@@ -82,7 +83,7 @@ def add_bench_parser(subparsers) -> None:
     each sets `func` to its run(args) -> exit status."""
     bench = subparsers.add_parser(
         "bench",
-        help="benchmarks: buckets, throughput, latency, serve, structured, spec",
+        help="benchmarks: buckets, throughput, latency, serve, structured, spec, lora",
         description="Benchmarks; results go to benchmarks/results/ unless --out says otherwise.",
     )
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True,

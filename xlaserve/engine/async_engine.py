@@ -112,6 +112,15 @@ class _Add:
     check_length: bool
     arrival_time: float
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    lora_request: object | None = None  # a LoRARequest
+
+
+@dataclass
+class _Call:
+    """Runs `fn()` on the engine thread (what must not race with steps: LoRA registry)."""
+
+    fn: Callable[[], object]
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
 @dataclass
@@ -224,6 +233,7 @@ class AsyncEngine:
         priority: int = 0,
         add_special_tokens: bool = True,
         check_length: bool = True,
+        lora_request=None,
     ) -> RequestStream:
         """Queues a request and returns its output stream once the engine took it.
 
@@ -231,7 +241,8 @@ class AsyncEngine:
         `add_special_tokens=False` text is tokenized without BOS (for chat templates). With
         `check_length`, a `max_tokens` that cannot fit after the prompt in `max_model_len` is
         refused instead of being cut short. Raises ValueError (bad input), QueueFullError
-        (back-pressure), EngineStoppedError or EngineDeadError.
+        (back-pressure), EngineStoppedError or EngineDeadError. `lora_request`: a
+        `LoRARequest` to run it under.
         """
         if request_id is None:
             request_id = f"req-{uuid.uuid4().hex}"
@@ -244,6 +255,7 @@ class AsyncEngine:
             add_special_tokens=add_special_tokens,
             check_length=check_length,
             arrival_time=time.time(),
+            lora_request=lora_request,
         )
         self._send(command, refuse_when_draining=True)
         try:
@@ -278,6 +290,22 @@ class AsyncEngine:
             self._send(_Abort(str(request_id)))
         except (EngineDeadError, EngineStoppedError):
             pass
+
+    async def call(self, fn: Callable[[], object]):
+        """fn()'s result, run on the engine thread between steps (its exception is raised)."""
+        command = _Call(fn)
+        self._send(command)
+        return await asyncio.wrap_future(command.future)
+
+    async def add_lora(self, lora_request):
+        """Loads a LoRA adapter (`LLMEngine.add_lora`) between steps; its AdapterInfo."""
+        return await self.call(lambda: self.engine.add_lora(lora_request))
+
+    async def remove_lora(self, lora_name: str) -> None:
+        await self.call(lambda: self.engine.remove_lora(lora_name))
+
+    async def list_loras(self) -> list:
+        return await self.call(self.engine.list_loras)
 
     def metrics(self) -> dict:
         """The engine's counters (`LLMEngine.get_metrics()` plus `num_steps`) as of the last
@@ -338,6 +366,13 @@ class AsyncEngine:
             elif isinstance(command, _Abort):
                 found = self._abort(command.request_id)
                 _settle(command.future, found)
+            elif isinstance(command, _Call):
+                try:
+                    result = command.fn()
+                except Exception as e:  # noqa: BLE001 - the caller gets it
+                    _settle(command.future, error=e)
+                else:
+                    _settle(command.future, result)
             elif isinstance(command, _Stop):
                 stop = command if stop is None or command.abort_all else stop
             try:
@@ -347,6 +382,7 @@ class AsyncEngine:
 
     def _add(self, command: _Add) -> None:
         stream = command.stream
+        lora = {} if command.lora_request is None else {"lora_request": command.lora_request}
         try:  # tokenized here: the tokenizer is not safe to share between threads
             self.engine.add_request(
                 stream.request_id,
@@ -356,6 +392,7 @@ class AsyncEngine:
                 priority=command.priority,
                 add_special_tokens=command.add_special_tokens,
                 check_length=command.check_length,
+                **lora,
             )
         except Exception as e:  # noqa: BLE001 - refused: the caller gets the reason
             command.future.set_exception(e)
@@ -422,7 +459,7 @@ class AsyncEngine:
 
     @staticmethod
     def _refuse(command, error: Exception) -> None:
-        if isinstance(command, _Add | _Abort):
+        if isinstance(command, _Add | _Abort | _Call):
             _settle(command.future, error=error)
 
 

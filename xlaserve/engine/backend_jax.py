@@ -23,6 +23,9 @@ class JaxBackend:
 
     def load(self, args: EngineArgs, mesh: Mesh | None) -> LoadedForRunner:
         enable_compilation_cache(args.compilation_cache_dir)
+        if args.enable_lora and jax.process_count() > 1:
+            raise ValueError("LoRA adapters (enable_lora=True) are served on one host; this "
+                             f"mesh spans {jax.process_count()} processes")  # fmt: skip
         if mesh is None and (args.tensor_parallel_size > 1 or jax.process_count() > 1):
             mesh = make_mesh(args.tensor_parallel_size)
         target = self._load(args, args.model, args.load_format, args.dtype, mesh)
@@ -31,8 +34,10 @@ class JaxBackend:
             return target
         if spec.method == "draft_model":
             if mesh is not None:
-                raise ValueError("speculative_config method 'draft_model' runs on one device; "
-                                 "tensor/data parallel meshes are not supported with it yet")
+                raise ValueError(
+                    "speculative_config method 'draft_model' runs on one device; "
+                    "tensor/data parallel meshes are not supported with it yet"
+                )
             draft = self._load(args, spec.model, spec.load_format, spec.dtype, mesh)
             check_draft_fits(target, draft, spec.model)
         else:

@@ -6,12 +6,13 @@ owns (`page_ids(seq)`): token at position p sits in page `page_ids[p // page_siz
 
 Prefix caching: once all tokens of a page are computed, the page is registered under the key
 `(parent_digest, tokens_of_the_page)`, where `parent_digest` is a SHA-256 chain over all earlier
-pages of the sequence. The dict compares the token tuple exactly, so a lookup only returns a page
-that holds exactly those tokens after an identical digest chain. Freed pages keep their key and
-sit in an LRU free queue (freed longest ago = reused first); a page loses its key only when it
-is handed out as a new page. A later request with the same prefix takes such a page back
-(refcount 0 -> 1) without recomputing it. A page with refcount > 1 is always a full, computed,
-read-only page: nobody ever writes into a shared page.
+pages of the sequence, started from the identity of its LoRA adapter (a hash of the adapter's
+weights, so a renamed or reloaded adapter never reads another's KV). The dict compares the token
+tuple exactly, so a lookup only returns a page that holds exactly those tokens after an identical
+digest chain. Freed pages keep their key and sit in an LRU free queue (freed longest ago = reused
+first); a page loses its key only when it is handed out as a new page. A later request with the
+same prefix takes such a page back (refcount 0 -> 1) without recomputing it. A page with refcount >
+1 is always a full, computed, read-only page: nobody ever writes into a shared page.
 """
 
 from __future__ import annotations
@@ -205,15 +206,18 @@ class BlockManager:
         return page
 
     def _digest(self, seq: Sequence, page_index: int) -> bytes:
-        """Chained digest of `seq`'s pages 0..page_index (b"" for page_index -1)."""
+        """Chained digest of `seq`'s pages 0..page_index. The chain starts (page_index -1)
+        from the identity of the sequence's LoRA adapter (b"" for the base model), so pages
+        are shared only between sequences run under the same weights."""
+        root = b"" if seq.lora is None else seq.lora.key
         if page_index < 0:
-            return b""
+            return root
         hashes = self._hashes.setdefault(seq.seq_id, [])
         size = self.page_size
         tokens = seq.all_token_ids
         while len(hashes) <= page_index:
             i = len(hashes)
-            parent = hashes[-1] if hashes else b""
+            parent = hashes[-1] if hashes else root
             page_tokens = array("q", tokens[i * size : (i + 1) * size]).tobytes()
             hashes.append(hashlib.sha256(parent + page_tokens).digest())
         return hashes[page_index]

@@ -19,6 +19,7 @@ from xlaserve.engine.dp_engine import DataParallelEngine
 from xlaserve.engine.llm_engine import LLMEngine
 from xlaserve.engine.runner_api import LoadedForRunner, Runner, RunnerConfig
 from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
+from xlaserve.lora.manager import LoRAConfig, LoRAManager
 from xlaserve.spec_decode.policy import SpecDecodePolicy
 from xlaserve.structured.manager import (
     StructuredOutputManager,
@@ -69,7 +70,20 @@ def build_replica(args: EngineArgs, mesh=None) -> LLMEngine:
         model_name=args.model,
         dtype=model.dtype_name,
         structured=structured_outputs_for(args, model),
+        lora=lora_manager_for(args, model),
     )
+
+
+def lora_config_for(args: EngineArgs) -> LoRAConfig | None:
+    if not args.enable_lora:
+        return None
+    return LoRAConfig(args.max_loras, args.max_lora_rank, args.max_cpu_loras or args.max_loras)
+
+
+def lora_manager_for(args: EngineArgs, model: LoadedForRunner) -> LoRAManager | None:
+    """The host registry and cache of LoRA adapters, or None when LoRA is off."""
+    config = lora_config_for(args)
+    return None if config is None else LoRAManager(config, model.config)
 
 
 def structured_outputs_for(args: EngineArgs, model: LoadedForRunner):
@@ -139,6 +153,7 @@ def scheduler_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -
         policy=args.scheduling_policy,
         max_waiting_requests=args.max_waiting_requests,
         num_lookahead_tokens=0 if spec is None else spec.num_lookahead_tokens,
+        max_loras=args.max_loras if args.enable_lora else None,
     )
 
 
@@ -155,4 +170,6 @@ def runner_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -> R
         num_speculative_tokens=(
             0 if args.speculative_config is None else args.speculative_config.num_speculative_tokens
         ),
+        max_loras=args.max_loras if args.enable_lora else 0,
+        max_lora_rank=args.max_lora_rank if args.enable_lora else 0,
     )

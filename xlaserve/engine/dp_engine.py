@@ -71,6 +71,18 @@ class DataParallelEngine:
         self._owner[request_id] = engine
         return request_id
 
+    # ---- LoRA adapters: every replica holds the same set -----------------------------------
+    def add_lora(self, lora_request):
+        infos = [engine.add_lora(lora_request) for engine in self.replicas]
+        return infos[0]
+
+    def remove_lora(self, lora_name: str) -> None:
+        for engine in self.replicas:
+            engine.remove_lora(lora_name)
+
+    def list_loras(self) -> list:
+        return self.replicas[0].list_loras()
+
     def step(self) -> list[RequestOutput]:
         busy = [e for e in self.replicas if e.has_unfinished_requests()]
         outputs: list[RequestOutput] = []

@@ -22,6 +22,7 @@ import numpy as np
 
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import SchedulerOutput
+from xlaserve.lora.slots import SlotManager
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (the samplers use the same bound)
 
@@ -40,6 +41,8 @@ class StepInputs(NamedTuple):
     # i32[R, Q] (Q = 1 + drafts per step): a sequence's last committed token then its drafts,
     # the rows speculative decoding verifies; repeats the last one past its drafts.
     spec_indices: np.ndarray
+    # LoRA: i32[T] each token's adapter slot (0 = none: always so without LoRA).
+    lora_slots: np.ndarray | None = None
 
 
 class SamplingRows(NamedTuple):
@@ -115,6 +118,9 @@ class PreparedStep:
     prompt_logprob_spans: list[PromptLogprobSpan]
     want_logprobs: dict[int, int]  # row -> top logprobs asked for, for rows that want them
     drafts: DraftRows | None = None  # None: no row feeds drafts this step
+    # LoRA: (slot, adapter) writes the runner makes before the forward (adapters entering
+    # the device for this step).
+    lora_writes: list = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -127,6 +133,7 @@ class _SeqState:
     page_ids: list[int]
     num_computed_tokens: int
     penalty_row: int | None = None
+    lora: object | None = None  # the LoRAAdapter the sequence runs under
 
 
 def needs_penalty_state(params: SamplingParams) -> bool:
@@ -171,10 +178,14 @@ def pack_tokens(
     pages_per_seq: int,
     page_size: int,
     spec_width: int = 1,
+    chunk_lora_slots: Sequence[int] | None = None,
 ) -> StepInputs:
     """The step's forward inputs for `chunks`, padded to `num_tokens` and `num_rows` rows;
-    `spec_width` = 1 + the drafts a sequence may feed."""
+    `spec_width` = 1 + the drafts a sequence may feed. `chunk_lora_slots`: one LoRA adapter
+    slot per chunk (None: all 0, no adapter); each token carries its chunk's slot in
+    `lora_slots` (padding: slot 0)."""
     drafts = np.zeros(num_rows, np.int32)
+    lora_slots = np.zeros(num_tokens, np.int32)
     ids = np.zeros(num_tokens, np.int32)
     positions = np.zeros(num_tokens, np.int32)
     slots = np.full(num_tokens, -1, np.int32)
@@ -192,6 +203,8 @@ def pack_tokens(
         page_indices[i - 1, : len(pages)] = pages
         kv_lens[i - 1] = c.start_pos + n
         drafts[i - 1] = c.num_drafts
+        if chunk_lora_slots is not None:
+            lora_slots[offset : offset + n] = chunk_lora_slots[i - 1]
         offset += n
         cu_q_lens[i] = offset
     cu_q_lens[i + 1 :] = offset
@@ -207,6 +220,7 @@ def pack_tokens(
         num_seqs=np.asarray([i], np.int32),
         logits_indices=last,
         spec_indices=spec.astype(np.int32),
+        lora_slots=lora_slots,
     )
 
 
@@ -252,6 +266,7 @@ class InputBatch:
         token_buckets: Sequence[int] | None = None,
         seq_buckets: Sequence[int] | None = None,
         num_speculative_tokens: int = 0,
+        max_loras: int = 0,
     ) -> None:
         self.max_num_seqs = max_num_seqs
         self.pages_per_seq = pages_per_seq
@@ -263,6 +278,8 @@ class InputBatch:
         self.num_speculative_tokens = num_speculative_tokens
         self._seqs: dict[int, _SeqState] = {}
         self._free_penalty_rows = list(range(max_num_seqs))
+        # LoRA adapter slots on the device (None: the engine serves the base model only).
+        self.lora_slots = SlotManager(max_loras) if max_loras else None
 
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._seqs
@@ -303,6 +320,7 @@ class InputBatch:
                 params=new.params,
                 page_ids=list(new.page_ids),
                 num_computed_tokens=new.num_computed_tokens,
+                lora=new.lora,
             )
         for cached in out.cached_seqs:
             state = self._seqs.get(cached.seq_id)
@@ -338,11 +356,22 @@ class InputBatch:
         chunks = self.update(out)
         num_tokens = bucket_for(out.total_num_scheduled_tokens, self.token_buckets)
         num_rows = self.max_num_seqs if self.token_buckets else len(chunks)
+        slots, writes = self._lora_slots(chunks)
         inputs = pack_tokens(chunks, num_tokens, num_rows, self.pages_per_seq, self.page_size,
-                             1 + self.num_speculative_tokens)  # fmt: skip
+                             1 + self.num_speculative_tokens, chunk_lora_slots=slots)  # fmt: skip
         targets, spans = self._prompt_logprob_targets(chunks, num_tokens)
-        step = PreparedStep(chunks, inputs, None, {}, [], targets, spans, {})
+        step = PreparedStep(chunks, inputs, None, {}, [], targets, spans, {}, writes)
         return self.with_sampling(step, out) if sampling else step
+
+    def _lora_slots(self, chunks: list[Chunk]) -> tuple[list[int] | None, list]:
+        """Each chunk's adapter slot, and the slot writes that make the step's adapters
+        resident (least recently used ones leave)."""
+        if self.lora_slots is None:
+            return None, []
+        adapters = [self._seqs[c.seq_id].lora for c in chunks]
+        writes = self.lora_slots.assign(a for a in adapters if a is not None)
+        slots = [0 if a is None else self.lora_slots.slot_of(a.identity) for a in adapters]
+        return slots, writes
 
     def with_sampling(self, step: PreparedStep, out: SchedulerOutput) -> PreparedStep:
         """The step with its sampling rows (None when no chunk samples)."""

@@ -11,6 +11,7 @@ from xlaserve.engine.intake import Conversation, PromptType, prompt_list
 from xlaserve.engine.outputs import RequestOutput
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.errors import InvalidRequestError
+from xlaserve.lora.request import LoRARequest
 
 
 class LLM:
@@ -30,14 +31,27 @@ class LLM:
     def get_metrics(self) -> dict:
         return self.engine.get_metrics()
 
+    def add_lora(self, lora_request: LoRARequest):
+        """Loads a LoRA adapter ahead of use (generate/chat also load one on first use)."""
+        return self.engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_name: str) -> None:
+        self.engine.remove_lora(lora_name)
+
+    def list_loras(self) -> list:
+        """The loaded adapters (`AdapterInfo`: name, lora_int_id, path, identity, rank)."""
+        return self.engine.list_loras()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Outputs in input order. A prompt is text, {"prompt_token_ids": [...]}, or
-        {"prompt": text}; a list of them is a batch. One SamplingParams or one per prompt."""
+        {"prompt": text}; a list of them is a batch. One SamplingParams or one per prompt;
+        one LoRARequest (or None: the base model) or one per prompt."""
         prompts = prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(prompts)
@@ -48,7 +62,15 @@ class LLM:
                     "sampling_params",
                     f"got {len(params_list)} sampling params for {len(prompts)} prompts",
                 )
-        return self._run(prompts, params_list, use_tqdm)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise InvalidRequestError(
+                    "lora_request", f"got {len(loras)} LoRA requests for {len(prompts)} prompts"
+                )
+        return self._run(prompts, params_list, use_tqdm, loras)
 
     def chat(
         self,
@@ -58,6 +80,7 @@ class LLM:
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
         chat_template_kwargs: dict | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Applies the model's chat template to one conversation or a list of them. `tools`
         (OpenAI tool dicts) go to the template (or its fallback, see xlaserve/tools/template.py);
@@ -72,14 +95,15 @@ class LLM:
             {"messages": conv, "add_generation_prompt": add_generation_prompt, **extra}
             for conv in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
-    def _run(self, prompts, params_list, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts, params_list, use_tqdm: bool, loras) -> list[RequestOutput]:
         engine = self.engine
         ids = []
         try:
-            for prompt, params in zip(prompts, params_list, strict=True):
-                ids.append(engine.add_request(None, prompt, params))
+            for prompt, params, lora in zip(prompts, params_list, loras, strict=True):
+                extra = {} if lora is None else {"lora_request": lora}
+                ids.append(engine.add_request(None, prompt, params, **extra))
         except Exception:
             for rid in ids:  # leave the engine as it was
                 engine.abort_request(rid)

@@ -22,6 +22,9 @@ from xlaserve.engine.runner_api import DeviceInfo, Runner, SampledToken
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler import Scheduler
 from xlaserve.engine.scheduler_output import SchedulerOutput
+from xlaserve.errors import InvalidRequestError
+from xlaserve.lora.manager import AdapterInfo, LoRAManager
+from xlaserve.lora.request import LoRARequest
 from xlaserve.structured.manager import PendingBitmasks, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,7 @@ class LLMEngine:
         model_name: str = "",
         dtype: str = "",
         structured: StructuredOutputManager | None = None,
+        lora: LoRAManager | None = None,
     ):
         self.scheduler = scheduler
         self.runner = runner
@@ -76,6 +80,7 @@ class LLMEngine:
         self.model_name = model_name
         self.dtype = dtype
         self.structured = structured
+        self.lora = lora  # LoRA adapters by name (None: LoRA is off)
         self.intake = RequestIntake(
             tokenizer,
             vocab_size=vocab_size,
@@ -106,9 +111,11 @@ class LLMEngine:
         priority: int = 0,
         add_special_tokens: bool = True,
         check_length: bool = False,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         """Validates and queues a request; returns its id. Bad input raises
-        `InvalidRequestError` (a ValueError) naming the field."""
+        `InvalidRequestError` (a ValueError) naming the field. `lora_request` runs it under
+        a LoRA adapter (loaded on first use)."""
         if request_id is None:
             request_id = str(next(self._request_ids))
         check_request_id(request_id, self.requests)
@@ -122,6 +129,7 @@ class LLMEngine:
             check_length=check_length,
         )
         ids, params = request.prompt_token_ids, request.params
+        adapter = None if lora_request is None else self._adapter_for(lora_request)
         detokenizers = [self._detokenizer(ids, params) for _ in range(params.n)]
         seqs = self.scheduler.add_request(
             request.request_id,
@@ -131,6 +139,7 @@ class LLMEngine:
             priority=request.priority,
             eos_token_ids=self.eos_token_ids,
             held=params.structured_outputs is not None,  # until its grammar is compiled
+            lora=adapter,
         )
         if params.structured_outputs is not None:
             self.structured.submit(
@@ -151,6 +160,30 @@ class LLMEngine:
         for i, seq in enumerate(seqs):
             self._owners[seq.seq_id] = (state, i)
         return request.request_id
+
+    # ---- LoRA adapters --------------------------------------------------------------------
+    def _adapter_for(self, lora_request: LoRARequest):
+        if self.lora is None:
+            raise InvalidRequestError(
+                "lora_request", "LoRA adapters are not enabled (start with enable_lora=True)"
+            )
+        return self.lora.resolve(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest) -> AdapterInfo:
+        """Loads and registers an adapter; a name already loaded is refused."""
+        if self.lora is None:
+            self._adapter_for(lora_request)  # raises: LoRA is off
+        adapter = self.lora.add(lora_request)
+        return next(a for a in self.lora.list_adapters() if a.name == adapter.name)
+
+    def remove_lora(self, lora_name: str) -> None:
+        """Unregisters an adapter; requests already running under it finish under it."""
+        if self.lora is None:
+            raise InvalidRequestError("lora_name", "LoRA adapters are not enabled")
+        self.lora.remove(lora_name)
+
+    def list_loras(self) -> list[AdapterInfo]:
+        return [] if self.lora is None else self.lora.list_adapters()
 
     def _detokenizer(self, ids, params: SamplingParams) -> IncrementalDetokenizer | None:
         if not params.detokenize or self.tokenizer is None:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from xlaserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from xlaserve.lora.adapter import LoRAAdapter
 
 
 class RequestStatus(enum.Enum):
@@ -60,6 +64,7 @@ class Sequence:
     # Speculative decoding: tokens drafted for the next step (never part of the outputs until
     # the target model accepts them).
     spec_token_ids: list[int] = field(default_factory=list)
+    lora: LoRAAdapter | None = None  # LoRA adapter (None: the base model)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -71,6 +76,11 @@ class Sequence:
     def all_token_ids(self) -> list[int]:
         """Prompt + outputs (the live list: read it, never mutate it)."""
         return self._token_ids
+
+    @property
+    def lora_key(self) -> str | None:
+        """The adapter's identity (what its KV pages are cached under), None for the base."""
+        return None if self.lora is None else self.lora.identity
 
     @property
     def num_tokens(self) -> int:

@@ -42,8 +42,9 @@ from xlaserve.engine.runner_api import (
     SampledToken,
 )
 from xlaserve.engine.scheduler_output import SchedulerOutput
+from xlaserve.lora.device import LoRASlots
 from xlaserve.models.attention import AttentionMetadata
-from xlaserve.models.transformer import Transformer
+from xlaserve.models.transformer import DecoderLayers, Transformer
 from xlaserve.sharding import distributed, rules
 from xlaserve.spec_decode import rejection
 from xlaserve.spec_decode.proposer import Proposer
@@ -122,6 +123,16 @@ class DeviceSteps:
                 out_shardings=rules.kv_cache_sharding(model.config, mesh),
             )()
             self.penalty_state = jax.jit(state_zeros, out_shardings=rules.replicated(mesh))()
+        self.lora = None  # LoRA adapter slots (when the engine serves adapters)
+        if config.max_loras:
+            self.lora = LoRASlots(
+                model.config,
+                max_loras=config.max_loras,
+                max_rank=config.max_lora_rank,
+                dtype=model.embed[...].dtype,
+                per_layer=not isinstance(model.layers, DecoderLayers),
+                mesh=mesh,
+            )
         self.rows = self.hidden = self.spec_rows = self.aux = None
         self.forward_graph = jax.jit(self._forward_fn, donate_argnums=(1,))
         self.sample_graph = jax.jit(self._sample_fn, donate_argnums=(3,))
@@ -129,7 +140,7 @@ class DeviceSteps:
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn)
         self._init_row = jax.jit(sampler.init_penalty_row, donate_argnums=(0,))
 
-    def _forward_fn(self, params, kv_cache, inputs: StepInputs):
+    def _forward_fn(self, params, kv_cache, inputs: StepInputs, lora_weights):
         model = nnx.merge(self.graphdef, params)
         metadata = AttentionMetadata(
             slot_mapping=inputs.slot_mapping,
@@ -138,7 +149,10 @@ class DeviceSteps:
             page_indices=inputs.page_indices,
             num_seqs=inputs.num_seqs,
         )
-        out = model(inputs.input_ids, inputs.positions, kv_cache, metadata, self.aux_layers)
+        out = model(
+            inputs.input_ids, inputs.positions, kv_cache, metadata, lora_weights,
+            inputs.lora_slots, self.aux_layers,
+        )  # fmt: skip
         kv_cache, hidden = out[:2]
         aux = out[2] if self.aux_layers else None  # [T, len(aux_layers) * D]
         # [R, D], [T, D], [R, Q, D]
@@ -178,7 +192,7 @@ class DeviceSteps:
 
     def forward(self, inputs: StepInputs) -> None:
         self.kv_cache, self.rows, self.hidden, self.spec_rows, self.aux = self.forward_graph(
-            self.params, self.kv_cache, self._put(inputs)
+            self.params, self.kv_cache, self._put(inputs), self.lora_weights
         )
 
     def verify(self, batch: SamplingRows, drafts: DraftRows) -> rejection.VerifyOutput:
@@ -186,6 +200,15 @@ class DeviceSteps:
             self.params, self.spec_rows, batch, drafts, self.penalty_state
         )
         return out
+
+    @property
+    def lora_weights(self):
+        """The LoRA slot buffers the forward reads (None without LoRA)."""
+        return None if self.lora is None else self.lora.buffers
+
+    def write_lora_slot(self, slot: int, adapter) -> None:
+        """Puts a LoRA adapter (None: zeros) into a device slot, in place (no compile)."""
+        self.lora.write(slot, adapter)
 
     def sample(self, batch: SamplingRows) -> sampler.SamplerOutput:
         out, self.penalty_state = self.sample_graph(
@@ -240,6 +263,7 @@ class ModelRunner:
             token_buckets=config.token_buckets,
             seq_buckets=config.seq_buckets,
             num_speculative_tokens=config.num_speculative_tokens,
+            max_loras=config.max_loras,
         )
         self.compiles = CompileCounter()
         self.compiles_at_warmup: int | None = None
@@ -292,6 +316,8 @@ class ModelRunner:
         graphs.append(("penalty row init", partial(steps.init_penalty_row, *penalty_row)))
         if self.proposer is not None:
             graphs += self.proposer.warmup_graphs(self)
+        if self.config.max_loras:  # every slot is empty before the first step: harmless
+            graphs.append(("LoRA slot write", partial(steps.write_lora_slot, 1, None)))
         bar = tqdm(total=len(graphs), desc="warm-up", unit="graph",
                    disable=not sys.stderr.isatty())  # fmt: skip
         with self.compiles.track(), bar:
@@ -359,6 +385,8 @@ class ModelRunner:
         if not step.chunks:
             return result
         dispatched = time.perf_counter()
+        for slot, adapter in step.lora_writes:  # adapters entering the device for this step
+            self.steps.write_lora_slot(slot, adapter)
         self.steps.forward(step.inputs)  # runs on the device while the host packs sampling
         if self.proposer is not None:
             self.proposer.on_forward(step)

@@ -40,6 +40,9 @@ class RunnerConfig:
     # always added as the largest bucket.
     token_bucket_sizes: tuple[int, ...] | None = None
     num_speculative_tokens: int = 0  # K: drafts a sequence may feed per step (0: none)
+    # LoRA: adapter slots on the device and the rank they hold (0: no LoRA).
+    max_loras: int = 0
+    max_lora_rank: int = 0
 
     @property
     def token_buckets(self) -> tuple[int, ...]:

@@ -41,6 +41,7 @@ from xlaserve.engine.block_manager import BlockManager, Prefix
 from xlaserve.engine.request import RequestStatus, Sequence
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import CachedSequence, NewSequence, SchedulerOutput
+from xlaserve.lora.scheduling import AdapterAdmission
 from xlaserve.spec_decode.policy import SpecDecodePolicy
 
 POLICIES = ("fcfs", "priority")
@@ -62,6 +63,8 @@ class SchedulerConfig:
     policy: str = "fcfs"  # "fcfs": arrival order; "priority": (priority, arrival) order
     max_waiting_requests: int | None = None
     num_lookahead_tokens: int = 0  # KV slots reserved past a step for a draft model's drafts
+    # LoRA: distinct adapters among running sequences at most (the device slots); None: off.
+    max_loras: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages"):
@@ -70,6 +73,8 @@ class SchedulerConfig:
         _check_int("max_model_len", self.max_model_len, minimum=2)
         if self.max_waiting_requests is not None:
             _check_int("max_waiting_requests", self.max_waiting_requests, minimum=1)
+        if self.max_loras is not None:
+            _check_int("max_loras", self.max_loras, minimum=1)
         for name in ("enable_prefix_caching", "enable_chunked_prefill"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -133,9 +138,11 @@ class Scheduler:
         priority: int = 0,
         eos_token_ids: tuple[int, ...] = (),
         held: bool = False,
+        lora=None,
     ) -> list[Sequence]:
         """Queues a request as `params.n` WAITING sequences and returns them. `held` ones wait
-        without being scheduled until `release(request_id)`."""
+        without being scheduled until `release(request_id)`. `lora`: the LoRAAdapter it runs
+        under (None: the base model)."""
         max_len = self.config.max_model_len
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a str, got {request_id!r}")
@@ -172,6 +179,7 @@ class Scheduler:
                 eos_token_ids=eos,
                 max_model_len=max_len,
                 held=held,
+                lora=lora,
             )
             for i in range(params.n)
         ]
@@ -286,12 +294,15 @@ class Scheduler:
         of equal priority). Returns the budget left and whether admission stopped for want of
         tokens, slots or pages (then nobody behind may go first)."""
         running = Counter(s.request_id for s in self.running)
+        adapters = AdapterAdmission(self.config.max_loras, (s.lora_key for s in self.running))
         passed_over: int | None = None  # priority of the first request passed over
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 return budget, True
             if seq.held:
                 continue
+            if not adapters.may_admit(seq.lora_key):
+                continue  # waits for an adapter slot (see xlaserve/lora/scheduling.py)
             if not self._requests[seq.request_id].prompt_ready and seq.sample_index > 0:
                 continue  # a sibling waits for sample 0's prompt pages
             if share is not None:
@@ -326,6 +337,7 @@ class Scheduler:
             scheduled[seq.seq_id] = (seq, num_new)
             budget -= num_new
             running[seq.request_id] += 1
+            adapters.admitted(seq.lora_key)
         return budget, False
 
     def _output(self, scheduled, preempted: list[Sequence]) -> SchedulerOutput:
@@ -346,6 +358,7 @@ class Scheduler:
                         params=seq.params,
                         page_ids=tuple(pages),
                         num_computed_tokens=seq.num_computed_tokens,
+                        lora=seq.lora,
                     )
                 )
             else:

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from xlaserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from xlaserve.lora.adapter import LoRAAdapter
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class NewSequence:
     params: SamplingParams
     page_ids: tuple[int, ...]  # the page table after this step's allocation
     num_computed_tokens: int  # tokens already in the cache (prefix-cache hits)
+    lora: LoRAAdapter | None = None  # the adapter it runs under (its weights, by reference)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,11 @@ class TorchBackend:
                 f"data_parallel_size must be 1, got {args.tensor_parallel_size} and "
                 f"{args.data_parallel_size}"
             )
+        if args.enable_lora:
+            raise ValueError(
+                "backend 'torch' does not serve LoRA adapters (enable_lora=True); use the jax "
+                "backend"
+            )
         if args.attention_backend != "auto":
             raise ValueError(
                 "attention_backend selects the JAX kernels; backend 'torch' picks its own "

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xlaserve.models.attention import AttentionMetadata, write_and_attend
+from xlaserve.kernels_pallas.lora import lora_delta
+from xlaserve.models.attention import AttentionMetadata, resolve_backend, write_and_attend
 from xlaserve.models.layers import (
     RopeScaling,
     apply_rope,
@@ -161,9 +162,16 @@ class Transformer(nnx.Module):
         positions: jax.Array,
         kv_cache: jax.Array,
         metadata: AttentionMetadata,
+        lora_weights: dict | list | None = None,
+        lora_slots: jax.Array | None = None,
         aux_layers: tuple[int, ...] = (),
     ):
         """input_ids, positions: i32[T]; kv_cache: [L, P, page_size, 2K, H].
+
+        LoRA (optional): lora_weights maps a target module ("wq", ..., "w_down") to
+        {"a": [L, I, S, R], "b": [L, S, R, O]} (stacked layers) or is a list of one such dict
+        per layer without the L axis (per-layer layout); lora_slots: i32[T] each token's
+        adapter slot (0 = none). See xlaserve/kernels_pallas/lora.
 
         Returns (updated kv_cache, final-normed hidden states [T, D]); with `aux_layers` also
         the inputs of those layers concatenated [T, len(aux_layers) * D] (EAGLE-3 features).
@@ -179,21 +187,24 @@ class Transformer(nnx.Module):
 
             def layer_step(carry, layer_inputs):
                 x_in = carry[0]
-                out = layer_fn(*carry, *layer_inputs, cos, sin, metadata)
+                values, layer, lora = layer_inputs
+                out = layer_fn(*carry, values, layer, cos, sin, metadata, lora, lora_slots)
                 return out, (x_in if aux_layers else None)
 
             layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
             (x, kv_cache), inputs = jax.lax.scan(
-                layer_step, (x, kv_cache), (self.layers.values(), layer_ids)
+                layer_step, (x, kv_cache), (self.layers.values(), layer_ids, lora_weights)
             )
             aux = [inputs[i] for i in aux_layers]
         else:  # unstacked: one call per layer, each reading its own weight buffers
             for i, layer in enumerate(self.layers):
                 if i in aux_layers:
                     aux.append(x)
+                lora = None if lora_weights is None else lora_weights[i]
                 x, kv_cache = layer_fn(
-                    x, kv_cache, layer.values(), jnp.int32(i), cos, sin, metadata
-                )
+                    x, kv_cache, layer.values(), jnp.int32(i), cos, sin, metadata, lora,
+                    lora_slots,
+                )  # fmt: skip
         hidden = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
         if aux_layers:
             return kv_cache, hidden, jnp.concatenate(aux, axis=-1)
@@ -251,6 +262,8 @@ def decoder_layer(
     cos: jax.Array,
     sin: jax.Array,
     metadata: AttentionMetadata,
+    lora: dict | None = None,
+    lora_slots: jax.Array | None = None,
     *,
     config: TransformerConfig,
     backend: str,
@@ -259,11 +272,14 @@ def decoder_layer(
 
     Jitted so that the unrolled CPU forward traces and lowers one layer, not one per layer
     (XLA inlines the calls, so each still reads its own weight buffers).
+    lora: this layer's adapter slots per target module (see `Transformer.__call__`).
     """
     c = config
     num_tokens = x.shape[0]
+    adapt = partial(add_lora, lora=lora, slots=lora_slots, backend=backend)
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)  # [T, D]
     q, k, v = project_qkv(h, p, c)  # [T, N*H], [T, K*H], [T, K*H]
+    q, k, v = adapt(q, h, "wq"), adapt(k, h, "wk"), adapt(v, h, "wv")
     q = q.reshape(num_tokens, c.num_heads, c.head_dim)  # [T, N, H]
     k = k.reshape(num_tokens, c.num_kv_heads, c.head_dim)  # [T, K, H]
     v = v.reshape(num_tokens, c.num_kv_heads, c.head_dim)  # [T, K, H]
@@ -282,11 +298,37 @@ def decoder_layer(
         sliding_window=c.sliding_window,
         backend=backend,
     )  # attn: [T, N, H]
-    x = x + linear(attn.reshape(num_tokens, c.num_heads * c.head_dim), p["wo"])
+    attn = attn.reshape(num_tokens, c.num_heads * c.head_dim)  # [T, N*H]
+    x = x + adapt(linear(attn, p["wo"]), attn, "wo")
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    if lora is not None:
+        return x + lora_swiglu(h, p, adapt), kv_cache
     if "w_gate_up" in p:
         return x + fused_swiglu(h, p["w_gate_up"], p["w_down"]), kv_cache
     return x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"]), kv_cache
+
+
+def add_lora(y, x, name: str, *, lora: dict | None, slots, backend: str) -> jax.Array:
+    """y [T, O] (the base projection of x [T, I]) plus each token's adapter delta."""
+    if lora is None or name not in lora:
+        return y
+    kernel = resolve_backend(backend) != "reference"
+    delta = lora_delta(
+        x, lora[name]["a"], lora[name]["b"], slots,
+        impl="pallas" if kernel else "reference",
+        interpret=kernel and jax.default_backend() == "cpu",
+    )  # fmt: skip
+    return y + delta.astype(y.dtype)
+
+
+def lora_swiglu(h: jax.Array, p: dict[str, jax.Array], adapt) -> jax.Array:
+    """swiglu (fused or not) with adapter deltas on gate, up and down."""
+    if "w_gate_up" in p:
+        gate, up = jnp.split(linear(h, p["w_gate_up"]), 2, axis=-1)  # [T, F] each
+    else:
+        gate, up = linear(h, p["w_gate"]), linear(h, p["w_up"])
+    act = jax.nn.silu(adapt(gate, h, "w_gate")) * adapt(up, h, "w_up")  # [T, F]
+    return adapt(linear(act, p["w_down"]), act, "w_down")  # [T, D]
 
 
 def project_qkv(h: jax.Array, p: dict[str, jax.Array], c: TransformerConfig):

@@ -106,15 +106,18 @@ def build_request(
     priority: int = 0,
     model: str = "",
     add_special_tokens: bool | None = None,
+    lora_name: str = "",
     **sampling,
 ) -> pb.GenerateRequest:
-    """prompt: text, a list of token ids, or {"prompt_token_ids": [...]}/{"prompt": text}."""
+    """prompt: text, a list of token ids, or {"prompt_token_ids": [...]}/{"prompt": text};
+    lora_name: a loaded LoRA adapter to run under."""
     if isinstance(prompt, dict):
         prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
     request = pb.GenerateRequest(
         request_id=request_id,
         priority=priority,
         model=model,
+        lora_name=lora_name,
         sampling_params=sampling_params_to_proto(**sampling),
     )
     if isinstance(prompt, str):
@@ -157,6 +160,14 @@ class XlaServeClient:
     def abort(self, request_id: str) -> bool:
         request = pb.AbortRequest(request_id=request_id)
         return self.stub.Abort(request, timeout=self.timeout, metadata=self.metadata).found
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str) -> pb.LoRAAdapter:
+        request = pb.LoadLoRAAdapterRequest(lora_name=lora_name, lora_path=lora_path)
+        return self.stub.LoadLoRAAdapter(request, timeout=self.timeout, metadata=self.metadata)
+
+    def unload_lora_adapter(self, lora_name: str) -> None:
+        request = pb.UnloadLoRAAdapterRequest(lora_name=lora_name)
+        self.stub.UnloadLoRAAdapter(request, timeout=self.timeout, metadata=self.metadata)
 
     def model_info(self) -> pb.ModelInfo:
         return self.stub.GetModelInfo(

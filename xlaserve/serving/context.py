@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from xlaserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from xlaserve.engine.intake import PromptType
 from xlaserve.engine.sampling_params import SamplingParams
+from xlaserve.lora.request import LoRARequest
 from xlaserve.serving.errors import Kind, ServingError, classify
 from xlaserve.serving.metrics import ServingMetrics
 
@@ -54,6 +55,13 @@ class ServerConfig:
     max_n: int = 16
     max_tokens_default: int = 256
     max_tokens_cap: int | None = None
+    # LoRA: POST /v1/load_lora_adapter and /v1/unload_lora_adapter (and the gRPC Load/Unload
+    # RPCs) change the served adapters at run time only when this is on (they need the API
+    # key like every other route).
+    allow_runtime_lora_loading: bool = False
+    # (name, PEFT folder) adapters loaded at start-up (`--lora-modules name=path ...`); the
+    # engine needs enable_lora.
+    lora_modules: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         limits = {"max_n": self.max_n, "max_tokens_default": self.max_tokens_default}
@@ -107,6 +115,7 @@ class ServingContext:
             self._engine_metrics, lambda: self.healthy, model_name=lambda: self.model_name
         )
         self.draining = False
+        self.adapters: dict = {}  # LoRA adapter name -> AdapterInfo, served as models
         self.failed = asyncio.Event()
         self._health_changed = asyncio.Event()
         if engine is not None:
@@ -122,6 +131,8 @@ class ServingContext:
         """The engine is ready (built and warmed up): requests and health use it from now on."""
         self._engine = engine
         self.model_name = self.config.served_model_name or engine.model_name or "default"
+        list_loras = getattr(engine.engine, "list_loras", None)  # loaded before it started
+        self.adapters = {a.name: a for a in (list_loras() if list_loras else [])}
         self._notify_health()
 
     def _engine_metrics(self) -> dict:
@@ -165,16 +176,64 @@ class ServingContext:
         """Checks an `authorization` header/metadata value ("Bearer <key>")."""
         return bearer_matches(authorization, self.config.api_key)
 
-    def check_model(self, name: str | None) -> None:
+    def check_model(self, name: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's model name selects (None: the base model); an unknown
+        name is NOT_FOUND naming what is served."""
         if self._engine is None:  # every request is refused with "starting" until ready
             raise ServingError(Kind.UNAVAILABLE, STARTING, code="starting")
-        if name and name != self.model_name:
+        if not name or name == self.model_name:
+            return None
+        adapter = self.adapters.get(name)
+        if adapter is not None:
+            # No path: the engine uses the adapter loaded under this name, or refuses the
+            # request if it was unloaded meanwhile (it never reads the folder again).
+            return LoRARequest(adapter.name, adapter.lora_int_id)
+        served = ", ".join(repr(n) for n in [self.model_name, *self.adapters])
+        raise ServingError(
+            Kind.NOT_FOUND,
+            f"model {name!r} does not exist: this server serves {served}",
+            param="model",
+            code="model_not_found",
+        )
+
+    # ---- LoRA adapters at run time -----------------------------------------------------------
+    def _check_runtime_loading(self) -> None:
+        if not self.config.allow_runtime_lora_loading:
             raise ServingError(
                 Kind.NOT_FOUND,
-                f"model {name!r} does not exist: this server serves {self.model_name!r}",
-                param="model",
-                code="model_not_found",
+                "loading and unloading LoRA adapters at run time is off: start the server "
+                "with --allow-runtime-lora-loading",
+                code="runtime_lora_loading_off",
             )
+
+    async def load_adapter(self, name: object, path: object):
+        """Loads a PEFT folder as a servable model name; its AdapterInfo."""
+        self._check_runtime_loading()
+        for param, value in (("lora_name", name), ("lora_path", path)):
+            if not isinstance(value, str) or not value:
+                raise ServingError(Kind.INVALID, f"{param} must be a non-empty string",
+                                   param=param)  # fmt: skip
+        if name == self.model_name or name in self.adapters:
+            raise ServingError(Kind.INVALID, f"a model named {name!r} is already served",
+                               param="lora_name")  # fmt: skip
+        lora_id = 1 + max((a.lora_int_id for a in self.adapters.values()), default=0)
+        try:
+            info = await self.engine.add_lora(LoRARequest(name, lora_id, path))
+        except Exception as e:  # noqa: BLE001 - classified for the client
+            raise classify(e) from e
+        self.adapters[name] = info
+        return info
+
+    async def unload_adapter(self, name: object) -> None:
+        self._check_runtime_loading()
+        if not isinstance(name, str) or name not in self.adapters:
+            raise ServingError(Kind.NOT_FOUND, f"no LoRA adapter named {name!r} is loaded",
+                               param="lora_name")  # fmt: skip
+        try:
+            await self.engine.remove_lora(name)
+        except Exception as e:  # noqa: BLE001
+            raise classify(e) from e
+        del self.adapters[name]
 
     def refuse(self, exc: BaseException) -> ServingError:
         """The error to send for a request refused before it started (counted)."""
@@ -196,8 +255,10 @@ class ServingContext:
         priority: int = 0,
         add_special_tokens: bool = True,
         check_length: bool = True,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Adds a request; a refusal is raised as a `ServingError` (not yet counted)."""
+        lora = {} if lora_request is None else {"lora_request": lora_request}
         try:
             return await self.engine.add_request(
                 prompt,
@@ -206,6 +267,7 @@ class ServingContext:
                 priority=priority,
                 add_special_tokens=add_special_tokens,
                 check_length=check_length,
+                **lora,
             )
         except Exception as e:  # noqa: BLE001 - classified for the client
             raise classify(e) from e

@@ -55,7 +55,9 @@ class XlaServeServicer(pb_grpc.XlaServeServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         ctx = self.ctx
         try:
-            ctx.check_model(request.model)
+            lora = ctx.check_model(request.model)
+            if request.lora_name:
+                lora = ctx.check_model(request.lora_name)
             which = request.WhichOneof("prompt")
             if which is None:
                 raise ServingError(Kind.INVALID, "prompt is required: set text or token_ids")
@@ -86,6 +88,7 @@ class XlaServeServicer(pb_grpc.XlaServeServicer):
                 priority=request.priority,
                 add_special_tokens=add_special,
                 check_length=asked is not None,  # the server's default is cut, not refused
+                lora_request=lora,
             ),
         )
         tracker, first = DeltaTracker(), True
@@ -111,6 +114,26 @@ class XlaServeServicer(pb_grpc.XlaServeServicer):
         except Exception as e:  # noqa: BLE001
             await abort_with(context, self.ctx.refuse(e))
         return pb.AbortResponse(found=found)
+
+    async def LoadLoRAAdapter(self, request: pb.LoadLoRAAdapterRequest, context):
+        try:
+            info = await self.ctx.load_adapter(request.lora_name, request.lora_path)
+        except Exception as e:  # noqa: BLE001 - reported to the client
+            await abort_with(context, self.ctx.refuse(e))
+        return pb.LoRAAdapter(
+            lora_name=info.name,
+            lora_int_id=info.lora_int_id,
+            lora_path=info.path,
+            rank=info.rank,
+            identity=info.identity,
+        )
+
+    async def UnloadLoRAAdapter(self, request: pb.UnloadLoRAAdapterRequest, context):
+        try:
+            await self.ctx.unload_adapter(request.lora_name)
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, self.ctx.refuse(e))
+        return pb.UnloadLoRAAdapterResponse()
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
         try:

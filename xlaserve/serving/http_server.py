@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import uuid
@@ -173,26 +174,27 @@ class OpenAIRoutes:
 
     async def completions(self, request: Request):
         req = parse_body(await request.body(), CompletionRequest)
-        self.ctx.check_model(req.model)
+        lora = self.ctx.check_model(req.model)
         prompts = req.prompts()
         with named_as_sent(req):
             params, check_length = self._params(req)
             fmt = ResponseFormatter(
                 "completion",
                 f"cmpl-{uuid.uuid4().hex}",
-                self.ctx.model_name,
+                self.ctx.model_name if lora is None else lora.lora_name,
                 n=params.n,
                 top_logprobs=req.logprobs or 0,
                 tokens_as_ids=req.return_tokens_as_token_ids,
             )
             streams = await self._submit_all(
-                prompts, params, fmt.id, req.priority, check_length=check_length
-            )
+                prompts, params, fmt.id, req.priority, check_length=check_length,
+                lora_request=lora,
+            )  # fmt: skip
             return await self._respond(request, req, fmt, streams)
 
     async def chat_completions(self, request: Request):
         req = parse_body(await request.body(), ChatCompletionRequest)
-        self.ctx.check_model(req.model)
+        lora = self.ctx.check_model(req.model)
         with named_as_sent(req):
             params, check_length = self._params(req)
             try:  # tools: their constraint set on params (required / named calls)
@@ -202,7 +204,7 @@ class OpenAIRoutes:
             fmt = ResponseFormatter(
                 "chat",
                 f"chatcmpl-{uuid.uuid4().hex}",
-                self.ctx.model_name,
+                self.ctx.model_name if lora is None else lora.lora_name,
                 n=params.n,
                 top_logprobs=req.top_logprobs or 0,
                 tokens_as_ids=req.return_tokens_as_token_ids,
@@ -214,8 +216,9 @@ class OpenAIRoutes:
             if tools is not None:
                 messages["tools"] = tools.tools
             streams = await self._submit_all(
-                [messages], params, fmt.id, req.priority, check_length=check_length
-            )
+                [messages], params, fmt.id, req.priority, check_length=check_length,
+                lora_request=lora,
+            )  # fmt: skip
             return await self._respond(request, req, fmt, streams)
 
     def _params(self, req) -> tuple[SamplingParams, bool]:
@@ -321,6 +324,16 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+def _json_object(body: bytes) -> dict:
+    try:
+        value = json.loads(body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ServingError(Kind.INVALID, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ServingError(Kind.INVALID, "the request body must be a JSON object")
+    return value
+
+
 def build_app(ctx: ServingContext) -> GuardMiddleware:
     """The ASGI app: FastAPI routes behind the API-key and body-size guard."""
     app = FastAPI(title="xlaserve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -369,7 +382,29 @@ def build_app(ctx: ServingContext) -> GuardMiddleware:
             "owned_by": "xlaserve",
             "max_model_len": ctx.engine.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+        adapters = [
+            {"id": a.name, "object": "model", "created": 0, "owned_by": "xlaserve",
+             "root": a.path, "parent": ctx.model_name,
+             "max_model_len": ctx.engine.max_model_len}
+            for a in ctx.adapters.values()
+        ]  # fmt: skip
+        return {"object": "list", "data": [card, *adapters]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        """vLLM's runtime loading: {"lora_name", "lora_path"} (needs the runtime flag)."""
+        body = _json_object(await request.body())
+        info = await ctx.load_adapter(body.get("lora_name"), body.get("lora_path"))
+        return Response(f"Success: LoRA adapter {info.name!r} added successfully.",
+                        media_type="text/plain")  # fmt: skip
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        """{"lora_name"} (vLLM's body; a lora_int_id beside it is not needed)."""
+        body = _json_object(await request.body())
+        await ctx.unload_adapter(body.get("lora_name"))
+        return Response(f"Success: LoRA adapter {body['lora_name']!r} removed successfully.",
+                        media_type="text/plain")  # fmt: skip
 
     @app.get("/metrics")
     async def metrics():

@@ -12,7 +12,8 @@ order) with the token ids and text it added; a sample without news that step has
 token, so text is tokenized with the model's special tokens and token ids get the model's BOS
 put in front (unless they already start with it: JetStream's own benchmark sends ids from a
 tokenizer that added one, and JetStream would then decode after two); true means the content
-already has it, so nothing is added. `lora_adapter_id` is refused: this server has no adapters.
+already has it, so nothing is added. `lora_adapter_id` names a loaded LoRA adapter (what an
+OpenAI request puts in `model`); empty is the base model.
 """
 
 from __future__ import annotations
@@ -47,13 +48,21 @@ def bos_prefix(tokenizer) -> list[int]:
     return [bos] if with_special[:1] == [bos] and plain[:1] != [bos] else []
 
 
-def _decode_args(request: js.DecodeRequest, bos: list[int]):
-    if request.lora_adapter_id:
+def _adapter(ctx: ServingContext, name: str):
+    """The LoRARequest of a loaded adapter named by lora_adapter_id (None: the base model)."""
+    if not name:
+        return None
+    if name not in ctx.adapters:
+        loaded = ", ".join(repr(n) for n in ctx.adapters) or "none"
         raise ServingError(
             Kind.INVALID,
-            f"LoRA adapters are not supported by this server: cannot decode with adapter "
-            f"{request.lora_adapter_id!r}; leave lora_adapter_id empty for the base model",
+            f"lora_adapter_id {name!r} names no loaded LoRA adapter (loaded: {loaded}); "
+            "leave it empty for the base model",
         )
+    return ctx.check_model(name)
+
+
+def _decode_args(request: js.DecodeRequest, bos: list[int]):
     if request.session_cache:
         raise ServingError(
             Kind.INVALID,
@@ -97,6 +106,7 @@ class OrchestratorServicer(js_grpc.OrchestratorServicer):
     async def Decode(self, request: js.DecodeRequest, context):
         ctx = self.ctx
         try:
+            lora = _adapter(ctx, request.lora_adapter_id)
             prompt, params = _decode_args(request, self.bos)
             params = limited(
                 params,
@@ -116,6 +126,7 @@ class OrchestratorServicer(js_grpc.OrchestratorServicer):
                 priority=request.priority,
                 add_special_tokens=not request.has_bos,
                 check_length=False,
+                lora_request=lora,
             )
         except ServingError as e:
             error = ctx.refuse(e)

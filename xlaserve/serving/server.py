@@ -108,6 +108,7 @@ async def serve(
             lambda error: loop.call_soon_threadsafe(ctx.on_engine_death, error)
         )
         started = engine.start()
+        await _load_lora_modules(engine, config.lora_modules)
         ctx.attach(engine)
         if on_ready is not None:
             on_ready(endpoints)
@@ -148,6 +149,18 @@ async def serve(
         if started is not None:
             await started.shutdown_async(0)
     return code
+
+
+async def _load_lora_modules(engine: AsyncEngine, modules) -> None:
+    """`--lora-modules`: adapters served from start-up (ids after any already loaded)."""
+    if not modules:
+        return
+    from xlaserve.lora.request import LoRARequest
+
+    first = 1 + max((a.lora_int_id for a in await engine.list_loras()), default=0)
+    for i, (name, path) in enumerate(modules, first):
+        await engine.add_lora(LoRARequest(name, i, path))
+        logger.info("LoRA adapter %r loaded from %s", name, path)
 
 
 async def _build_engine(build: Callable[[], AsyncEngine], shutdown: asyncio.Event):

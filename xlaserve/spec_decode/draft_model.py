@@ -15,6 +15,8 @@ probabilities; greedy requests accept exactly where the draft agrees with the ta
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +56,10 @@ class DraftModelProposer:
 
         self.k = spec.num_speculative_tokens
         self.config = config
-        self.steps = DeviceSteps(draft.model, config, draft.kv_cache_spec, mesh)
+        # The draft has no LoRA slots: adapters shape the target only (drafts just get
+        # accepted less often under an adapter).
+        draft_config = dataclasses.replace(config, max_loras=0, max_lora_rank=0)
+        self.steps = DeviceSteps(draft.model, draft_config, draft.kv_cache_spec, mesh)
         self._draft_loop = jax.jit(self._draft_loop_fn, donate_argnums=(1,))
 
     # ---- the runner's hooks -------------------------------------------------------------------

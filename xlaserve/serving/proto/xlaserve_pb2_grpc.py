@@ -49,6 +49,16 @@ class XlaServeStub:
                 request_serializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.LoadLoRAAdapter = channel.unary_unary(
+                '/xlaserve.v1.XlaServe/LoadLoRAAdapter',
+                request_serializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.LoadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.LoRAAdapter.FromString,
+                _registered_method=True)
+        self.UnloadLoRAAdapter = channel.unary_unary(
+                '/xlaserve.v1.XlaServe/UnloadLoRAAdapter',
+                request_serializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.UnloadLoRAAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class XlaServeServicer:
@@ -77,6 +87,20 @@ class XlaServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoRAAdapter(self, request, context):
+        """LoRA adapters at run time (vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter);
+        NOT_FOUND unless the server runs with --allow-runtime-lora-loading.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoRAAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_XlaServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +118,16 @@ def add_XlaServeServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.GetModelInfoRequest.FromString,
                     response_serializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.ModelInfo.SerializeToString,
+            ),
+            'LoadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRAAdapter,
+                    request_deserializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.LoadLoRAAdapterRequest.FromString,
+                    response_serializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.LoRAAdapter.SerializeToString,
+            ),
+            'UnloadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoRAAdapter,
+                    request_deserializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.UnloadLoRAAdapterRequest.FromString,
+                    response_serializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.UnloadLoRAAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +211,60 @@ class XlaServe:
             '/xlaserve.v1.XlaServe/GetModelInfo',
             xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.GetModelInfoRequest.SerializeToString,
             xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xlaserve.v1.XlaServe/LoadLoRAAdapter',
+            xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.LoadLoRAAdapterRequest.SerializeToString,
+            xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.LoRAAdapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xlaserve.v1.XlaServe/UnloadLoRAAdapter',
+            xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+            xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.UnloadLoRAAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
