@@ -360,7 +360,7 @@ class InputBatch:
         inputs = pack_tokens(chunks, num_tokens, num_rows, self.pages_per_seq, self.page_size,
                              1 + self.num_speculative_tokens, chunk_lora_slots=slots)  # fmt: skip
         targets, spans = self._prompt_logprob_targets(chunks, num_tokens)
-        step = PreparedStep(chunks, inputs, None, {}, [], targets, spans, {}, writes)
+        step = PreparedStep(chunks, inputs, None, {}, [], targets, spans, {}, lora_writes=writes)
         return self.with_sampling(step, out) if sampling else step
 
     def _lora_slots(self, chunks: list[Chunk]) -> tuple[list[int] | None, list]:
