@@ -11,6 +11,9 @@ from xlaserve.checkpoints.loader import load_model
 from xlaserve.config import EngineArgs, enable_compilation_cache
 from xlaserve.engine.runner import ModelRunner
 from xlaserve.engine.runner_api import KVCacheSpec, LoadedForRunner, RunnerConfig
+from xlaserve.pooling.backend import load_for_pooling
+from xlaserve.pooling.loader import resolve_runner
+from xlaserve.pooling.runner import PoolingRunner
 from xlaserve.sharding.mesh import MODEL, make_mesh
 
 
@@ -19,6 +22,8 @@ class JaxBackend:
 
     def load(self, args: EngineArgs, mesh: Mesh | None) -> LoadedForRunner:
         enable_compilation_cache(args.compilation_cache_dir)
+        if resolve_runner(args.model, args.runner, args.load_format) == "pooling":
+            return load_for_pooling(args, mesh)
         if mesh is None and (args.tensor_parallel_size > 1 or jax.process_count() > 1):
             mesh = make_mesh(args.tensor_parallel_size)
         on_cpu = jax.default_backend() == "cpu"
@@ -54,4 +59,6 @@ class JaxBackend:
         )
 
     def make_runner(self, model: LoadedForRunner, config: RunnerConfig) -> ModelRunner:
+        if model.pooler is not None:
+            return PoolingRunner(model.model, config, model.kv_cache_spec)
         return ModelRunner(model.model, config, model.kv_cache_spec, mesh=model.mesh)

@@ -19,6 +19,7 @@ from xlaserve.engine.dp_engine import DataParallelEngine
 from xlaserve.engine.llm_engine import LLMEngine
 from xlaserve.engine.runner_api import LoadedForRunner, Runner, RunnerConfig
 from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
+from xlaserve.pooling.limits import check_pooling_backend, pooling_limits
 from xlaserve.structured.manager import (
     StructuredOutputManager,
     make_backend,
@@ -66,7 +67,8 @@ def build_replica(args: EngineArgs, mesh=None) -> LLMEngine:
         eos_token_ids=model.config.eos_token_ids,
         model_name=args.model,
         dtype=model.dtype_name,
-        structured=structured_outputs_for(args, model),
+        structured=None if model.pooler is not None else structured_outputs_for(args, model),
+        pooler=model.pooler,
     )
 
 
@@ -93,6 +95,7 @@ def build_runner(args: EngineArgs, mesh=None) -> tuple[LoadedForRunner, Schedule
     """(loaded model, scheduler config, runner, not yet warmed up) for these options. Every
     process of a multi-host mesh builds the same."""
     backend = load_backend(args.backend)
+    check_pooling_backend(args)
     start = time.perf_counter()
     logger.info("loading %s (backend %s, load format %s) ...", args.model, args.backend,
                 args.load_format)  # fmt: skip
@@ -101,6 +104,8 @@ def build_runner(args: EngineArgs, mesh=None) -> tuple[LoadedForRunner, Schedule
                 time.perf_counter() - start, model.dtype_name,
                 "loaded" if model.tokenizer is not None else "none")  # fmt: skip
     max_model_len = args.resolve_max_model_len(model.config.max_position_embeddings)
+    if model.pooler is not None:
+        max_model_len, args = pooling_limits(args, model.pooler, max_model_len)
     num_pages = kv_cache_pages(
         args,
         page_bytes=model.kv_cache_spec.page_bytes,

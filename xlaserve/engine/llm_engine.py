@@ -22,6 +22,9 @@ from xlaserve.engine.runner_api import DeviceInfo, Runner, SampledToken
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler import Scheduler
 from xlaserve.engine.scheduler_output import SchedulerOutput
+from xlaserve.pooling.model_config import PoolerConfig
+from xlaserve.pooling.outputs import PoolingOutput, PoolingRequestOutput
+from xlaserve.pooling.params import PoolingTask
 from xlaserve.structured.manager import PendingBitmasks, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ class RequestState:
     cumulative_logprob: list[float] = field(default_factory=list)
     prompt_logprobs: dict[int, PositionLogprobs] = field(default_factory=dict)
     error: str | None = None
+    pooling: PoolingTask | None = None  # a pooling request: one pooled output, no tokens
 
 
 class LLMEngine:
@@ -66,6 +70,7 @@ class LLMEngine:
         model_name: str = "",
         dtype: str = "",
         structured: StructuredOutputManager | None = None,
+        pooler: PoolerConfig | None = None,
     ):
         self.scheduler = scheduler
         self.runner = runner
@@ -76,11 +81,13 @@ class LLMEngine:
         self.model_name = model_name
         self.dtype = dtype
         self.structured = structured
+        self.pooler = pooler  # a pooling model's defaults; None: a generative engine
         self.intake = RequestIntake(
             tokenizer,
             vocab_size=vocab_size,
             max_model_len=self.max_model_len,
             check_structured=None if structured is None else structured.check,
+            pooler=pooler,
         )
         self.runner.warmup()
         self.requests: dict[str, RequestState] = {}
@@ -131,6 +138,7 @@ class LLMEngine:
             priority=request.priority,
             eos_token_ids=self.eos_token_ids,
             held=params.structured_outputs is not None,  # until its grammar is compiled
+            pooling=request.pooling,
         )
         if params.structured_outputs is not None:
             self.structured.submit(
@@ -146,6 +154,7 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_time=request.arrival_time),
             logprobs=[[] for _ in seqs],
             cumulative_logprob=[0.0 for _ in seqs],
+            pooling=request.pooling,
         )
         self.requests[request.request_id] = state
         for i, seq in enumerate(seqs):
@@ -190,8 +199,9 @@ class LLMEngine:
         if isinstance(scheduled.token_bitmasks, PendingBitmasks):
             scheduled.token_bitmasks.result()  # the mask thread is done with the matchers
         tokens = {seq_id: s.token for seq_id, s in result.sampled.items()}
-        self.scheduler.update_from_output(scheduled, tokens)
+        self.scheduler.update_from_output(scheduled, tokens, result.pooled)
         outputs = failed + self._postprocess(scheduled, result)
+        outputs += [self._pooled_output(seq_id, data) for seq_id, data in result.pooled.items()]
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - start
         return outputs
@@ -221,6 +231,20 @@ class LLMEngine:
             else:
                 outputs.append(self.make_output(state))
         return outputs
+
+    def _pooled_output(self, seq_id: int, data) -> PoolingRequestOutput:
+        """A pooling request is done once its prompt is processed."""
+        state, _ = self._owners.pop(seq_id)
+        self.requests.pop(state.request_id, None)
+        state.metrics.first_token_time = state.metrics.finished_time = time.time()
+        return PoolingRequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=PoolingOutput(data),
+            task=state.pooling.task,
+            metrics=state.metrics,
+        )
 
     # ---- structured outputs ---------------------------------------------------------------
     def _poll_grammars(self) -> list[RequestOutput]:

@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass, field
 
 from xlaserve.engine.sampling_params import SamplingParams
+from xlaserve.pooling.params import PoolingTask
 
 
 class RequestStatus(enum.Enum):
@@ -57,6 +58,9 @@ class Sequence:
     stop_reason: int | str | None = None
     num_cached_prompt_tokens: int = 0  # prefix-cache hits at the last admission
     held: bool = False  # not schedulable yet (its grammar is compiling)
+    # A pooling request: scheduled whole (never chunked, no prefix-cache hits) and finished
+    # once its prompt is processed, with a pooled output instead of a token.
+    pooling: PoolingTask | None = None
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -116,6 +116,8 @@ class LoadedForRunner:
     kv_cache_spec: KVCacheSpec
     memory_device: object  # `platform` and `memory_stats()`: where free memory is read
     mesh: object | None = None
+    # A pooling model's defaults (xlaserve.pooling.model_config.PoolerConfig); None: generative.
+    pooler: object | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,9 @@ class PromptLogprob:
 class RunnerOutput:
     sampled: dict[int, SampledToken] = field(default_factory=dict)  # seq_id -> token
     prompt_logprobs: dict[int, list[PromptLogprob]] = field(default_factory=dict)
+    # Pooling runners: seq_id -> the finished output of a sequence whose prompt was processed
+    # (embedding f32[D'] or class scores f32[C]); such a sequence finishes without a token.
+    pooled: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -28,12 +28,14 @@ import bisect
 import itertools
 import math
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from xlaserve.engine.block_manager import BlockManager, Prefix
 from xlaserve.engine.request import RequestStatus, Sequence
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import CachedSequence, NewSequence, SchedulerOutput
+from xlaserve.pooling.params import PoolingTask
 
 POLICIES = ("fcfs", "priority")
 
@@ -120,9 +122,11 @@ class Scheduler:
         priority: int = 0,
         eos_token_ids: tuple[int, ...] = (),
         held: bool = False,
+        pooling: PoolingTask | None = None,
     ) -> list[Sequence]:
         """Queues a request as `params.n` WAITING sequences and returns them. `held` ones wait
-        without being scheduled until `release(request_id)`."""
+        without being scheduled until `release(request_id)`. A `pooling` request (n == 1)
+        needs no room for an output token."""
         max_len = self.config.max_model_len
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a str, got {request_id!r}")
@@ -133,7 +137,10 @@ class Scheduler:
         prompt = _token_list("prompt_token_ids", prompt_token_ids)
         if not prompt:
             raise ValueError("prompt_token_ids must not be empty")
-        if len(prompt) + 1 > max_len:
+        if pooling is not None and (params.n != 1 or len(prompt) > max_len):
+            raise ValueError(f"a pooling request has one sequence of at most {max_len} tokens, "
+                             f"got n={params.n} and {len(prompt)} tokens")  # fmt: skip
+        if pooling is None and len(prompt) + 1 > max_len:
             raise ValueError(
                 f"prompt of {len(prompt)} tokens leaves no room for an output token within "
                 f"max_model_len {max_len} (at most {max_len - 1} prompt tokens)"
@@ -159,6 +166,7 @@ class Scheduler:
                 eos_token_ids=eos,
                 max_model_len=max_len,
                 held=held,
+                pooling=pooling,
             )
             for i in range(params.n)
         ]
@@ -279,8 +287,8 @@ class Scheduler:
             prefix = self._computed_prefix(seq)
             num_new = seq.num_tokens - prefix[1]
             if num_new > budget:
-                if not self.config.enable_chunked_prefill:
-                    return budget, True
+                if not self.config.enable_chunked_prefill or seq.pooling is not None:
+                    return budget, True  # pooling sequences are processed whole
                 num_new = budget
             if not self.block_manager.can_allocate(seq, num_new, prefix):
                 return budget, True
@@ -312,6 +320,7 @@ class Scheduler:
                         params=seq.params,
                         page_ids=tuple(pages),
                         num_computed_tokens=seq.num_computed_tokens,
+                        pooling=seq.pooling,
                     )
                 )
             else:
@@ -335,13 +344,16 @@ class Scheduler:
         )
 
     def update_from_output(
-        self, output: SchedulerOutput, sampled: dict[int, int]
+        self,
+        output: SchedulerOutput,
+        sampled: dict[int, int],
+        pooled: Collection[int] = (),
     ) -> list[Sequence]:
         """Applies one executed step: advances computed tokens, appends the sampled tokens
         (`sampled`: seq_id -> token for every sequence whose chunk reached its last known
-        token), caches newly full pages and frees finished sequences. Returns the sequences
-        that finished in this step. Sequences aborted or finished since `schedule()` are
-        skipped."""
+        token), finishes the `pooled` sequences (their prompt is processed), caches newly full
+        pages and frees finished sequences. Returns the sequences that finished in this step.
+        Sequences aborted or finished since `schedule()` are skipped."""
         finished: list[Sequence] = []
         for seq_id, num_new in output.num_scheduled_tokens.items():
             seq = self._running_by_id.get(seq_id)
@@ -349,7 +361,9 @@ class Scheduler:
                 continue
             seq.num_computed_tokens += num_new
             assert seq.num_computed_tokens <= seq.num_tokens, "schedule/update out of step"
-            if seq.num_computed_tokens == seq.num_tokens:
+            if seq.num_computed_tokens == seq.num_tokens and seq_id in pooled:
+                seq.finish(RequestStatus.FINISHED_STOPPED)
+            elif seq.num_computed_tokens == seq.num_tokens:
                 if seq_id not in sampled:
                     raise ValueError(f"no sampled token for sequence {seq_id}")
                 seq.append_token(sampled[seq_id])
@@ -397,6 +411,8 @@ class Scheduler:
     def _computed_prefix(self, seq: Sequence) -> Prefix:
         if seq.params.prompt_logprobs is not None and seq.sample_index == 0:
             return [], 0  # every prompt position must be computed to score it
+        if seq.pooling is not None:
+            return [], 0  # pooling reads the hidden states of every prompt token
         if self.block_manager.enable_prefix_caching:
             return self.block_manager.get_computed_prefix(seq)
         source = self._requests[seq.request_id].seqs[0]

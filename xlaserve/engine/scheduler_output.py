@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xlaserve.engine.sampling_params import SamplingParams
+from xlaserve.pooling.params import PoolingTask
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class NewSequence:
     params: SamplingParams
     page_ids: tuple[int, ...]  # the page table after this step's allocation
     num_computed_tokens: int  # tokens already in the cache (prefix-cache hits)
+    pooling: PoolingTask | None = None  # a pooling request: its output is pooled, not sampled
 
 
 @dataclass(frozen=True)

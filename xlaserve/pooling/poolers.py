@@ -1,0 +1,65 @@
+"""Poolers: a step's hidden states [T, D] -> one row per sequence [R, D] (on the device), and
+the host-side finish of each request's output (Matryoshka truncation, L2 normalization,
+classifier activation).
+
+One graph serves any mix of pooling types in a batch: the mean, first and last token of every
+sequence are cheap next to the forward pass, so all three are formed and each row picks its
+own (`methods`). Sequences are whole in the step (pooling prompts are never chunked), so a
+sequence's tokens are rows cu_q_lens[r] ... cu_q_lens[r + 1] - 1 of the step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xlaserve.pooling.params import POOLING_TYPES, PoolingTask
+
+METHOD_IDS = {name: i for i, name in enumerate(POOLING_TYPES)}  # MEAN 0, CLS 1, LAST 2
+
+
+def token_rows(cu_q_lens: jax.Array, num_tokens: int) -> jax.Array:
+    """The sequence row of every token i32[T] (R, one past the last row, for padding)."""
+    starts = cu_q_lens[1:]  # [R] end of each row
+    return jnp.searchsorted(starts, jnp.arange(num_tokens, dtype=starts.dtype), side="right")
+
+
+def pool_hidden(hidden: jax.Array, cu_q_lens: jax.Array, methods: jax.Array) -> jax.Array:
+    """hidden [T, D], cu_q_lens i32[R + 1], methods i32[R] (METHOD_IDS) -> pooled f32[R, D].
+    Empty (padding) rows give zeros for MEAN and an arbitrary real row otherwise."""
+    num_rows = methods.shape[0]
+    h32 = hidden.astype(jnp.float32)
+    rows = token_rows(cu_q_lens, hidden.shape[0])  # [T]
+    sums = jax.ops.segment_sum(h32, rows, num_segments=num_rows + 1)[:num_rows]  # [R, D]
+    counts = (cu_q_lens[1:] - cu_q_lens[:-1]).astype(jnp.float32)  # [R]
+    mean = sums / jnp.maximum(counts, 1.0)[:, None]
+    first = h32[cu_q_lens[:-1]]  # [R, D]
+    last = h32[jnp.maximum(cu_q_lens[1:] - 1, 0)]  # [R, D]
+    m = methods[:, None]
+    return jnp.where(m == METHOD_IDS["MEAN"], mean, jnp.where(m == METHOD_IDS["CLS"], first, last))
+
+
+def finish(values: np.ndarray, task: PoolingTask) -> np.ndarray:
+    """A row's final output: for embeddings the pooled vector cut to `dimensions` and then
+    normalized (as sentence-transformers' Matryoshka truncation); for classifiers the head's
+    logits through softmax (several labels) or sigmoid (one), unless activation is off."""
+    x = np.asarray(values, np.float32)
+    if not task.uses_head:
+        if task.dimensions is not None:
+            x = x[: task.dimensions]
+        if task.normalize:
+            x = x / max(float(np.linalg.norm(x)), 1e-12)
+        return x
+    if not task.activation:
+        return x
+    if x.shape[0] == 1:
+        return 1.0 / (1.0 + np.exp(-x))
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two vectors (what `score` returns for embedding models)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
