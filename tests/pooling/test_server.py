@@ -1,20 +1,23 @@
 """The pooling endpoints of a real server on MiniLM: the official openai client's
 `embeddings.create` (float and base64) against sentence-transformers, token-id inputs,
-/v1/score and /v1/rerank, bad inputs as 400s naming the field, and each kind of server refusing
-the other kind's requests."""
+/v1/score and /v1/rerank, gRPC Embed, bad inputs as 400s naming the field (INVALID_ARGUMENT on
+gRPC), and each kind of server refusing the other kind's requests."""
 
 import base64
 
+import grpc
 import httpx
 import numpy as np
 import openai
 import pytest
 
 from tests.pooling.sentences import LONG, MIXED, NON_ASCII, SHORT
-from tests.serving.helpers import API_KEY, start_mock_server
+from tests.serving.helpers import API_KEY, AUTH, start_mock_server
 from xlaserve.config import EngineArgs
 from xlaserve.engine.async_engine import AsyncEngine
 from xlaserve.engine.builder import build_engine
+from xlaserve.serving.proto import xlaserve_pb2 as pb
+from xlaserve.serving.proto import xlaserve_pb2_grpc as pb_grpc
 from xlaserve.serving.server import ServerConfig, ServerThread
 
 MODEL = "minilm"
@@ -161,5 +164,53 @@ def test_generative_server_refuses_embeddings():
                 assert r.status_code == 400, r.text
                 assert r.json()["error"]["param"] == "model"
                 assert "text generation" in r.json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        yield pb_grpc.XlaServeStub(channel)
+
+
+def test_grpc_embed_matches_sentence_transformers(stub, minilm_st, reference):
+    request = pb.EmbedRequest(model=MODEL, texts=TEXTS, truncate_prompt_tokens=-1)
+    response = stub.Embed(request, metadata=AUTH, timeout=60)
+    ours = np.array([e.values for e in response.embeddings])
+    assert [e.index for e in response.embeddings] == list(range(len(TEXTS)))
+    assert cosines(ours, reference).min() >= MIN_COSINE
+    assert response.prompt_tokens == sum(e.prompt_tokens for e in response.embeddings) > 0
+    ids = minilm_st.tokenizer(SHORT[0])["input_ids"]
+    by_ids = stub.Embed(pb.EmbedRequest(token_ids=[pb.TokenIds(ids=ids)]), metadata=AUTH)
+    assert cosines(by_ids.embeddings[0].values, reference[0]) >= MIN_COSINE
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, words",
+    [
+        (dict(), "input is empty"),
+        (dict(texts=[""]), "empty"),
+        (dict(texts=[LONG[-1]]), "max_model_len"),
+        (dict(texts=["x"], dimensions=64), "Matryoshka"),
+        (dict(texts=["x"], task="classify"), "task"),
+        (dict(texts=["x"], token_ids=[pb.TokenIds(ids=[1])]), "not both"),
+    ],
+)
+def test_grpc_embed_bad_input_is_invalid_argument(stub, request_kwargs, words):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Embed(pb.EmbedRequest(**request_kwargs), metadata=AUTH, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in e.value.details()
+
+
+def test_grpc_generative_server_refuses_embed():
+    server, _, _ = start_mock_server()
+    try:
+        with grpc.insecure_channel(server.endpoints.grpc_target) as channel:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.XlaServeStub(channel).Embed(pb.EmbedRequest(texts=["hi"]), metadata=AUTH)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "text generation" in e.value.details()
     finally:
         server.stop()

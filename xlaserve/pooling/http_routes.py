@@ -12,50 +12,19 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from xlaserve.engine.async_engine import EngineDeadError
 from xlaserve.pooling import protocol
 from xlaserve.pooling.api import score_pairs
 from xlaserve.pooling.params import PoolingParams
 from xlaserve.pooling.poolers import cosine
+from xlaserve.pooling.submit import pool_all
 from xlaserve.serving.context import ServingContext
-from xlaserve.serving.errors import classify, failed_in_flight
+from xlaserve.serving.errors import classify
 from xlaserve.serving.openai_protocol import parse_body
 
 
 class PoolingRoutes:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
-
-    async def _pool(self, prompts, params, base_id: str, *, priority: int, client_param: str,
-                    add_special_tokens: bool = True) -> list:  # fmt: skip
-        """Submits every prompt (all or none), then waits for each output, in order."""
-        streams = []
-        try:
-            try:
-                for i, prompt in enumerate(prompts):
-                    stream = await self.ctx.submit(
-                        prompt, params, request_id=f"{base_id}-{i}", priority=priority,
-                        add_special_tokens=add_special_tokens, check_length=False,
-                    )  # fmt: skip
-                    streams.append(stream)
-                outputs = []
-                for stream in streams:
-                    final = None
-                    async for output in stream:
-                        final = output
-                    outputs.append(final)
-                return outputs
-            except EngineDeadError as e:
-                raise failed_in_flight(e) from e
-            except Exception as e:  # noqa: BLE001 - refused: named for the client
-                error = classify(e)
-                if error.param == "prompt":
-                    error.param = client_param
-                raise error from e
-        finally:
-            for stream in streams:
-                if not stream.finished:
-                    self.ctx.engine.abort_nowait(stream.request_id)
 
     def _pooler(self):
         """The served model's pooling defaults (None: a generative model)."""
@@ -69,7 +38,7 @@ class PoolingRoutes:
             params = req.pooling_params()
         except ValueError as e:
             raise classify(e) from e
-        outputs = await self._pool(
+        outputs = await pool_all(self.ctx, 
             prompts, params, f"embd-{uuid.uuid4().hex}", priority=req.priority,
             client_param="input", add_special_tokens=req.add_special_tokens,
         )  # fmt: skip
@@ -90,12 +59,12 @@ class PoolingRoutes:
             raise classify(e) from e
         if cross:
             prompts = [{"prompt": a, "prompt_pair": b} for a, b in pairs]
-            outs = await self._pool(prompts, params, base_id, priority=req.priority,
+            outs = await pool_all(self.ctx, prompts, params, base_id, priority=req.priority,
                                     client_param=client_param)  # fmt: skip
             scores = [o.outputs.score for o in outs]
         else:
             flat = [text for pair in pairs for text in pair]
-            outs = await self._pool(flat, params, base_id, priority=req.priority,
+            outs = await pool_all(self.ctx, flat, params, base_id, priority=req.priority,
                                     client_param=client_param)  # fmt: skip
             scores = [cosine(outs[2 * i].outputs.data, outs[2 * i + 1].outputs.data)
                       for i in range(len(pairs))]  # fmt: skip
