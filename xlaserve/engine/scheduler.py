@@ -137,8 +137,9 @@ class Scheduler:
         prompt = _token_list("prompt_token_ids", prompt_token_ids)
         if not prompt:
             raise ValueError("prompt_token_ids must not be empty")
-        if pooling is not None and (params.n != 1 or len(prompt) > max_len):
-            raise ValueError(f"a pooling request has one sequence of at most {max_len} tokens, "
+        whole = min(max_len, self.config.max_num_batched_tokens)  # processed in one step
+        if pooling is not None and (params.n != 1 or len(prompt) > whole):
+            raise ValueError(f"a pooling request has one sequence of at most {whole} tokens, "
                              f"got n={params.n} and {len(prompt)} tokens")  # fmt: skip
         if pooling is None and len(prompt) + 1 > max_len:
             raise ValueError(
