@@ -1,11 +1,12 @@
-"""BERT family encoders (`BertModel`, `BertForSequenceClassification`): bidirectional attention
-over a packed ragged batch, absolute position and token-type embeddings, post-LayerNorm layers,
-no KV cache. Used by the pooling runner (embeddings, cross-encoder scores).
+"""BERT family encoders (`BertModel`, `BertForSequenceClassification`): bidirectional attention,
+absolute position and token-type embeddings, post-LayerNorm layers, no KV cache. Used by the
+pooling runner (embeddings, cross-encoder scores).
 
-Sequences are packed one after another in a flat [T] token batch (the same layout the decoder
-steps use); each token attends to every token of its own sequence, found by `segments` (the
-sequence's row per token). Weights are [in, out]. Axis letters (docs/glossary.md): T tokens,
-D model, F mlp, V vocab, N heads, H head dim, C classifier labels.
+The batch is dense, [S, L]: S sequences each padded to L tokens (the pooling runner groups a
+step's sequences by length bucket, so padding stays under 2x). Each token attends to the real
+tokens of its own sequence; attention costs S * L^2, not (S * L)^2 as a packed batch would.
+Weights are [in, out]. Axis letters (docs/glossary.md): S sequences, L positions, D model,
+F mlp, V vocab, N heads, H head dim, C classifier labels.
 """
 
 from __future__ import annotations
@@ -172,10 +173,20 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     return (out + b.astype(jnp.float32)).astype(x.dtype)
 
 
+def fuse_qkv(values: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """One layer's parameters with q/k/v as one [D, 3D] matmul (one wide matmul runs faster
+    than three narrow ones on the CPU); the layout is fixed at load."""
+    values = dict(values)
+    values["wqkv"] = jnp.concatenate([values.pop(n) for n in ("wq", "wk", "wv")], axis=-1)
+    values["bqkv"] = jnp.concatenate([values.pop(n) for n in ("bq", "bk", "bv")], axis=-1)
+    return values
+
+
 class BertLayer(nnx.Module):
     """One encoder layer's parameters (arrays of their own: read in place on the CPU)."""
 
     def __init__(self, values: dict[str, jax.Array]):
+        values = fuse_qkv(values)
         self.names = tuple(values)
         for name, value in values.items():
             setattr(self, name, nnx.Param(value))
@@ -184,21 +195,22 @@ class BertLayer(nnx.Module):
         return {name: getattr(self, name)[...] for name in self.names}
 
 
-def encoder_layer(x: jax.Array, p: dict, mask: jax.Array, c: BertConfig) -> jax.Array:
-    """x [T, D], mask bool[T, T] (query, key) -> x [T, D]."""
-    T, N, H = x.shape[0], c.num_heads, c.head_dim
-    q = dense(x, p["wq"], p["bq"]).reshape(T, N, H)  # [T, N, H]
-    k = dense(x, p["wk"], p["bk"]).reshape(T, N, H)  # [T, N, H]
-    v = dense(x, p["wv"], p["bv"]).reshape(T, N, H)  # [T, N, H]
-    scores = jnp.einsum("tnh,snh->nts", q, k, preferred_element_type=jnp.float32)  # [N, T, T]
-    scores = jnp.where(mask[None], scores * H**-0.5, -1e30)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [N, T, T]
-    attn = jnp.einsum("nts,snh->tnh", probs, v, preferred_element_type=jnp.float32)  # [T, N, H]
-    attn = dense(attn.reshape(T, N * H).astype(x.dtype), p["wo"], p["bo"])  # [T, D]
-    x = layer_norm(x + attn, p["attn_norm_w"], p["attn_norm_b"], c.layer_norm_eps)
-    h = jax.nn.gelu(dense(x, p["w_in"], p["b_in"]), approximate=False)  # [T, F]
-    return layer_norm(x + dense(h, p["w_out"], p["b_out"]), p["mlp_norm_w"], p["mlp_norm_b"],
-                      c.layer_norm_eps)  # fmt: skip
+def encoder_layer(x: jax.Array, p: dict, key_mask: jax.Array, c: BertConfig) -> jax.Array:
+    """x [S, L, D], key_mask bool[S, L] (real tokens) -> x [S, L, D]."""
+    S, L, N, H = x.shape[0], x.shape[1], c.num_heads, c.head_dim
+    flat = x.reshape(S * L, -1)  # [S*L, D]
+    qkv = dense(flat, p["wqkv"], p["bqkv"]).reshape(S, L, 3, N, H)  # [S, L, 3, N, H]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [S, L, N, H] each
+    scores = jnp.einsum("sqnh,sknh->snqk", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(key_mask[:, None, None, :], scores * H**-0.5, -1e30)  # [S, N, L, L]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    attn = jnp.einsum("snqk,sknh->sqnh", probs, v, preferred_element_type=jnp.float32)
+    attn = dense(attn.reshape(S * L, N * H).astype(x.dtype), p["wo"], p["bo"])  # [S*L, D]
+    flat = layer_norm(flat + attn, p["attn_norm_w"], p["attn_norm_b"], c.layer_norm_eps)
+    h = jax.nn.gelu(dense(flat, p["w_in"], p["b_in"]), approximate=False)  # [S*L, F]
+    flat = layer_norm(flat + dense(h, p["w_out"], p["b_out"]), p["mlp_norm_w"],
+                      p["mlp_norm_b"], c.layer_norm_eps)  # fmt: skip
+    return flat.reshape(S, L, -1)
 
 
 class BertModel(nnx.Module):
@@ -219,26 +231,23 @@ class BertModel(nnx.Module):
         )
 
     def __call__(
-        self,
-        input_ids: jax.Array,
-        positions: jax.Array,
-        token_type_ids: jax.Array,
-        segments: jax.Array,
+        self, input_ids: jax.Array, token_type_ids: jax.Array, lengths: jax.Array
     ) -> jax.Array:
-        """input_ids, positions, token_type_ids: i32[T]; segments: i32[T], the sequence each
-        token belongs to (padding tokens share one segment of their own).
+        """input_ids, token_type_ids: i32[S, L] (each row a sequence from position 0, padded);
+        lengths: i32[S] real tokens per row (0 for a padding row).
 
-        Returns the last layer's hidden states [T, D]."""
+        Returns the last layer's hidden states [S, L, D]."""
         c = self.config
+        L = input_ids.shape[1]
         x = (
             self.word_embed[...][input_ids]
-            + self.pos_embed[...][positions]
+            + self.pos_embed[...][:L][None]
             + self.type_embed[...][token_type_ids]
-        )  # [T, D]
+        )  # [S, L, D]
         x = layer_norm(x, self.embed_norm_w[...], self.embed_norm_b[...], c.layer_norm_eps)
-        mask = segments[:, None] == segments[None, :]  # [T, T] same sequence
+        key_mask = jnp.arange(L)[None, :] < lengths[:, None]  # [S, L]
         for layer in self.layers:
-            x = encoder_layer(x, layer.values(), mask, c)
+            x = encoder_layer(x, layer.values(), key_mask, c)
         return x
 
     def classify(self, cls_hidden: jax.Array) -> jax.Array:
@@ -279,7 +288,10 @@ def model_from_hf_tensors(
         getattr(model, name).set_value(ours(name, tensors[p + hf]))
     for name, (hf, _) in head_param_specs(config).items():
         getattr(model, name).set_value(ours(name, tensors[hf]))
+    specs = layer_param_specs(config)
     for i, layer in enumerate(model.layers):
-        for name, (hf, _) in layer_param_specs(config).items():
-            getattr(layer, name).set_value(ours(name, tensors[f"{p}encoder.layer.{i}.{hf}"]))
+        values = {name: ours(name, tensors[f"{p}encoder.layer.{i}.{hf}"])
+                  for name, (hf, _) in specs.items()}  # fmt: skip
+        for name, value in fuse_qkv(values).items():
+            getattr(layer, name).set_value(value)
     return model

@@ -59,6 +59,18 @@ def finish(values: np.ndarray, task: PoolingTask) -> np.ndarray:
     return e / e.sum()
 
 
+def pool_padded(hidden: jax.Array, lengths: jax.Array, methods: jax.Array) -> jax.Array:
+    """hidden [S, L, D] (rows padded), lengths i32[S], methods i32[S] -> pooled f32[S, D]."""
+    S, L = hidden.shape[:2]
+    h32 = hidden.astype(jnp.float32)
+    valid = (jnp.arange(L)[None, :] < lengths[:, None]).astype(jnp.float32)  # [S, L]
+    mean = jnp.einsum("sld,sl->sd", h32, valid) / jnp.maximum(lengths, 1)[:, None]
+    first = h32[:, 0]  # [S, D]
+    last = h32[jnp.arange(S), jnp.maximum(lengths - 1, 0)]  # [S, D]
+    m = methods[:, None]
+    return jnp.where(m == METHOD_IDS["MEAN"], mean, jnp.where(m == METHOD_IDS["CLS"], first, last))
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two vectors (what `score` returns for embedding models)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
