@@ -1,4 +1,4 @@
-"""`xlaserve bench {buckets,throughput,latency,serve,structured}`.
+"""`xlaserve bench {buckets,throughput,latency,serve,structured,embed}`.
 
 Each benchmark module offers `add_arguments(parser)` and `run(args) -> int`. A subcommand's
 module is imported only when that subcommand is parsed (its flags are added then), so
@@ -20,6 +20,7 @@ BENCHMARKS = {
     "rates or concurrencies",
     "structured": "structured outputs: constrained vs unconstrained decode steps, grammar "
     "compile cold vs cached, TTFT of a constrained request joining a busy batch",
+    "embed": "embeddings per second vs sentence-transformers' encode, short and long inputs",
 }
 
 
@@ -80,7 +81,7 @@ def add_bench_parser(subparsers) -> None:
     each sets `func` to its run(args) -> exit status."""
     bench = subparsers.add_parser(
         "bench",
-        help="benchmarks: buckets, throughput, latency, serve, structured",
+        help="benchmarks: buckets, throughput, latency, serve, structured, embed",
         description="Benchmarks; results go to benchmarks/results/ unless --out says otherwise.",
     )
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True,
