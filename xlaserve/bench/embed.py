@@ -54,6 +54,13 @@ def default_model() -> str | None:
     return None if spec is None else f"{spec.submodule_search_locations[0]}/model"
 
 
+def model_name(folder: Path) -> str:
+    """The folder's name; the bundled package's folder by its model's name."""
+    if folder == Path(default_model() or "").resolve() or str(folder) == default_model():
+        return "all-MiniLM-L6-v2"
+    return (folder.parent if folder.name == "model" else folder).name
+
+
 def sentences(count: int, words: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(WORDS, words)) + "." for _ in range(count)]
@@ -74,7 +81,7 @@ def timed(fn) -> tuple[float, object]:
 def measure(llm, st, texts: list[str], a: argparse.Namespace) -> dict:
     """Alternating rounds of both on `texts`; medians."""
     ours_s, st_s = [], []
-    llm.embed(texts[: a.max_num_seqs], use_tqdm=False)  # unmeasured first rounds
+    llm.embed(texts[: llm.engine.max_num_seqs], use_tqdm=False)  # unmeasured first rounds
     st.encode(texts[: a.st_batch_size], batch_size=a.st_batch_size)
     for _ in range(a.repeats):
         seconds, outs = timed(lambda: llm.embed(texts, use_tqdm=False))
@@ -131,7 +138,7 @@ def run(a: argparse.Namespace) -> int:
         "benchmark": "embeddings per second",
         "date": today(),
         "device": device_name(),
-        "model": (model.parent if model.name == "model" else model).name,
+        "model": model_name(model),
         "engine": {
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
