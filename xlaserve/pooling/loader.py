@@ -60,7 +60,7 @@ class LoadedPoolingModel:
         return isinstance(self.config, bert.BertConfig)
 
 
-def _hf_folder(model: str) -> Path | None:
+def hf_folder(model: str) -> Path | None:
     path = resolve_bundled(model) or Path(model)
     return path if hf.is_hf_folder(path) else None
 
@@ -71,7 +71,7 @@ def resolve_runner(model: str, runner: str, load_format: str = "auto") -> str:
     explicit choice the architecture cannot serve is a ValueError saying why."""
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
-    folder = _hf_folder(model) if load_format in ("auto", "hf") else None
+    folder = hf_folder(model) if load_format in ("auto", "hf") else None
     archs = (hf.read_config(folder).get("architectures") or []) if folder else []
     pooling_only = [a for a in archs if a in POOLING_ONLY]
     if runner == "auto":
@@ -95,7 +95,7 @@ def load_pooling_model(
 ) -> LoadedPoolingModel:
     """The pooling model `model` names, in its final form (as `load_model` for decoders)."""
     resolve_backend(attention_backend)
-    folder = _hf_folder(model) if load_format in ("auto", "hf") else None
+    folder = hf_folder(model) if load_format in ("auto", "hf") else None
     hf_config = hf.read_config(folder) if folder else {}
     archs = hf_config.get("architectures") or []
     if any(a in bert.ARCHITECTURES for a in archs):
