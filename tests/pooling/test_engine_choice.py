@@ -4,7 +4,7 @@ import pytest
 
 from xlaserve import LLM
 from xlaserve.pooling.backend import pooling_dtype
-from xlaserve.pooling.loader import resolve_runner
+from xlaserve.pooling.runner_choice import resolve_runner
 
 
 def test_runner_from_the_architecture(minilm_path):

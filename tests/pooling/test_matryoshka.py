@@ -8,7 +8,7 @@ import pytest
 
 from xlaserve import LLM, InvalidRequestError, PoolingParams
 from xlaserve.pooling.model_config import PoolerConfig, matryoshka_from_hf
-from xlaserve.pooling.poolers import finish
+from xlaserve.pooling.postprocess import finish
 
 
 def test_declarations_and_resolution():

@@ -12,8 +12,8 @@ from xlaserve.config import EngineArgs, enable_compilation_cache
 from xlaserve.engine.runner import ModelRunner
 from xlaserve.engine.runner_api import KVCacheSpec, LoadedForRunner, RunnerConfig
 from xlaserve.pooling.backend import load_for_pooling
-from xlaserve.pooling.loader import resolve_runner
 from xlaserve.pooling.runner import PoolingRunner
+from xlaserve.pooling.runner_choice import resolve_runner
 from xlaserve.sharding.mesh import MODEL, make_mesh
 
 

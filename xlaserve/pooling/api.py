@@ -13,7 +13,7 @@ from xlaserve.engine.intake import prompt_list
 from xlaserve.errors import InvalidRequestError
 from xlaserve.pooling.outputs import PoolingOutput, PoolingRequestOutput, ScoringRequestOutput
 from xlaserve.pooling.params import PoolingParams
-from xlaserve.pooling.poolers import cosine
+from xlaserve.pooling.postprocess import cosine
 
 
 def params_for(

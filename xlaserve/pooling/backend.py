@@ -10,7 +10,8 @@ from xlaserve.checkpoints import hf
 from xlaserve.checkpoints.loader import DTYPES
 from xlaserve.config import EngineArgs
 from xlaserve.engine.runner_api import KVCacheSpec, LoadedForRunner
-from xlaserve.pooling.loader import hf_folder, load_pooling_model
+from xlaserve.pooling.loader import load_pooling_model
+from xlaserve.pooling.runner_choice import hf_folder
 
 
 def pooling_dtype(model: str, dtype: str, on_cpu: bool, load_format: str) -> str:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from xlaserve.pooling import protocol
 from xlaserve.pooling.api import score_pairs
 from xlaserve.pooling.params import PoolingParams
-from xlaserve.pooling.poolers import cosine
+from xlaserve.pooling.postprocess import cosine
 from xlaserve.pooling.submit import pool_all
 from xlaserve.serving.context import ServingContext
 from xlaserve.serving.errors import classify

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 from xlaserve.config import EngineArgs
-from xlaserve.pooling.loader import resolve_runner
 from xlaserve.pooling.model_config import PoolerConfig
+from xlaserve.pooling.runner_choice import resolve_runner
 
 
 def check_pooling_backend(args: EngineArgs) -> None:

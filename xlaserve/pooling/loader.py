@@ -1,5 +1,5 @@
-"""Pooling models from their folders: which runner a model gets, and the model in its final
-form with its pooling defaults.
+"""Pooling models from their folders, in their final form with their pooling defaults (which
+runner a model gets is runner_choice.py's).
 
 - Encoders (`BertModel`, `BertForSequenceClassification`): models/bert.py.
 - Decoder classifiers (`LlamaForSequenceClassification`, `Qwen2/3ForSequenceClassification`):
@@ -26,21 +26,13 @@ from xlaserve.checkpoints.loader import (
     model_from_hf_tensors,
     resolve_dtype,
 )
-from xlaserve.checkpoints.presets import resolve_bundled
 from xlaserve.checkpoints.tokenizer import load_tokenizer
 from xlaserve.models import bert
 from xlaserve.models.attention import resolve_backend
 from xlaserve.pooling.model_config import PoolerConfig, pooler_config_for
+from xlaserve.pooling.runner_choice import DECODER_CLASSIFIERS, ENCODER_ARCHITECTURES, hf_folder
 
-RUNNERS = ("auto", "generate", "pooling")
-# Sequence-classification architecture -> the causal-LM architecture of its trunk.
-DECODER_CLASSIFIERS = {
-    "LlamaForSequenceClassification": "LlamaForCausalLM",
-    "MistralForSequenceClassification": "MistralForCausalLM",
-    "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
-    "Qwen3ForSequenceClassification": "Qwen3ForCausalLM",
-}
-POOLING_ONLY = (*bert.ARCHITECTURES, *DECODER_CLASSIFIERS)
+assert set(bert.ARCHITECTURES) == set(ENCODER_ARCHITECTURES)
 
 
 @dataclass
@@ -58,30 +50,6 @@ class LoadedPoolingModel:
     @property
     def is_encoder(self) -> bool:
         return isinstance(self.config, bert.BertConfig)
-
-
-def hf_folder(model: str) -> Path | None:
-    path = resolve_bundled(model) or Path(model)
-    return path if hf.is_hf_folder(path) else None
-
-
-def resolve_runner(model: str, runner: str, load_format: str = "auto") -> str:
-    """ "generate" or "pooling" for `model`: "auto" picks pooling for encoder and
-    sequence-classification architectures (which cannot generate), generation otherwise; an
-    explicit choice the architecture cannot serve is a ValueError saying why."""
-    if runner not in RUNNERS:
-        raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
-    folder = hf_folder(model) if load_format in ("auto", "hf") else None
-    archs = (hf.read_config(folder).get("architectures") or []) if folder else []
-    pooling_only = [a for a in archs if a in POOLING_ONLY]
-    if runner == "auto":
-        return "pooling" if pooling_only else "generate"
-    if runner == "generate" and pooling_only:
-        raise ValueError(
-            f"{pooling_only[0]} cannot generate text: it is served with runner 'pooling' "
-            "(embeddings, classification, scores)"
-        )
-    return runner
 
 
 def load_pooling_model(

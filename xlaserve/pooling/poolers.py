@@ -1,6 +1,5 @@
-"""Poolers: a step's hidden states [T, D] -> one row per sequence [R, D] (on the device), and
-the host-side finish of each request's output (Matryoshka truncation, L2 normalization,
-classifier activation).
+"""Poolers: a step's hidden states -> one row per sequence (on the device; the host-side
+finish of each output is in postprocess.py).
 
 One graph serves any mix of pooling types in a batch: the mean, first and last token of every
 sequence are cheap next to the forward pass, so all three are formed and each row picks its
@@ -12,9 +11,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from xlaserve.pooling.params import POOLING_TYPES, PoolingTask
+from xlaserve.pooling.params import POOLING_TYPES
 
 METHOD_IDS = {name: i for i, name in enumerate(POOLING_TYPES)}  # MEAN 0, CLS 1, LAST 2
 
@@ -40,25 +38,6 @@ def pool_hidden(hidden: jax.Array, cu_q_lens: jax.Array, methods: jax.Array) -> 
     return jnp.where(m == METHOD_IDS["MEAN"], mean, jnp.where(m == METHOD_IDS["CLS"], first, last))
 
 
-def finish(values: np.ndarray, task: PoolingTask) -> np.ndarray:
-    """A row's final output: for embeddings the pooled vector cut to `dimensions` and then
-    normalized (as sentence-transformers' Matryoshka truncation); for classifiers the head's
-    logits through softmax (several labels) or sigmoid (one), unless activation is off."""
-    x = np.asarray(values, np.float32)
-    if not task.uses_head:
-        if task.dimensions is not None:
-            x = x[: task.dimensions]
-        if task.normalize:
-            x = x / max(float(np.linalg.norm(x)), 1e-12)
-        return x
-    if not task.activation:
-        return x
-    if x.shape[0] == 1:
-        return 1.0 / (1.0 + np.exp(-x))
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
 def pool_padded(hidden: jax.Array, lengths: jax.Array, methods: jax.Array) -> jax.Array:
     """hidden [S, L, D] (rows padded), lengths i32[S], methods i32[S] -> pooled f32[S, D]."""
     S, L = hidden.shape[:2]
@@ -69,9 +48,3 @@ def pool_padded(hidden: jax.Array, lengths: jax.Array, methods: jax.Array) -> ja
     last = h32[jnp.arange(S), jnp.maximum(lengths - 1, 0)]  # [S, D]
     m = methods[:, None]
     return jnp.where(m == METHOD_IDS["MEAN"], mean, jnp.where(m == METHOD_IDS["CLS"], first, last))
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two vectors (what `score` returns for embedding models)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))

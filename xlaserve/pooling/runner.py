@@ -37,7 +37,8 @@ from xlaserve.engine.scheduler_output import SchedulerOutput
 from xlaserve.pooling.encoder_batch import EncoderBuckets
 from xlaserve.pooling.loader import LoadedPoolingModel
 from xlaserve.pooling.params import PoolingTask
-from xlaserve.pooling.poolers import METHOD_IDS, finish, pool_hidden, pool_padded
+from xlaserve.pooling.poolers import METHOD_IDS, pool_hidden, pool_padded
+from xlaserve.pooling.postprocess import finish
 
 logger = logging.getLogger(__name__)
 
