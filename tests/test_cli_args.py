@@ -68,6 +68,7 @@ CASES = [
     ("token_buckets", ["8,16,64"], (8, 16, 64)),
     ("token_buckets", ["none"], None),
     ("backend", ["torch"], "torch"),
+    ("runner", ["pooling"], "pooling"),
     ("structured_outputs_backend", ["xgrammar"], "xgrammar"),
     ("structured_outputs_timeout", ["2.5"], 2.5),
     ("enable_lora", None, True),

@@ -8,6 +8,7 @@ __all__ = [
     "RequestOutput",
     "CompletionOutput",
     "SamplingParams",
+    "PoolingParams",
     "InvalidRequestError",
     "LoRARequest",
 ]
@@ -39,4 +40,8 @@ def __getattr__(name: str):
         from xlaserve.engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "PoolingParams":
+        from xlaserve.pooling.params import PoolingParams
+
+        return PoolingParams
     raise AttributeError(f"module 'xlaserve' has no attribute {name!r}")

@@ -20,6 +20,7 @@ DEFAULT_COMPILATION_CACHE = str(Path.home() / ".cache" / "xlaserve" / "jax")
 CPU_KV_SHARE = 0.3
 ACCELERATOR_KV_FRACTION = 0.9
 BACKENDS = ("jax", "torch")
+RUNNERS = ("auto", "generate", "pooling")
 STRUCTURED_BACKENDS = ("auto", "guidance", "xgrammar")
 
 
@@ -74,6 +75,11 @@ class EngineArgs:
         None, "explicit token buckets, e.g. 16,64,256 (the token budget is always added)"
     )
     backend: str = _opt("jax", "jax (the engine) or torch (the torch/Triton parity backend)")
+    runner: str = _opt(
+        "auto",
+        "generate (text), pooling (embeddings, classification, scores) or auto (pooling for "
+        "encoder and sequence-classification architectures, else generate)",
+    )
     structured_outputs_backend: str = _opt(
         "auto",
         "grammar backend for structured outputs: auto (= guidance), guidance "
@@ -157,6 +163,8 @@ class EngineArgs:
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
                              f"({self.max_loras})")  # fmt: skip
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
 
     def resolve_max_model_len(self, model_max: int) -> int:
         if self.max_model_len is None:
@@ -192,6 +200,8 @@ def kv_cache_pages(
 ) -> int:
     """Number of KV pages the memory budget buys; errors say how much one sequence needs."""
     pages_per_seq = math.ceil(max_model_len / args.page_size)
+    if page_bytes == 0:  # no KV cache (an encoder): pages only keep the scheduler's books
+        return args.max_num_seqs * pages_per_seq
     free = device_free_bytes(device)
     budget = args.kv_cache_memory
     if isinstance(budget, float):

@@ -24,7 +24,7 @@ from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import CachedSequence, NewSequence, SchedulerOutput
 
 REPO = Path(__file__).parents[2]
-NAMES = ("buckets", "throughput", "latency", "serve", "structured", "spec", "lora")
+NAMES = ("buckets", "throughput", "latency", "serve", "structured", "spec", "lora", "embed")
 
 
 def bench_parser() -> argparse.ArgumentParser:

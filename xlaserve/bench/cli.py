@@ -1,4 +1,4 @@
-"""`xlaserve bench {buckets,throughput,latency,serve,structured,spec,lora}`.
+"""`xlaserve bench {buckets,throughput,latency,serve,structured,spec,lora,embed}`.
 
 Each benchmark module offers `add_arguments(parser)` and `run(args) -> int`. A subcommand's
 module is imported only when that subcommand is parsed (its flags are added then), so
@@ -23,6 +23,7 @@ BENCHMARKS = {
     "spec": "speculative decoding: output tokens/s with n-gram and draft-model drafts vs none, "
     "on repetitive and chat prompts, with acceptance rates",
     "lora": "multi-LoRA: decode steps with many adapters vs the base model, adapter load time",
+    "embed": "embeddings per second vs sentence-transformers' encode, short and long inputs",
 }
 
 
@@ -83,7 +84,7 @@ def add_bench_parser(subparsers) -> None:
     each sets `func` to its run(args) -> exit status."""
     bench = subparsers.add_parser(
         "bench",
-        help="benchmarks: buckets, throughput, latency, serve, structured, spec, lora",
+        help="benchmarks: buckets, throughput, latency, serve, structured, spec, lora, embed",
         description="Benchmarks; results go to benchmarks/results/ unless --out says otherwise.",
     )
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True,

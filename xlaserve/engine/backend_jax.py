@@ -13,6 +13,9 @@ from xlaserve.checkpoints.loader import load_model
 from xlaserve.config import EngineArgs, enable_compilation_cache
 from xlaserve.engine.runner import ModelRunner
 from xlaserve.engine.runner_api import KVCacheSpec, LoadedForRunner, RunnerConfig
+from xlaserve.pooling.backend import load_for_pooling
+from xlaserve.pooling.runner import PoolingRunner
+from xlaserve.pooling.runner_choice import resolve_runner
 from xlaserve.sharding.mesh import MODEL, make_mesh
 from xlaserve.spec_decode.draft_model import check_draft_fits
 from xlaserve.spec_decode.eagle import load_eagle_head
@@ -26,6 +29,8 @@ class JaxBackend:
         if args.enable_lora and jax.process_count() > 1:
             raise ValueError("LoRA adapters (enable_lora=True) are served on one host; this "
                              f"mesh spans {jax.process_count()} processes")  # fmt: skip
+        if resolve_runner(args.model, args.runner, args.load_format) == "pooling":
+            return load_for_pooling(args, mesh)
         if mesh is None and (args.tensor_parallel_size > 1 or jax.process_count() > 1):
             mesh = make_mesh(args.tensor_parallel_size)
         target = self._load(args, args.model, args.load_format, args.dtype, mesh)
@@ -80,6 +85,11 @@ class JaxBackend:
     def make_runner(
         self, model: LoadedForRunner, config: RunnerConfig, speculative_config=None
     ) -> ModelRunner:
+        if model.pooler is not None:
+            if speculative_config is not None:
+                raise ValueError("speculative_config drafts tokens for generation; a pooling "
+                                 "model (runner 'pooling') generates none")  # fmt: skip
+            return PoolingRunner(model.model, config, model.kv_cache_spec)
         proposer = None
         if speculative_config is not None:
             from xlaserve.spec_decode.build import make_proposer

@@ -21,6 +21,7 @@ from xlaserve.engine.runner_api import LoadedForRunner, Runner, RunnerConfig
 from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
 from xlaserve.lora.manager import LoRAConfig, LoRAManager
 from xlaserve.spec_decode.policy import SpecDecodePolicy
+from xlaserve.pooling.limits import check_pooling_backend, pooling_limits
 from xlaserve.structured.manager import (
     StructuredOutputManager,
     make_backend,
@@ -69,8 +70,9 @@ def build_replica(args: EngineArgs, mesh=None) -> LLMEngine:
         eos_token_ids=model.config.eos_token_ids,
         model_name=args.model,
         dtype=model.dtype_name,
-        structured=structured_outputs_for(args, model),
+        structured=None if model.pooler is not None else structured_outputs_for(args, model),
         lora=lora_manager_for(args, model),
+        pooler=model.pooler,
     )
 
 
@@ -109,6 +111,7 @@ def build_runner(args: EngineArgs, mesh=None) -> tuple[LoadedForRunner, Schedule
     """(loaded model, scheduler config, runner, not yet warmed up) for these options. Every
     process of a multi-host mesh builds the same."""
     backend = load_backend(args.backend)
+    check_pooling_backend(args)
     start = time.perf_counter()
     logger.info("loading %s (backend %s, load format %s) ...", args.model, args.backend,
                 args.load_format)  # fmt: skip
@@ -117,6 +120,8 @@ def build_runner(args: EngineArgs, mesh=None) -> tuple[LoadedForRunner, Schedule
                 time.perf_counter() - start, model.dtype_name,
                 "loaded" if model.tokenizer is not None else "none")  # fmt: skip
     max_model_len = args.resolve_max_model_len(model.config.max_position_embeddings)
+    if model.pooler is not None:
+        max_model_len, args = pooling_limits(args, model.pooler, max_model_len)
     num_pages = kv_cache_pages(
         args,
         page_bytes=model.page_bytes,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.errors import InvalidRequestError
+from xlaserve.pooling.intake import SCHEDULED_PARAMS, pooling_request
+from xlaserve.pooling.params import PoolingParams, PoolingTask
 from xlaserve.structured.params import StructuredOutputsParams
 from xlaserve.tools.template import template_inputs
 
@@ -51,6 +53,7 @@ class EngineRequest:
     params: SamplingParams
     priority: int
     arrival_time: float
+    pooling: PoolingTask | None = None  # a pooling request (xlaserve/pooling/intake.py)
 
 
 def check_request_id(request_id: object, in_use: Container[str]) -> str:
@@ -95,12 +98,16 @@ class RequestIntake:
         vocab_size: int,
         max_model_len: int,
         check_structured: Callable[[StructuredOutputsParams], None] | None = None,
+        pooler=None,
     ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         # Checks a structured-outputs constraint (the grammar backend's); None: not offered.
         self.check_structured = check_structured
+        # A pooling model's defaults (pooling/model_config.PoolerConfig): the engine serves
+        # pooling requests only; None: generation only.
+        self.pooler = pooler
 
     # ---- prompts ---------------------------------------------------------------------------
     def parse_prompt(
@@ -227,6 +234,13 @@ class RequestIntake:
     ) -> EngineRequest:
         """Validates everything about one request. With `check_length`, a `max_tokens` that
         cannot fit after the prompt in `max_model_len` is refused instead of being cut short."""
+        if self.pooler is not None or isinstance(params, PoolingParams):
+            text, ids, task = pooling_request(
+                self, prompt, params, priority=priority, add_special_tokens=add_special_tokens,
+                check_unicode=check_unicode,
+            )  # fmt: skip
+            return EngineRequest(request_id, text, ids, SCHEDULED_PARAMS, priority,
+                                 arrival_time, task)  # fmt: skip
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(

@@ -12,6 +12,7 @@ from xlaserve.engine.outputs import RequestOutput
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.errors import InvalidRequestError
 from xlaserve.lora.request import LoRARequest
+from xlaserve.pooling import api as pooling_api
 
 
 class LLM:
@@ -96,6 +97,34 @@ class LLM:
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+
+    # ---- pooling models (runner "pooling"; see xlaserve/pooling/) -------------------------
+    def embed(self, prompts, pooling_params=None, use_tqdm: bool = True,
+              truncate_prompt_tokens: int | None = None) -> list:  # fmt: skip
+        """Embeddings (`.outputs.embedding`), in input order. `pooling_params`: one
+        `PoolingParams` (dimensions, normalize, truncate_prompt_tokens, pooling_type) or one
+        per prompt."""
+        return pooling_api.pool(self.engine, "embed", prompts, pooling_params,
+                                truncate_prompt_tokens, use_tqdm)  # fmt: skip
+
+    def classify(self, prompts, pooling_params=None, use_tqdm: bool = True,
+                 truncate_prompt_tokens: int | None = None) -> list:  # fmt: skip
+        """Class probabilities (`.outputs.probs`) of a classification model."""
+        return pooling_api.pool(self.engine, "classify", prompts, pooling_params,
+                                truncate_prompt_tokens, use_tqdm)  # fmt: skip
+
+    def reward(self, prompts, pooling_params=None, use_tqdm: bool = True,
+               truncate_prompt_tokens: int | None = None) -> list:  # fmt: skip
+        """The classification head's raw outputs (`.outputs.data`; no activation)."""
+        return pooling_api.pool(self.engine, "reward", prompts, pooling_params,
+                                truncate_prompt_tokens, use_tqdm)  # fmt: skip
+
+    def score(self, text_1, text_2, pooling_params=None, use_tqdm: bool = True,
+              truncate_prompt_tokens: int | None = None) -> list:  # fmt: skip
+        """`.outputs.score` of each pair (one text against many, or many against as many):
+        a cross-encoder's score, or the cosine similarity of two embeddings."""
+        return pooling_api.score(self.engine, text_1, text_2, pooling_params,
+                                 truncate_prompt_tokens, use_tqdm)  # fmt: skip
 
     def _run(self, prompts, params_list, use_tqdm: bool, loras) -> list[RequestOutput]:
         engine = self.engine

@@ -25,6 +25,9 @@ from xlaserve.engine.scheduler_output import SchedulerOutput
 from xlaserve.errors import InvalidRequestError
 from xlaserve.lora.manager import AdapterInfo, LoRAManager
 from xlaserve.lora.request import LoRARequest
+from xlaserve.pooling.model_config import PoolerConfig
+from xlaserve.pooling.outputs import PoolingOutput, PoolingRequestOutput
+from xlaserve.pooling.params import PoolingTask
 from xlaserve.structured.manager import PendingBitmasks, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class RequestState:
     cumulative_logprob: list[float] = field(default_factory=list)
     prompt_logprobs: dict[int, PositionLogprobs] = field(default_factory=dict)
     error: str | None = None
+    pooling: PoolingTask | None = None  # a pooling request: one pooled output, no tokens
 
 
 class LLMEngine:
@@ -70,6 +74,7 @@ class LLMEngine:
         dtype: str = "",
         structured: StructuredOutputManager | None = None,
         lora: LoRAManager | None = None,
+        pooler: PoolerConfig | None = None,
     ):
         self.scheduler = scheduler
         self.runner = runner
@@ -81,11 +86,13 @@ class LLMEngine:
         self.dtype = dtype
         self.structured = structured
         self.lora = lora  # LoRA adapters by name (None: LoRA is off)
+        self.pooler = pooler  # a pooling model's defaults; None: a generative engine
         self.intake = RequestIntake(
             tokenizer,
             vocab_size=vocab_size,
             max_model_len=self.max_model_len,
             check_structured=None if structured is None else structured.check,
+            pooler=pooler,
         )
         self.runner.warmup()
         self.requests: dict[str, RequestState] = {}
@@ -140,6 +147,7 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             held=params.structured_outputs is not None,  # until its grammar is compiled
             lora=adapter,
+            pooling=request.pooling,
         )
         if params.structured_outputs is not None:
             self.structured.submit(
@@ -155,6 +163,7 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_time=request.arrival_time),
             logprobs=[[] for _ in seqs],
             cumulative_logprob=[0.0 for _ in seqs],
+            pooling=request.pooling,
         )
         self.requests[request.request_id] = state
         for i, seq in enumerate(seqs):
@@ -225,10 +234,13 @@ class LLMEngine:
         tokens = {seq_id: s.token for seq_id, s in result.sampled.items()}
         outputs_before = {seq_id: self._seq(seq_id).num_output_tokens for seq_id in tokens}
         accepted = {seq_id: [t.token for t in ts] for seq_id, ts in result.accepted.items()}
-        self.scheduler.update_from_output(scheduled, tokens, accepted, result.drafts)
+        self.scheduler.update_from_output(
+            scheduled, tokens, accepted, result.drafts, pooled=result.pooled
+        )
         if self.scheduler.spec is not None:
             self.scheduler.spec.update_costs(self.runner.stats().step_seconds_by_tokens)
         outputs = failed + self._postprocess(scheduled, result, outputs_before)
+        outputs += [self._pooled_output(seq_id, data) for seq_id, data in result.pooled.items()]
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - start
         return outputs
@@ -271,6 +283,20 @@ class LLMEngine:
             else:
                 outputs.append(self.make_output(state))
         return outputs
+
+    def _pooled_output(self, seq_id: int, data) -> PoolingRequestOutput:
+        """A pooling request is done once its prompt is processed."""
+        state, _ = self._owners.pop(seq_id)
+        self.requests.pop(state.request_id, None)
+        state.metrics.first_token_time = state.metrics.finished_time = time.time()
+        return PoolingRequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=PoolingOutput(data),
+            task=state.pooling.task,
+            metrics=state.metrics,
+        )
 
     # ---- structured outputs ---------------------------------------------------------------
     def _poll_grammars(self) -> list[RequestOutput]:

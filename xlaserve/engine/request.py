@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from xlaserve.engine.sampling_params import SamplingParams
+from xlaserve.pooling.params import PoolingTask
 
 if TYPE_CHECKING:
     from xlaserve.lora.adapter import LoRAAdapter
@@ -65,6 +66,9 @@ class Sequence:
     # the target model accepts them).
     spec_token_ids: list[int] = field(default_factory=list)
     lora: LoRAAdapter | None = None  # LoRA adapter (None: the base model)
+    # A pooling request: scheduled whole (never chunked, no prefix-cache hits) and finished
+    # once its prompt is processed, with a pooled output instead of a token.
+    pooling: PoolingTask | None = None
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

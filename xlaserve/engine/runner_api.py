@@ -129,6 +129,9 @@ class LoadedForRunner:
         extra = 0 if self.draft is None else self.draft.kv_cache_spec.page_bytes
         return self.kv_cache_spec.page_bytes + extra
 
+    # A pooling model's defaults (xlaserve.pooling.model_config.PoolerConfig); None: generative.
+    pooler: object | None = None
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -179,6 +182,9 @@ class RunnerOutput:
     accepted: dict[int, list[SampledToken]] = field(default_factory=dict)
     drafts: dict[int, list[int]] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[PromptLogprob]] = field(default_factory=dict)
+    # Pooling runners: seq_id -> the finished output of a sequence whose prompt was processed
+    # (embedding f32[D'] or class scores f32[C]); such a sequence finishes without a token.
+    pooled: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @runtime_checkable

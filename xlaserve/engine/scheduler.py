@@ -35,6 +35,7 @@ import bisect
 import itertools
 import math
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from xlaserve.engine.block_manager import BlockManager, Prefix
@@ -43,6 +44,7 @@ from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import CachedSequence, NewSequence, SchedulerOutput
 from xlaserve.lora.scheduling import AdapterAdmission
 from xlaserve.spec_decode.policy import SpecDecodePolicy
+from xlaserve.pooling.params import PoolingTask
 
 POLICIES = ("fcfs", "priority")
 
@@ -139,10 +141,12 @@ class Scheduler:
         eos_token_ids: tuple[int, ...] = (),
         held: bool = False,
         lora=None,
+        pooling: PoolingTask | None = None,
     ) -> list[Sequence]:
         """Queues a request as `params.n` WAITING sequences and returns them. `held` ones wait
         without being scheduled until `release(request_id)`. `lora`: the LoRAAdapter it runs
-        under (None: the base model)."""
+        under (None: the base model). A `pooling` request (n == 1) needs no room for an output
+        token."""
         max_len = self.config.max_model_len
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a str, got {request_id!r}")
@@ -153,7 +157,11 @@ class Scheduler:
         prompt = _token_list("prompt_token_ids", prompt_token_ids)
         if not prompt:
             raise ValueError("prompt_token_ids must not be empty")
-        if len(prompt) + 1 > max_len:
+        whole = min(max_len, self.config.max_num_batched_tokens)  # processed in one step
+        if pooling is not None and (params.n != 1 or len(prompt) > whole):
+            raise ValueError(f"a pooling request has one sequence of at most {whole} tokens, "
+                             f"got n={params.n} and {len(prompt)} tokens")  # fmt: skip
+        if pooling is None and len(prompt) + 1 > max_len:
             raise ValueError(
                 f"prompt of {len(prompt)} tokens leaves no room for an output token within "
                 f"max_model_len {max_len} (at most {max_len - 1} prompt tokens)"
@@ -180,6 +188,7 @@ class Scheduler:
                 max_model_len=max_len,
                 held=held,
                 lora=lora,
+                pooling=pooling,
             )
             for i in range(params.n)
         ]
@@ -318,8 +327,8 @@ class Scheduler:
             prefix = self._computed_prefix(seq)
             num_new = seq.num_tokens - prefix[1]
             if num_new > budget:
-                if not self.config.enable_chunked_prefill:
-                    return budget, True
+                if not self.config.enable_chunked_prefill or seq.pooling is not None:
+                    return budget, True  # pooling sequences are processed whole
                 num_new = budget
             samples = prefix[1] + num_new == seq.num_tokens
             lookahead = self._lookahead(seq, prefix[1] + num_new) if samples else 0  # computed: 0
@@ -359,6 +368,7 @@ class Scheduler:
                         page_ids=tuple(pages),
                         num_computed_tokens=seq.num_computed_tokens,
                         lora=seq.lora,
+                        pooling=seq.pooling,
                     )
                 )
             else:
@@ -415,13 +425,15 @@ class Scheduler:
         sampled: dict[int, int],
         accepted: dict[int, list[int]] | None = None,
         drafts: dict[int, list[int]] | None = None,
+        pooled: Collection[int] = (),
     ) -> list[Sequence]:
         """Applies one executed step: advances computed tokens, appends the sampled tokens
         (`sampled`: seq_id -> token for every sequence whose chunk reached its last known
-        token), caches newly full pages and frees finished sequences. Returns the sequences
-        that finished in this step. Sequences aborted or finished since `schedule()` are
-        skipped. Speculative decoding: `accepted` holds the drafts the runner accepted (they
-        come before the sampled token), `drafts` the tokens drafted for the next step."""
+        token), finishes the `pooled` sequences (their prompt is processed), caches newly full
+        pages and frees finished sequences. Returns the sequences that finished in this step.
+        Sequences aborted or finished since `schedule()` are skipped. Speculative decoding:
+        `accepted` holds the drafts the runner accepted (they come before the sampled token),
+        `drafts` the tokens drafted for the next step."""
         finished: list[Sequence] = []
         accepted = accepted or {}
         drafts = drafts or {}
@@ -432,7 +444,9 @@ class Scheduler:
             num_spec = len(output.spec_token_ids.get(seq_id, ()))
             seq.num_computed_tokens += num_new - num_spec
             assert seq.num_computed_tokens <= seq.num_tokens, "schedule/update out of step"
-            if seq.num_computed_tokens == seq.num_tokens:
+            if seq.num_computed_tokens == seq.num_tokens and seq_id in pooled:
+                seq.finish(RequestStatus.FINISHED_STOPPED)
+            elif seq.num_computed_tokens == seq.num_tokens:
                 if seq_id not in sampled:
                     raise ValueError(f"no sampled token for sequence {seq_id}")
                 accepted_ids = accepted.get(seq_id, ())
@@ -494,6 +508,8 @@ class Scheduler:
     def _computed_prefix(self, seq: Sequence) -> Prefix:
         if seq.params.prompt_logprobs is not None and seq.sample_index == 0:
             return [], 0  # every prompt position must be computed to score it
+        if seq.pooling is not None:
+            return [], 0  # pooling reads the hidden states of every prompt token
         if self.block_manager.enable_prefix_caching:
             return self.block_manager.get_computed_prefix(seq)
         source = self._requests[seq.request_id].seqs[0]

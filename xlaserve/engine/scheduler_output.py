@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from xlaserve.engine.sampling_params import SamplingParams
+from xlaserve.pooling.params import PoolingTask
 
 if TYPE_CHECKING:
     from xlaserve.lora.adapter import LoRAAdapter
@@ -35,6 +36,7 @@ class NewSequence:
     page_ids: tuple[int, ...]  # the page table after this step's allocation
     num_computed_tokens: int  # tokens already in the cache (prefix-cache hits)
     lora: LoRAAdapter | None = None  # the adapter it runs under (its weights, by reference)
+    pooling: PoolingTask | None = None  # a pooling request: its output is pooled, not sampled
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from xlaserve.engine.async_engine import EngineDeadError, RequestStream
 from xlaserve.errors import InvalidRequestError
+from xlaserve.pooling.grpc_embed import embed as pooling_embed
 from xlaserve.serving.context import ServingContext
 from xlaserve.serving.deltas import DeltaTracker
 from xlaserve.serving.errors import Kind, ServingError, failed_in_flight
@@ -134,6 +135,12 @@ class XlaServeServicer(pb_grpc.XlaServeServicer):
         except Exception as e:  # noqa: BLE001
             await abort_with(context, self.ctx.refuse(e))
         return pb.UnloadLoRAAdapterResponse()
+
+    async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        try:
+            return await pooling_embed(self.ctx, request)  # xlaserve/pooling/grpc_embed.py
+        except Exception as e:  # noqa: BLE001 - reported to the client
+            await abort_with(context, self.ctx.refuse(e))
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
         try:

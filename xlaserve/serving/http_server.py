@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server (FastAPI, served by uvicorn on the shared event loop).
 
-Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE streams), GET /v1/models,
+Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE streams), POST
+/v1/embeddings, /v1/score and /v1/rerank (pooling models, xlaserve/pooling/), GET /v1/models,
 GET /health (readiness, no API key: 200 once the engine serves, 503 {"status": "starting"} while
 it loads and warms up, 503 NOT_SERVING while draining or failed), GET /health/live and /livez
 (liveness, no API key: 200 whenever the process answers), GET /metrics (Prometheus). Every
@@ -28,6 +29,7 @@ from xlaserve.engine.async_engine import EngineDeadError, RequestStream
 from xlaserve.engine.outputs import RequestOutput
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.errors import InvalidRequestError
+from xlaserve.pooling.http_routes import add_pooling_routes
 from xlaserve.serving.context import STARTING, ServingContext
 from xlaserve.serving.deltas import DeltaTracker, Usage
 from xlaserve.serving.errors import Kind, ServingError, classify, failed_in_flight
@@ -412,6 +414,7 @@ def build_app(ctx: ServingContext) -> GuardMiddleware:
 
     app.post("/v1/completions")(routes.completions)
     app.post("/v1/chat/completions")(routes.chat_completions)
+    add_pooling_routes(app, ctx)  # /v1/embeddings, /v1/score, /v1/rerank
     return GuardMiddleware(app, ctx)
 
 

@@ -81,6 +81,12 @@ class ServingMetrics(EngineObserver):
 
     # ---- observer hooks (engine thread) ------------------------------------------------------
     def on_request_finished(self, output: RequestOutput) -> None:
+        if not isinstance(output, RequestOutput):  # a pooling request: no output tokens
+            self.requests.labels("stop").inc()
+            self.prompt_tokens.inc(len(output.prompt_token_ids))
+            m = output.metrics
+            self.e2e.observe(max(m.finished_time - m.arrival_time, 0.0))
+            return
         self.requests.labels(outcome_of(output)).inc()
         m = output.metrics
         num_tokens = max((len(c.token_ids) for c in output.outputs), default=0)

@@ -59,6 +59,11 @@ class XlaServeStub:
                 request_serializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.UnloadLoRAAdapterRequest.SerializeToString,
                 response_deserializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.UnloadLoRAAdapterResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/xlaserve.v1.XlaServe/Embed',
+                request_serializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class XlaServeServicer:
@@ -101,6 +106,15 @@ class XlaServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeddings of one or more inputs (pooling models, runner "pooling"); with task "classify"
+        or "reward", a classifier's scores. A server of a generative model answers
+        INVALID_ARGUMENT, as a pooling server does to Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_XlaServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +142,11 @@ def add_XlaServeServicer_to_server(servicer, server):
                     servicer.UnloadLoRAAdapter,
                     request_deserializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.UnloadLoRAAdapterRequest.FromString,
                     response_serializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.UnloadLoRAAdapterResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.EmbedRequest.FromString,
+                    response_serializer=xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +284,33 @@ class XlaServe:
             '/xlaserve.v1.XlaServe/UnloadLoRAAdapter',
             xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.UnloadLoRAAdapterRequest.SerializeToString,
             xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.UnloadLoRAAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xlaserve.v1.XlaServe/Embed',
+            xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.EmbedRequest.SerializeToString,
+            xlaserve_dot_serving_dot_proto_dot_xlaserve__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
