@@ -20,8 +20,8 @@ from xlaserve.engine.llm_engine import LLMEngine
 from xlaserve.engine.runner_api import LoadedForRunner, Runner, RunnerConfig
 from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
 from xlaserve.lora.manager import LoRAConfig, LoRAManager
-from xlaserve.spec_decode.policy import SpecDecodePolicy
 from xlaserve.pooling.limits import check_pooling_backend, pooling_limits
+from xlaserve.spec_decode.policy import SpecDecodePolicy
 from xlaserve.structured.manager import (
     StructuredOutputManager,
     make_backend,

@@ -43,8 +43,8 @@ from xlaserve.engine.request import RequestStatus, Sequence
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import CachedSequence, NewSequence, SchedulerOutput
 from xlaserve.lora.scheduling import AdapterAdmission
-from xlaserve.spec_decode.policy import SpecDecodePolicy
 from xlaserve.pooling.params import PoolingTask
+from xlaserve.spec_decode.policy import SpecDecodePolicy
 
 POLICIES = ("fcfs", "priority")
 
