@@ -81,8 +81,10 @@ def test_the_engine_stops_drafting_when_verification_costs_more_than_it_saves():
     policy.update_costs({16: 0.010, 32: 0.010, 64: 0.011, 128: 0.020, 256: 0.040, 512: 0.080})
     for _ in range(5):
         policy.observe(0, 4, 2)  # acceptance 0.5: 1.94 tokens per verification
-    policy.begin_step(8)  # 8 x 5 = 40 tokens -> 0.011 s vs 8 tokens -> 0.010 s: drafting pays
-    assert policy.batch_enabled and policy.wants_drafts(5)
+    # 8 sequences: 3 drafts each (32 tokens) still cost what 8 tokens cost; a 4th spills into
+    # the 64-token step for less than it brings.
+    policy.begin_step(8)
+    assert policy.batch_enabled and policy.wants_drafts(5) and policy.draft_limit == 3
     policy.begin_step(64)  # 320 tokens -> 0.080 s for 124 tokens vs 0.020 s for 64: it does not
     assert not policy.batch_enabled and not policy.wants_drafts(5)
     assert policy.stats.disabled_steps == 1

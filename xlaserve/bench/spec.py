@@ -1,8 +1,10 @@
 """Speculative decoding: output tokens/s with and without drafts, in one run.
 
 Three engines on the same model and options: plain decoding, n-gram drafts and (with
---draft-model) a draft model. Each workload runs on each engine alternately, --repeats times,
-greedy, at each --batch-sizes; the best time of each is kept (the least disturbed). Workloads:
+--draft-model) a draft model. Each workload's 8 prompts run on each engine alternately,
+--repeats times, greedy, at each --batch-sizes (batch b: 8 / b rounds of b concurrent
+requests, so every batch size sees the same prompts); the best time of each is kept (the least
+disturbed). Workloads:
 "repetitive" (copying lists, editing code: text that repeats its context, where prompt lookup
 shines) and "chat" (ordinary chat questions under the chat template). Acceptance rates come from
 the engines' counters over the timed runs.
@@ -20,6 +22,7 @@ from xlaserve.bench.roofline import device_name
 from xlaserve.cli_args import add_engine_args, engine_args_from
 from xlaserve.engine.sampling_params import SamplingParams
 
+NUM_PROMPTS = 8  # per workload, at every batch size
 DEFAULTS = dict(max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=512)
 CODE = '''def moving_average(values, window):
     """Average of each window of values."""
@@ -81,11 +84,13 @@ def _prompts(llm, workload: str, n: int) -> list:
     return picked
 
 
-def _timed(llm, prompts, params) -> tuple[float, int]:
-    begin = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - begin
-    return seconds, sum(len(o.outputs[0].token_ids) for o in outputs)
+def _timed(llm, prompts, params, size: int) -> tuple[float, int]:
+    """All prompts, `size` at a time: (seconds, output tokens)."""
+    begin, tokens = time.perf_counter(), 0
+    for i in range(0, len(prompts), size):
+        outputs = llm.generate(prompts[i : i + size], params, use_tqdm=False)
+        tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+    return time.perf_counter() - begin, tokens
 
 
 def _counters(llm) -> tuple[int, int]:
@@ -109,7 +114,7 @@ def run(a: argparse.Namespace) -> int:
     rows = []
     for workload in ("repetitive", "chat"):
         for size in sizes:
-            prompts = _prompts(engines["none"], workload, size)
+            prompts = _prompts(engines["none"], workload, max(size, NUM_PROMPTS))
             methods = [m for m in engines if m != "draft_model" or size in draft_sizes]
             for m in methods:  # warm the prefix cache and the detokenizer alike for all
                 engines[m].generate(prompts, params, use_tqdm=False)
@@ -117,7 +122,7 @@ def run(a: argparse.Namespace) -> int:
             before = {m: _counters(engines[m]) for m in methods}
             for _ in range(a.repeats):
                 for m in methods:
-                    seconds, tokens = _timed(engines[m], prompts, params)
+                    seconds, tokens = _timed(engines[m], prompts, params, size)
                     if best[m] is None or seconds < best[m][0]:
                         best[m] = (seconds, tokens)
             for m in methods:

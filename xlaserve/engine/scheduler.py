@@ -400,7 +400,7 @@ class Scheduler:
         that could only be accepted past max_model_len or max_tokens."""
         if not seq.spec_token_ids or room <= 0:
             return ()
-        limit = min(room, self.config.max_model_len - seq.num_tokens - 1)
+        limit = min(room, self.config.max_model_len - seq.num_tokens - 1, self.spec.draft_limit)
         if seq.params.max_tokens is not None:
             limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
         return tuple(seq.spec_token_ids[: max(limit, 0)])

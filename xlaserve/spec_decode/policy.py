@@ -5,10 +5,12 @@ Device-free (the scheduler owns one). Two decisions, both from measurements:
 - per request: an exponential moving average of its acceptance rate; below
   `backoff_acceptance` it stops drafting for a number of steps (doubling, up to
   `max_backoff_steps`), then drafts again and is measured anew;
-- per step: drafting pays when the tokens a step is expected to emit per second of step time
-  beat plain decoding. With acceptance rate a and k drafts a sequence emits
-  (1 - a^(k+1)) / (1 - a) tokens per verification step; step times per token count come from
-  the runner's measured step costs (`update_costs`). Until costs are known it drafts.
+- per step: how many drafts per sequence (0..k) maximise the tokens a step is expected to
+  emit per second of step time. With acceptance rate a and j drafts a sequence emits
+  (1 - a^(j+1)) / (1 - a) tokens per verification step; step times per token count come from
+  the runner's measured step costs (`update_costs`), so drafts that still fit the token
+  bucket plain decoding pads to are nearly free, and drafts that spill into a bigger bucket
+  must earn it. Until costs are known it drafts k.
 
 Also the counters behind the `spec_decode_*` metrics.
 """
@@ -23,6 +25,7 @@ from xlaserve.spec_decode.config import SpeculativeConfig
 EMA_WEIGHT = 0.3  # weight of the newest observation in a request's acceptance average
 PRIOR_ACCEPTANCE = 0.5  # a new request's assumed acceptance until the engine has measured one
 FIRST_BACKOFF_STEPS = 4
+MIN_GAIN = 0.03  # more drafts must promise this much more throughput (measurement noise)
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -67,6 +70,7 @@ class SpecDecodePolicy:
         self._cost_tokens: list[int] = []  # sorted token counts with a measured step cost
         self._cost_seconds: list[float] = []
         self.batch_enabled = True
+        self.draft_limit = self.k  # drafts per sequence this step (the cost check's choice)
 
     # ---- measurements ---------------------------------------------------------------------
     def update_costs(self, seconds_by_tokens: dict[int, float]) -> None:
@@ -115,12 +119,13 @@ class SpecDecodePolicy:
         drafting pays at this batch size."""
         self._step += 1
         cap = self.config.disable_by_batch_size
-        enabled = cap is None or num_decodes < cap
-        if enabled and self.config.adaptive and num_decodes > 0:
-            enabled = self._drafting_pays(num_decodes)
-        if not enabled:
+        limit = self.k if cap is None or num_decodes < cap else 0
+        if limit and self.config.adaptive and num_decodes > 0:
+            limit = self._best_draft_count(num_decodes)
+        if not limit:
             self.stats.disabled_steps += 1
-        self.batch_enabled = enabled
+        self.draft_limit = limit
+        self.batch_enabled = limit > 0
 
     def wants_drafts(self, seq_id: int) -> bool:
         if not self.batch_enabled:
@@ -128,13 +133,19 @@ class SpecDecodePolicy:
         state = self._requests.get(seq_id)
         return state is None or self._step >= state.resume_at
 
-    def _drafting_pays(self, num_decodes: int) -> bool:
-        plain = self.step_cost(num_decodes)
-        drafting = self.step_cost(num_decodes * (1 + self.k))
-        if plain is None or drafting is None:
-            return drafting is not None or plain is None  # unmeasured: try it
-        emitted = num_decodes * expected_tokens(self._global_acceptance, self.k)
-        return emitted / drafting > num_decodes / plain
+    def _best_draft_count(self, num_decodes: int) -> int:
+        """Drafts per sequence (0..k) with the most expected tokens per measured second."""
+        if self.step_cost(num_decodes) is None:
+            return self.k  # unmeasured: try it
+        best, best_rate = 0, None
+        for j in range(self.k + 1):
+            cost = self.step_cost(num_decodes * (1 + j))
+            if cost is None or cost <= 0:
+                break
+            rate = num_decodes * expected_tokens(self._global_acceptance, j) / cost
+            if best_rate is None or rate > best_rate * (1.0 + MIN_GAIN):
+                best, best_rate = j, rate
+        return best
 
     def _state(self, seq_id: int) -> _RequestState:
         state = self._requests.get(seq_id)
