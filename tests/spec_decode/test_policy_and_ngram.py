@@ -76,9 +76,14 @@ def test_a_request_backs_off_when_its_drafts_fail_and_comes_back():
 
 
 def test_the_engine_stops_drafting_when_verification_costs_more_than_it_saves():
+    from xlaserve.engine.runner_api import StepCosts
+
     policy = make_policy()
-    # Measured: a step's cost flat up to 64 tokens, then linear (compute bound).
-    policy.update_costs({16: 0.010, 32: 0.010, 64: 0.011, 128: 0.020, 256: 0.040, 512: 0.080})
+    # Measured: a forward's cost flat up to 64 tokens, then linear (compute bound); verifying
+    # costs a little more than sampling.
+    policy.update_costs(StepCosts(
+        forward={16: 0.010, 32: 0.010, 64: 0.011, 128: 0.020, 256: 0.040, 512: 0.080},
+        sample={8: 0.0005, 64: 0.002}, verify={8: 0.001, 64: 0.008}))  # fmt: skip
     for _ in range(5):
         policy.observe(0, 4, 2)  # acceptance 0.5: 1.94 tokens per verification
     # 8 sequences: 3 drafts each (32 tokens) still cost what 8 tokens cost; a 4th spills into

@@ -95,6 +95,8 @@ class LLMEngine:
             pooler=pooler,
         )
         self.runner.warmup()
+        if scheduler.spec is not None:  # how many drafts pay is decided on measured costs
+            scheduler.spec.update_costs(self.runner.stats().step_costs)
         self.requests: dict[str, RequestState] = {}
         self._owners: dict[int, tuple[RequestState, int]] = {}  # seq_id -> (request, index)
         self._request_ids = itertools.count()
@@ -237,8 +239,6 @@ class LLMEngine:
         self.scheduler.update_from_output(
             scheduled, tokens, accepted, result.drafts, pooled=result.pooled
         )
-        if self.scheduler.spec is not None:
-            self.scheduler.spec.update_costs(self.runner.stats().step_seconds_by_tokens)
         outputs = failed + self._postprocess(scheduled, result, outputs_before)
         outputs += [self._pooled_output(seq_id, data) for seq_id, data in result.pooled.items()]
         self.num_steps += 1

@@ -40,6 +40,7 @@ from xlaserve.engine.runner_api import (
     RunnerOutput,
     RunnerStats,
     SampledToken,
+    StepCosts,
 )
 from xlaserve.engine.scheduler_output import SchedulerOutput
 from xlaserve.lora.device import LoRASlots
@@ -51,7 +52,6 @@ from xlaserve.spec_decode.proposer import Proposer
 
 logger = logging.getLogger(__name__)
 LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
-COST_EMA_WEIGHT = 0.1  # weight of a new step in the measured per-bucket step seconds
 
 
 class CompileCounter:
@@ -269,7 +269,7 @@ class ModelRunner:
         self.compiles_at_warmup: int | None = None
         self.warmup_seconds: float | None = None
         self.device_seconds = 0.0
-        self.step_seconds_by_tokens: dict[int, float] = {}
+        self.step_costs: StepCosts | None = None
         self.propose_seconds = 0.0
 
     # ---- the Runner contract --------------------------------------------------------------
@@ -290,7 +290,7 @@ class ModelRunner:
             0 if self.compiles_at_warmup is None else self.compiles.count - self.compiles_at_warmup
         )
         return RunnerStats(self.compiles.count, after, self.warmup_seconds, self.device_seconds,
-                           dict(self.step_seconds_by_tokens), self.propose_seconds)  # fmt: skip
+                           self.step_costs, self.propose_seconds)  # fmt: skip
 
     def shutdown(self) -> None:
         if self.leader:
@@ -349,13 +349,30 @@ class ModelRunner:
         return result
 
     def _time_buckets(self) -> None:
-        """Measures each token bucket's forward once (compiled already): the step costs that
-        decide whether drafting pays at a batch size."""
-        for t in self.config.token_buckets:
-            begin = time.perf_counter()
-            self.steps.forward(self.empty_step_inputs(t))
-            to_host(self.steps.rows[:1, :1])
-            self.step_seconds_by_tokens[t] = time.perf_counter() - begin
+        """Times each token bucket's forward and each sequence bucket's sampler and verifier
+        (all compiled already, best of two): the costs that decide how many drafts pay."""
+
+        def seconds(call, result) -> float:
+            best = float("inf")
+            for _ in range(2):
+                begin = time.perf_counter()
+                out = call()
+                to_host(result(out))
+                best = min(best, time.perf_counter() - begin)
+            return best
+
+        steps = self.steps
+        forward = {
+            t: seconds(partial(steps.forward, self.empty_step_inputs(t)), lambda _: steps.rows)
+            for t in self.config.token_buckets
+        }
+        sample, verify = {}, {}
+        for s in self.config.seq_buckets:
+            rows = self.empty_sampling_rows(s)
+            sample[s] = seconds(partial(steps.sample, rows), lambda out: out.tokens)
+            verify[s] = seconds(partial(steps.verify, rows, self.empty_drafts(s)),
+                                lambda out: out.tokens)  # fmt: skip
+        self.step_costs = StepCosts(forward, sample, verify)
 
     # ---- empty inputs (warm-up, followers, the bucket sweep) --------------------------------
     def empty_step_inputs(self, num_tokens: int) -> StepInputs:
@@ -410,8 +427,6 @@ class ModelRunner:
             emitted, counts = to_host(sampled.tokens), to_host(sampled.num_tokens)  # [S, Q]
         elapsed = time.perf_counter() - dispatched
         self.device_seconds += elapsed
-        if self.config.num_speculative_tokens:
-            self._measure(len(step.inputs.input_ids), elapsed)
         if step.want_logprobs:
             token_lp = to_host(sampled.token_logprobs).reshape(len(emitted), -1)
             top_ids = to_host(sampled.top_ids).reshape(len(emitted), emitted.shape[1], -1)
@@ -434,12 +449,6 @@ class ModelRunner:
         if self.proposer is not None:
             result.drafts = self._propose(step, out, result)
         return result
-
-    def _measure(self, num_tokens: int, seconds: float) -> None:
-        known = self.step_seconds_by_tokens.get(num_tokens)
-        self.step_seconds_by_tokens[num_tokens] = (
-            seconds if known is None else known + COST_EMA_WEIGHT * (seconds - known)
-        )
 
     def _propose(self, step: PreparedStep, out: SchedulerOutput, result: RunnerOutput):
         begin = time.perf_counter()

@@ -145,6 +145,16 @@ class DeviceInfo:
     parameter_bytes: int = 0  # their bytes in the weights' dtype
 
 
+@dataclass(frozen=True)
+class StepCosts:
+    """Seconds of a step's parts, measured at warm-up: the forward by token bucket, the
+    sampler and the draft verifier by sequence bucket."""
+
+    forward: dict[int, float]
+    sample: dict[int, float]
+    verify: dict[int, float]
+
+
 @dataclass
 class RunnerStats:
     """Counters a runner keeps (read by engine metrics)."""
@@ -153,9 +163,8 @@ class RunnerStats:
     compiles_after_warmup: int = 0
     warmup_seconds: float | None = None
     device_seconds: float = 0.0  # dispatch of a step's forward -> its tokens on the host
-    # Speculative decoding: measured seconds of a step by its token bucket (warm-up timing,
-    # then a moving average of real steps), and the seconds spent drafting.
-    step_seconds_by_tokens: dict[int, float] = field(default_factory=dict)
+    # Speculative decoding: the step costs measured at warm-up, and the seconds spent drafting.
+    step_costs: StepCosts | None = None
     propose_seconds: float = 0.0
 
 

@@ -7,10 +7,11 @@ Device-free (the scheduler owns one). Two decisions, both from measurements:
   `max_backoff_steps`), then drafts again and is measured anew;
 - per step: how many drafts per sequence (0..k) maximise the tokens a step is expected to
   emit per second of step time. With acceptance rate a and j drafts a sequence emits
-  (1 - a^(j+1)) / (1 - a) tokens per verification step; step times per token count come from
-  the runner's measured step costs (`update_costs`), so drafts that still fit the token
-  bucket plain decoding pads to are nearly free, and drafts that spill into a bigger bucket
-  must earn it. Until costs are known it drafts k.
+  (1 - a^(j+1)) / (1 - a) tokens per verification step. The step times are the runner's
+  warm-up measurements (`update_costs`): the forward of the token bucket the step pads to,
+  plus the sampler or the verifier of its sequence bucket. Drafts that still fit the token
+  bucket plain decoding pads to cost only the verifier; drafts that spill into a bigger bucket
+  must earn that too. Without measurements it drafts k.
 
 Also the counters behind the `spec_decode_*` metrics.
 """
@@ -67,22 +68,23 @@ class SpecDecodePolicy:
         self._requests: dict[int, _RequestState] = {}  # seq_id ->
         self._step = 0
         self._global_acceptance = PRIOR_ACCEPTANCE
-        self._cost_tokens: list[int] = []  # sorted token counts with a measured step cost
-        self._cost_seconds: list[float] = []
+        self._costs = None  # StepCosts from the runner
         self.batch_enabled = True
         self.draft_limit = self.k  # drafts per sequence this step (the cost check's choice)
 
     # ---- measurements ---------------------------------------------------------------------
-    def update_costs(self, seconds_by_tokens: dict[int, float]) -> None:
-        """Measured step seconds by (bucketed) token count, from the runner."""
-        items = sorted(seconds_by_tokens.items())
-        self._cost_tokens = [t for t, _ in items]
-        self._cost_seconds = [s for _, s in items]
+    def update_costs(self, costs) -> None:
+        """The runner's measured `StepCosts` (None: unmeasured)."""
+        self._costs = costs
 
-    def step_cost(self, num_tokens: int) -> float | None:
-        """Seconds of a step of `num_tokens` tokens: the smallest measured count >= it."""
-        i = bisect.bisect_left(self._cost_tokens, num_tokens)
-        return self._cost_seconds[i] if i < len(self._cost_seconds) else None
+    def step_cost(self, num_decodes: int, drafts: int) -> float | None:
+        """Seconds of a step of `num_decodes` sequences feeding `drafts` drafts each."""
+        c = self._costs
+        if c is None:
+            return None
+        forward = _at_least(c.forward, num_decodes * (1 + drafts))
+        tail = _at_least(c.verify if drafts else c.sample, num_decodes)
+        return None if forward is None or tail is None else forward + tail
 
     def observe(self, seq_id: int, num_drafted: int, num_accepted: int) -> None:
         """One verification of `num_drafted` drafts, `num_accepted` of them accepted."""
@@ -135,11 +137,11 @@ class SpecDecodePolicy:
 
     def _best_draft_count(self, num_decodes: int) -> int:
         """Drafts per sequence (0..k) with the most expected tokens per measured second."""
-        if self.step_cost(num_decodes) is None:
+        if self.step_cost(num_decodes, 0) is None:
             return self.k  # unmeasured: try it
         best, best_rate = 0, None
         for j in range(self.k + 1):
-            cost = self.step_cost(num_decodes * (1 + j))
+            cost = self.step_cost(num_decodes, j)
             if cost is None or cost <= 0:
                 break
             rate = num_decodes * expected_tokens(self._global_acceptance, j) / cost
@@ -152,3 +154,10 @@ class SpecDecodePolicy:
         if state is None:
             state = self._requests[seq_id] = _RequestState(self._global_acceptance)
         return state
+
+
+def _at_least(measured: dict[int, float], n: int) -> float | None:
+    """The measurement at the smallest bucket >= n (None past the largest)."""
+    sizes = sorted(measured)
+    i = bisect.bisect_left(sizes, n)
+    return measured[sizes[i]] if i < len(sizes) else None
