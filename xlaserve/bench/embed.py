@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-long", type=int, default=64, help="sentences of ~250 tokens")
     p.add_argument("--st-batch-size", type=int, default=64, help="sentence-transformers' batch")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds per workload")
+    p.add_argument("--note", default="rates are medians of alternating rounds; the best-round "
+                   "ratio compares each side's least disturbed round",
+                   help="how the machine was while measuring, for the results file")  # fmt: skip
     add_out_argument(p)
 
 
@@ -147,9 +150,7 @@ def run(a: argparse.Namespace) -> int:
         },  # fmt: skip
         "sentence_transformers_batch_size": a.st_batch_size,
         "repeats": a.repeats,
-        "note": "2-core CPU shared with other jobs while measuring (their load changes both "
-        "sides' speed several-fold between rounds): rates are medians of alternating rounds; "
-        "the best-round ratio compares each side's least disturbed round",
+        "note": a.note,
         "results": results,
     }
     stem = f"embed-{slug(result['model'])}-{slug(result['device'])}-{today()}"
