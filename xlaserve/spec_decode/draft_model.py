@@ -25,8 +25,8 @@ from flax import nnx
 from xlaserve.engine.input_batch import InputBatch, PreparedStep
 from xlaserve.engine.runner_api import LoadedForRunner, RunnerConfig
 from xlaserve.engine.sampler import first_argmax
-from xlaserve.models.attention import AttentionMetadata
 from xlaserve.spec_decode.config import SpeculativeConfig
+from xlaserve.spec_decode.draft_rows import empty_rows, one_token_metadata
 
 
 def check_draft_fits(target: LoadedForRunner, draft: LoadedForRunner, name: str) -> None:
@@ -68,7 +68,7 @@ class DraftModelProposer:
             (f"draft forward T={t}", lambda t=t: self.steps.forward(runner.empty_step_inputs(t)))
             for t in self.config.token_buckets
         ]
-        graphs.append(("draft loop", lambda: self._run_loop(*self._empty_loop_inputs())))
+        graphs.append(("draft loop", lambda: self._run_loop(*empty_rows(self.config))))
         return graphs
 
     def on_forward(self, step: PreparedStep) -> None:
@@ -79,7 +79,7 @@ class DraftModelProposer:
         if not seq_ids:
             return {}
         c = self.config
-        tokens, positions, pages, limits, num = self._empty_loop_inputs()
+        tokens, positions, pages, limits, num = empty_rows(self.config)
         caps = []
         for i, seq_id in enumerate(seq_ids):
             length = len(batch.token_ids(seq_id)) + len(emitted[seq_id])
@@ -95,13 +95,6 @@ class DraftModelProposer:
         return {s: drafts[i, :cap].tolist() for i, (s, cap) in enumerate(pairs) if cap}
 
     # ---- the device loop ------------------------------------------------------------------------
-    def _empty_loop_inputs(self):
-        c = self.config
-        rows = c.max_num_seqs
-        return (np.zeros(rows, np.int32), np.zeros(rows, np.int32),
-                np.zeros((rows, c.pages_per_seq), np.int32), np.zeros(rows, np.int32),
-                np.zeros(1, np.int32))  # fmt: skip
-
     def _run_loop(self, tokens, positions, pages, limits, num):
         kv, drafts = self._draft_loop(
             self.steps.params, self.steps.kv_cache, tokens, positions, pages, limits, num
@@ -112,27 +105,15 @@ class DraftModelProposer:
     def _draft_loop_fn(self, params, kv_cache, tokens, positions, pages, limits, num_seqs):
         """k greedy decode steps of the draft for rows [0, num_seqs): i32[R, k] drafts."""
         model = nnx.merge(self.steps.graphdef, params)
-        rows, size = tokens.shape[0], self.config.page_size
-        live = jnp.arange(rows) < num_seqs[0]
-        cu_q_lens = jnp.minimum(jnp.arange(rows + 1, dtype=jnp.int32), num_seqs[0])
-        max_page = pages.shape[1] - 1
 
         def body(j, carry):
             kv_cache, current, out = carry
             pos = positions + j
-            page = jnp.take_along_axis(pages, jnp.minimum(pos // size, max_page)[:, None], 1)
-            slot = jnp.where(live & (pos < limits), page[:, 0] * size + pos % size, -1)
-            metadata = AttentionMetadata(
-                slot_mapping=slot,
-                cu_q_lens=cu_q_lens,
-                kv_lens=jnp.where(live, pos + 1, 0),
-                page_indices=pages,
-                num_seqs=num_seqs,
-            )
+            metadata = one_token_metadata(pos, pages, limits, num_seqs, self.config.page_size)
             kv_cache, hidden = model(current, pos, kv_cache, metadata)
             nxt = first_argmax(model.compute_logits(hidden)).astype(jnp.int32)
             return kv_cache, nxt, out.at[:, j].set(nxt)
 
-        out = jnp.zeros((rows, self.k), jnp.int32)
+        out = jnp.zeros((tokens.shape[0], self.k), jnp.int32)
         kv_cache, _, out = jax.lax.fori_loop(0, self.k, body, (kv_cache, tokens, out))
         return kv_cache, out

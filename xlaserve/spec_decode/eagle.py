@@ -35,6 +35,7 @@ from xlaserve.models.attention import AttentionMetadata
 from xlaserve.models.layers import linear, rms_norm
 from xlaserve.models.llama import rope_settings
 from xlaserve.spec_decode.config import SpeculativeConfig
+from xlaserve.spec_decode.draft_rows import empty_rows, one_token_metadata
 
 LAYER_NAMES = {  # HF name (after the layer prefix) -> ours
     "input_layernorm.weight": "attn_norm",
@@ -202,7 +203,7 @@ class EagleProposer:
             def call(t=t):
                 runner.steps.forward(runner.empty_step_inputs(t))
                 return self._run(np.zeros(t, np.int32), runner.empty_step_inputs(t),
-                                 *self._empty_loop_inputs())  # fmt: skip
+                                 *empty_rows(self.config))  # fmt: skip
 
             graphs.append((f"EAGLE head T={t}", call))
         return graphs
@@ -214,7 +215,7 @@ class EagleProposer:
         c = self.config
         inputs = step.inputs
         shifted = np.zeros(len(inputs.input_ids), np.int32)
-        rows, positions, pages, limits, num = self._empty_loop_inputs()
+        rows, positions, pages, limits, num = empty_rows(self.config)
         wanted = {s: i for i, s in enumerate(seq_ids)}
         caps = [0] * len(seq_ids)
         offset = 0
@@ -236,13 +237,6 @@ class EagleProposer:
         num[0] = len(seq_ids)
         drafts = np.asarray(self._run(shifted, inputs, rows, positions, pages, limits, num))
         return {s: drafts[i, : caps[i]].tolist() for s, i in wanted.items() if caps[i]}
-
-    def _empty_loop_inputs(self):
-        c = self.config
-        rows = c.max_num_seqs
-        return (np.zeros(rows, np.int32), np.zeros(rows, np.int32),
-                np.zeros((rows, c.pages_per_seq), np.int32), np.zeros(rows, np.int32),
-                np.zeros(1, np.int32))  # fmt: skip
 
     def _run(self, shifted, inputs, rows, positions, pages, limits, num):
         target = self._target
@@ -268,18 +262,11 @@ class EagleProposer:
         first = draft_tokens(params, cfg, hidden, target.compute_logits)
         num_rows = rows.shape[0]
         drafts = jnp.zeros((num_rows, self.k), jnp.int32).at[:, 0].set(first)
-        live = jnp.arange(num_rows) < num_seqs[0]
-        cu_q_lens = jnp.minimum(jnp.arange(num_rows + 1, dtype=jnp.int32), num_seqs[0])
-        max_page = pages.shape[1] - 1
 
         def body(j, carry):  # draft j from draft j - 1 at the next position
             kv_cache, token, hidden, drafts = carry
             pos = positions + j - 1
-            page = jnp.take_along_axis(pages, jnp.minimum(pos // size, max_page)[:, None], 1)
-            slot = jnp.where(live & (pos < limits), page[:, 0] * size + pos % size, -1)
-            md = AttentionMetadata(slot_mapping=slot, cu_q_lens=cu_q_lens,
-                                   kv_lens=jnp.where(live, pos + 1, 0), page_indices=pages,
-                                   num_seqs=num_seqs)  # fmt: skip
+            md = one_token_metadata(pos, pages, limits, num_seqs, size)
             kv_cache, hidden = eagle.forward(params, cfg, embed, token, hidden, pos, kv_cache, md)
             token = draft_tokens(params, cfg, hidden, target.compute_logits)
             return kv_cache, token, hidden, drafts.at[:, j].set(token)
