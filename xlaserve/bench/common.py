@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,3 +148,22 @@ def validated_main(add_arguments: Callable, validate: Callable, run: Callable, *
     except ValueError as e:
         parser.error(str(e))
     return run(args)
+
+
+def decode_step_seconds(llm, prompts: list[dict], params, loras=None) -> list[float]:
+    """Wall time of each step in which every request decodes one token (`loras`: one
+    LoRARequest or None per prompt)."""
+    engine = llm.engine
+    for prompt, lora in zip(prompts, loras or [None] * len(prompts), strict=True):
+        engine.add_request(None, prompt, params, **({"lora_request": lora} if lora else {}))
+    times = []
+    with recording(engine) as (recorder,):
+        while engine.has_unfinished_requests():
+            steps = len(recorder.steps)
+            start = time.perf_counter()
+            engine.step()
+            elapsed = time.perf_counter() - start
+            decoding = engine.scheduler.num_running == len(prompts)
+            if len(recorder.steps) > steps and recorder.steps[-1][0] == len(prompts) and decoding:
+                times.append(elapsed)
+    return times

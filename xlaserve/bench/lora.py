@@ -31,7 +31,7 @@ from safetensors.numpy import save_file
 from xlaserve.bench.common import (
     add_out_argument,
     build_llm,
-    recording,
+    decode_step_seconds,
     slug,
     today,
     write_results,
@@ -72,24 +72,6 @@ def write_peft_folder(folder: Path, config, rank: int, seed: int) -> None:
     config_json = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
                    "target_modules": [m for m, _ in TARGET_MODULES.values()]}  # fmt: skip
     (folder / "adapter_config.json").write_text(json.dumps(config_json))
-
-
-def decode_step_seconds(llm, prompts: list[dict], params, loras) -> list[float]:
-    """Wall time of each step in which every request decodes one token."""
-    engine = llm.engine
-    for prompt, lora in zip(prompts, loras, strict=True):
-        engine.add_request(None, prompt, params, **({"lora_request": lora} if lora else {}))
-    times = []
-    with recording(engine) as (recorder,):
-        while engine.has_unfinished_requests():
-            steps = len(recorder.steps)
-            start = time.perf_counter()
-            engine.step()
-            elapsed = time.perf_counter() - start
-            decoding = engine.scheduler.num_running == len(prompts)
-            if len(recorder.steps) > steps and recorder.steps[-1][0] == len(prompts) and decoding:
-                times.append(elapsed)
-    return times
 
 
 def load_seconds(llm, requests: list[LoRARequest]) -> tuple[list[float], list[float]]:

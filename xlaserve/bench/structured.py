@@ -23,7 +23,7 @@ import numpy as np
 from xlaserve.bench.common import (
     add_out_argument,
     build_llm,
-    recording,
+    decode_step_seconds,
     slug,
     today,
     write_results,
@@ -67,24 +67,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [{"prompt_token_ids": rng.integers(10, vocab, length).tolist()} for _ in range(n)]
-
-
-def decode_step_seconds(llm, prompts: list[dict], params: SamplingParams) -> list[float]:
-    """Wall time of each step in which every request decodes one token."""
-    engine = llm.engine
-    for prompt in prompts:
-        engine.add_request(None, prompt, params)
-    times = []
-    with recording(engine) as (recorder,):
-        while engine.has_unfinished_requests():
-            steps = len(recorder.steps)
-            start = time.perf_counter()
-            engine.step()
-            elapsed = time.perf_counter() - start
-            decoding = engine.scheduler.num_running == len(prompts)
-            if len(recorder.steps) > steps and recorder.steps[-1][0] == len(prompts) and decoding:
-                times.append(elapsed)
-    return times
 
 
 def compile_seconds(llm, schema: dict) -> tuple[float, float]:
