@@ -55,6 +55,12 @@ class EngineArgs:
     )
     enable_prefix_caching: bool = _opt(True, "reuse KV pages of identical prompt prefixes")
     enable_chunked_prefill: bool = _opt(True, "split long prompts over several steps")
+    async_scheduling: bool = _opt(
+        True,
+        "schedule and pack the next step while the device runs this one; sampled tokens feed "
+        "the next step on the device (steps with structured outputs or drafts run one at a "
+        "time either way)",
+    )
     scheduling_policy: str = _opt("fcfs", "fcfs or priority")
     max_waiting_requests: int | None = _opt(
         None, "refuse new requests beyond this many waiting (None: no limit)"

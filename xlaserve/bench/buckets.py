@@ -125,7 +125,7 @@ def sweep(args: EngineArgs, *, repeats: int = 5, context: int = 128) -> dict:
         inputs = pack_tokens(batch, t, cfg.max_num_seqs, cfg.pages_per_seq, cfg.page_size)
         lowered_at = time.perf_counter()
         compiled = steps.forward_graph.lower(
-            steps.params, steps.kv_cache, inputs, steps.lora_weights
+            steps.params, steps.kv_cache, inputs, steps.lora_weights, steps.last_tokens
         ).compile()
         compile_s = time.perf_counter() - lowered_at
         steps.forward(inputs)  # first run through the jit cache (compiled above)

@@ -92,6 +92,12 @@ class RecordingRunner:
             self.steps.append(step_shape(output))
         return self.inner.execute(output)
 
+    def dispatch(self, output: SchedulerOutput):
+        """Async scheduling's half of `execute`: recorded the same way."""
+        if not output.is_empty:
+            self.steps.append(step_shape(output))
+        return self.inner.dispatch(output)
+
     def device_info(self) -> DeviceInfo:
         return self.inner.device_info()
 

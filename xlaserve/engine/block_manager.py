@@ -167,7 +167,9 @@ class BlockManager:
         size = self.page_size
         tokens = seq.all_token_ids
         table = self.page_ids(seq)
-        num_full = min(seq.num_computed_tokens // size, len(table))
+        # Pending tokens (async scheduling) have no id yet: their pages wait to be hashed.
+        known = min(seq.num_computed_tokens, seq.num_tokens - seq.num_pending)
+        num_full = min(known // size, len(table))
         start = self._num_hashed.get(seq.seq_id, 0)
         for i in range(start, num_full):
             page = table[i]

@@ -73,6 +73,7 @@ def build_replica(args: EngineArgs, mesh=None) -> LLMEngine:
         structured=None if model.pooler is not None else structured_outputs_for(args, model),
         lora=lora_manager_for(args, model),
         pooler=model.pooler,
+        async_scheduling=args.async_scheduling,
     )
 
 

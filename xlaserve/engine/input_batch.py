@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from xlaserve.engine.request import PENDING_TOKEN
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import SchedulerOutput
 from xlaserve.lora.slots import SlotManager
@@ -43,6 +44,9 @@ class StepInputs(NamedTuple):
     spec_indices: np.ndarray
     # LoRA: i32[T] each token's adapter slot (0 = none: always so without LoRA).
     lora_slots: np.ndarray | None = None
+    # Async scheduling: i32[T] the previous step's sampling row whose token (still on the
+    # device) this position feeds, -1 where input_ids holds the token.
+    prev_token_rows: np.ndarray | None = None
 
 
 class SamplingRows(NamedTuple):
@@ -221,7 +225,24 @@ def pack_tokens(
         logits_indices=last,
         spec_indices=spec.astype(np.int32),
         lora_slots=lora_slots,
+        prev_token_rows=np.full(num_tokens, -1, np.int32),
     )
+
+
+def feed_pending_tokens(
+    chunks: Iterable[Chunk], inputs: StepInputs, pending_rows: Mapping[int, int]
+) -> None:
+    """Points each pending token (async scheduling) at the previous step's sampling row that
+    is producing it. A pending token is always its sequence's last, so it ends its chunk."""
+    offset = 0
+    for c in chunks:
+        n = len(c.token_ids)
+        if c.token_ids[-1] == PENDING_TOKEN:
+            if c.seq_id not in pending_rows or PENDING_TOKEN in c.token_ids[:-1]:
+                raise RuntimeError(f"sequence {c.seq_id}: a pending token no step produces")
+            inputs.prev_token_rows[offset + n - 1] = pending_rows[c.seq_id]
+            inputs.input_ids[offset + n - 1] = 0
+        offset += n
 
 
 def default_sampling_rows(num_rows: int, *, vocab_size: int, none_row: int, seed: int) -> dict:
@@ -299,6 +320,18 @@ class InputBatch:
         s = self._seqs[seq_id]
         return s.token_ids[s.num_prompt_tokens :]
 
+    def resolve_pending(self, seq_id: int, token: int) -> None:
+        """Async scheduling: the sequence's oldest pending token (one of its last two) now
+        has its sampled id."""
+        state = self._seqs.get(seq_id)
+        if state is None:
+            return
+        ids = state.token_ids
+        for i in range(max(0, len(ids) - 2), len(ids)):
+            if ids[i] == PENDING_TOKEN:
+                ids[i] = token
+                return
+
     def params(self, seq_id: int) -> SamplingParams:
         return self._seqs[seq_id].params
 
@@ -349,16 +382,25 @@ class InputBatch:
         return chunks
 
     # ---- packing --------------------------------------------------------------------------
-    def prepare(self, out: SchedulerOutput, *, sampling: bool = True) -> PreparedStep:
+    def prepare(
+        self,
+        out: SchedulerOutput,
+        *,
+        sampling: bool = True,
+        pending_rows: Mapping[int, int] | None = None,
+    ) -> PreparedStep:
         """Applies the diff and packs the step. With `sampling=False` the sampling rows are
         left for `with_sampling` (a runner packs them after dispatching the forward, so the
-        structured-output bitmasks can be filled meanwhile)."""
+        structured-output bitmasks can be filled meanwhile). `pending_rows` (async
+        scheduling): seq_id -> the previous step's sampling row, for sequences whose last
+        token is still pending; the forward takes it from the device."""
         chunks = self.update(out)
         num_tokens = bucket_for(out.total_num_scheduled_tokens, self.token_buckets)
         num_rows = self.max_num_seqs if self.token_buckets else len(chunks)
         slots, writes = self._lora_slots(chunks)
         inputs = pack_tokens(chunks, num_tokens, num_rows, self.pages_per_seq, self.page_size,
                              1 + self.num_speculative_tokens, chunk_lora_slots=slots)  # fmt: skip
+        feed_pending_tokens(chunks, inputs, pending_rows or {})
         targets, spans = self._prompt_logprob_targets(chunks, num_tokens)
         step = PreparedStep(chunks, inputs, None, {}, [], targets, spans, {}, lora_writes=writes)
         return self.with_sampling(step, out) if sampling else step

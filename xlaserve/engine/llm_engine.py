@@ -75,6 +75,7 @@ class LLMEngine:
         structured: StructuredOutputManager | None = None,
         lora: LoRAManager | None = None,
         pooler: PoolerConfig | None = None,
+        async_scheduling: bool = False,
     ):
         self.scheduler = scheduler
         self.runner = runner
@@ -102,6 +103,10 @@ class LLMEngine:
         self._request_ids = itertools.count()
         self.num_steps = 0
         self.step_seconds = 0.0  # wall time inside step(), host and device
+        # Async scheduling: the host schedules and packs step N+1 while the device runs step
+        # N; N's tokens are applied after N+1 is dispatched (see `_step_async`).
+        self.async_scheduling = bool(async_scheduling) and getattr(runner, "supports_async", False)
+        self._in_flight = None  # (SchedulerOutput, the runner's in-flight step) or None
 
     def shutdown(self) -> None:
         """Releases what the runner holds beyond this process (multi-host followers)."""
@@ -220,8 +225,76 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedules, runs and post-processes one batch; returns the requests that progressed."""
+        """Schedules, runs and post-processes one batch; returns the requests that progressed.
+
+        With async scheduling, the batch dispatched here runs on the device while the host
+        applies the previous batch's tokens; its own tokens are applied by the next call.
+        Steps that need their tokens on the host first (structured outputs) run one at a time.
+        """
         start = time.perf_counter()
+        if self.async_scheduling and not self._needs_sync_step():
+            outputs = self._step_async()
+        else:
+            outputs = self._resolve_in_flight() + self._step_sync()
+        self.num_steps += 1
+        self.step_seconds += time.perf_counter() - start
+        return outputs
+
+    def _needs_sync_step(self) -> bool:
+        """A structured-output request needs each token on the host before its next mask."""
+        return self.structured is not None and any(
+            state.params.structured_outputs is not None for state in self.requests.values()
+        )
+
+    def _step_async(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        flight = None
+        if not scheduled.is_empty:
+            flight = self.runner.dispatch(scheduled)
+            self.scheduler.update_pending(scheduled)  # its tokens are pending until collected
+            now = time.time()
+            for seq_id in scheduled.num_scheduled_tokens:
+                metrics = self._owners[seq_id][0].metrics
+                metrics.first_scheduled_time = metrics.first_scheduled_time or now
+        elif scheduled.finished_seq_ids:
+            self.runner.execute(scheduled)  # an empty step only drops finished sequences
+        outputs = self._resolve_in_flight()
+        if flight is not None:
+            self._in_flight = (scheduled, flight)
+        return outputs
+
+    def _resolve_in_flight(self) -> list[RequestOutput]:
+        """Applies the tokens of the step in flight (none: nothing to do)."""
+        if self._in_flight is None:
+            return []
+        scheduled, flight = self._in_flight
+        self._in_flight = None
+        result = self.runner.collect(flight)
+        now = time.time()
+        touched = self._record_prompt_logprobs(result)
+        for seq_id, sampled in result.sampled.items():
+            owner = self._owners.get(seq_id)
+            if owner is None:  # finished and reported meanwhile
+                continue
+            state, index = owner
+            seq = state.seqs[index]
+            if not self.scheduler.resolve_token(seq, sampled.token):
+                continue  # aborted or stopped while the token was on its way
+            state.metrics.first_token_time = state.metrics.first_token_time or now
+            self._record_token(state, index, seq, sampled)
+            touched[state.request_id] = state
+        return self._outputs(touched)
+
+    def _outputs(self, touched: dict[str, "RequestState"]) -> list[RequestOutput]:
+        outputs = []
+        for state in touched.values():
+            if all(s.is_finished for s in state.seqs):
+                outputs.append(self._finish_request(state))
+            else:
+                outputs.append(self.make_output(state))
+        return outputs
+
+    def _step_sync(self) -> list[RequestOutput]:
         failed = self._poll_grammars() if self.structured is not None else []
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty and not scheduled.finished_seq_ids:
@@ -241,26 +314,32 @@ class LLMEngine:
         )
         outputs = failed + self._postprocess(scheduled, result, outputs_before)
         outputs += [self._pooled_output(seq_id, data) for seq_id, data in result.pooled.items()]
-        self.num_steps += 1
-        self.step_seconds += time.perf_counter() - start
         return outputs
 
     def _seq(self, seq_id: int) -> Sequence:
         state, index = self._owners[seq_id]
         return state.seqs[index]
 
-    def _postprocess(self, scheduled, result, outputs_before) -> list[RequestOutput]:
-        now = time.time()
+    def _record_prompt_logprobs(self, result) -> dict[str, "RequestState"]:
+        """Stores a step's prompt logprobs; returns the requests they belong to."""
         touched: dict[str, RequestState] = {}
-        for seq_id in scheduled.num_scheduled_tokens:
-            state, _ = self._owners[seq_id]
-            state.metrics.first_scheduled_time = state.metrics.first_scheduled_time or now
         for seq_id, plp in result.prompt_logprobs.items():
-            state, _ = self._owners[seq_id]
+            owner = self._owners.get(seq_id)
+            if owner is None:
+                continue
+            state = owner[0]
             for p in plp:
                 state.prompt_logprobs[p.position] = self._position_logprobs(
                     p.token, p.logprob, p.top_logprobs
                 )
+        return touched
+
+    def _postprocess(self, scheduled, result, outputs_before) -> list[RequestOutput]:
+        now = time.time()
+        for seq_id in scheduled.num_scheduled_tokens:
+            state, _ = self._owners[seq_id]
+            state.metrics.first_scheduled_time = state.metrics.first_scheduled_time or now
+        touched = self._record_prompt_logprobs(result)
         for seq_id, sampled in result.sampled.items():
             state, index = self._owners[seq_id]
             seq = state.seqs[index]
@@ -276,13 +355,7 @@ class LLMEngine:
                     seq.truncate_outputs(before + i + 1)  # a stop string ended it early
                     break
             touched[state.request_id] = state
-        outputs = []
-        for state in touched.values():
-            if all(s.is_finished for s in state.seqs):
-                outputs.append(self._finish_request(state))
-            else:
-                outputs.append(self.make_output(state))
-        return outputs
+        return self._outputs(touched)
 
     def _pooled_output(self, seq_id: int, data) -> PoolingRequestOutput:
         """A pooling request is done once its prompt is processed."""
@@ -398,7 +471,7 @@ class LLMEngine:
                     text=""
                     if detok is None
                     else (detok.text if seq.is_finished else detok.released_text),
-                    token_ids=list(seq.output_token_ids),
+                    token_ids=list(seq.resolved_output_token_ids),
                     cumulative_logprob=state.cumulative_logprob[i] if want_lp else None,
                     logprobs=list(state.logprobs[i]) if want_lp else None,
                     finish_reason=FINISH_REASONS.get(seq.status),

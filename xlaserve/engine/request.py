@@ -32,6 +32,10 @@ class RequestStatus(enum.Enum):
         return self in _FINISHED
 
 
+# Async scheduling: the output slot of a token still being sampled on the device. The step
+# after it feeds the device's copy; the host fills in the real id when the step's tokens arrive.
+PENDING_TOKEN = -1
+
 _FINISHED = frozenset(
     {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
 )
@@ -69,6 +73,9 @@ class Sequence:
     # A pooling request: scheduled whole (never chunked, no prefix-cache hits) and finished
     # once its prompt is processed, with a pooled output instead of a token.
     pooling: PoolingTask | None = None
+    # Async scheduling: trailing outputs that are PENDING_TOKEN (0, 1, or 2 while one step's
+    # tokens arrive and the next step's are already on their way).
+    num_pending: int = 0
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -116,6 +123,43 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    @property
+    def resolved_output_token_ids(self) -> list[int]:
+        """The outputs whose ids are known (all but the pending ones)."""
+        end = self.num_output_tokens - self.num_pending
+        return self.output_token_ids if not self.num_pending else self.output_token_ids[:end]
+
+    @property
+    def awaits_last_token(self) -> bool:
+        """A pending token ends it by length: nothing is left to compute."""
+        if not self.num_pending:
+            return False
+        max_tokens = self.params.max_tokens
+        return self.num_tokens >= self.max_model_len or (
+            max_tokens is not None and self.num_output_tokens >= max_tokens
+        )
+
+    def append_pending(self) -> None:
+        """Appends a token that is still being sampled (async scheduling); its stop conditions
+        are checked when `resolve_pending` gives its id."""
+        if self.is_finished:
+            raise RuntimeError(f"sequence {self.seq_id} is {self.status.name}; cannot append")
+        self.output_token_ids.append(PENDING_TOKEN)
+        self._token_ids.append(PENDING_TOKEN)
+        self.num_pending += 1
+
+    def resolve_pending(self, token_id: int) -> RequestStatus:
+        """Fills in the oldest pending token and applies the stop conditions at its position
+        (as `append_token` does); a stop drops the pending tokens after it."""
+        if not self.num_pending:
+            raise RuntimeError(f"sequence {self.seq_id} has no pending token")
+        index = self.num_output_tokens - self.num_pending
+        self.output_token_ids[index] = token_id
+        self._token_ids[self.num_prompt_tokens + index] = token_id
+        self.num_pending -= 1
+        status = self._check_stop(token_id, index + 1, self.num_prompt_tokens + index + 1)
+        return status
+
     def append_token(self, token_id: int) -> RequestStatus:
         """Appends a sampled token and applies the token-level stop conditions, in order:
         max_model_len reached (LENGTH), eos unless ignore_eos (STOPPED, stop_reason None),
@@ -125,17 +169,24 @@ class Sequence:
         """
         if self.is_finished:
             raise RuntimeError(f"sequence {self.seq_id} is {self.status.name}; cannot append")
+        if self.num_pending:
+            raise RuntimeError(f"sequence {self.seq_id} has pending tokens; resolve them first")
         self.output_token_ids.append(token_id)
         self._token_ids.append(token_id)
+        return self._check_stop(token_id, self.num_output_tokens, self.num_tokens)
+
+    def _check_stop(self, token_id: int, num_outputs: int, num_tokens: int) -> RequestStatus:
+        """The stop conditions for the token that makes `num_outputs` outputs and
+        `num_tokens` tokens."""
         params = self.params
-        if self.num_tokens >= self.max_model_len:
+        if num_tokens >= self.max_model_len:
             return self.finish(RequestStatus.FINISHED_LENGTH)
-        if self.num_output_tokens >= params.min_tokens:
+        if num_outputs >= params.min_tokens:
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 return self.finish(RequestStatus.FINISHED_STOPPED)
             if token_id in params.stop_token_ids:
                 return self.finish(RequestStatus.FINISHED_STOPPED, token_id)
-        if params.max_tokens is not None and self.num_output_tokens >= params.max_tokens:
+        if params.max_tokens is not None and num_outputs >= params.max_tokens:
             return self.finish(RequestStatus.FINISHED_LENGTH)
         return self.status
 
@@ -155,4 +206,8 @@ class Sequence:
             raise ValueError(f"finish needs a FINISHED_* status, got {status.name}")
         self.status = status
         self.stop_reason = stop_reason
+        if self.num_pending:  # tokens sampled after the end are not outputs
+            del self.output_token_ids[-self.num_pending :]
+            del self._token_ids[-self.num_pending :]
+            self.num_pending = 0
         return status

@@ -14,6 +14,7 @@ import logging
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -114,15 +115,20 @@ class DeviceSteps:
         state_zeros = partial(
             sampler.PenaltyState.zeros, config.max_num_seqs, model.config.vocab_size
         )
+        # last_tokens i32[R]: the last sampling step's tokens by row, which the next forward
+        # can feed without a round trip to the host (async scheduling).
+        last_zeros = partial(jnp.zeros, (config.max_num_seqs,), jnp.int32)
         if mesh is None:
             self.kv_cache = jnp.zeros(cache_shape, kv_dtype)
             self.penalty_state = state_zeros()
+            self.last_tokens = last_zeros()
         else:
             self.kv_cache = jax.jit(
                 lambda: jnp.zeros(cache_shape, kv_dtype),
                 out_shardings=rules.kv_cache_sharding(model.config, mesh),
             )()
             self.penalty_state = jax.jit(state_zeros, out_shardings=rules.replicated(mesh))()
+            self.last_tokens = jax.jit(last_zeros, out_shardings=rules.replicated(mesh))()
         self.lora = None  # LoRA adapter slots (when the engine serves adapters)
         if config.max_loras:
             self.lora = LoRASlots(
@@ -140,8 +146,10 @@ class DeviceSteps:
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn)
         self._init_row = jax.jit(sampler.init_penalty_row, donate_argnums=(0,))
 
-    def _forward_fn(self, params, kv_cache, inputs: StepInputs, lora_weights):
+    def _forward_fn(self, params, kv_cache, inputs: StepInputs, lora_weights, last_tokens):
         model = nnx.merge(self.graphdef, params)
+        rows = inputs.prev_token_rows
+        input_ids = jnp.where(rows >= 0, last_tokens[jnp.maximum(rows, 0)], inputs.input_ids)
         metadata = AttentionMetadata(
             slot_mapping=inputs.slot_mapping,
             cu_q_lens=inputs.cu_q_lens,
@@ -150,7 +158,7 @@ class DeviceSteps:
             num_seqs=inputs.num_seqs,
         )
         out = model(
-            inputs.input_ids, inputs.positions, kv_cache, metadata, lora_weights,
+            input_ids, inputs.positions, kv_cache, metadata, lora_weights,
             inputs.lora_slots, self.aux_layers,
         )  # fmt: skip
         kv_cache, hidden = out[:2]
@@ -163,7 +171,9 @@ class DeviceSteps:
         num_rows = batch.temperature.shape[0]  # S
         model = nnx.merge(self.graphdef, params)
         logits = model.compute_logits(hidden_rows[:num_rows])  # [S, V]
-        return sampler.sample(logits, batch, state)
+        out, state = sampler.sample(logits, batch, state)
+        last_tokens = jnp.zeros(self.config.max_num_seqs, jnp.int32).at[:num_rows].set(out.tokens)
+        return out, state, last_tokens
 
     def _verify_fn(self, params, spec_rows, batch: SamplingRows, drafts: DraftRows, state):
         num_rows = batch.temperature.shape[0]  # S
@@ -192,7 +202,7 @@ class DeviceSteps:
 
     def forward(self, inputs: StepInputs) -> None:
         self.kv_cache, self.rows, self.hidden, self.spec_rows, self.aux = self.forward_graph(
-            self.params, self.kv_cache, self._put(inputs), self.lora_weights
+            self.params, self.kv_cache, self._put(inputs), self.lora_weights, self.last_tokens
         )
 
     def verify(self, batch: SamplingRows, drafts: DraftRows) -> rejection.VerifyOutput:
@@ -211,7 +221,7 @@ class DeviceSteps:
         self.lora.write(slot, adapter)
 
     def sample(self, batch: SamplingRows) -> sampler.SamplerOutput:
-        out, self.penalty_state = self.sample_graph(
+        out, self.penalty_state, self.last_tokens = self.sample_graph(
             self.params, self.rows, self._put(batch), self.penalty_state
         )
         return out
@@ -222,6 +232,17 @@ class DeviceSteps:
     def init_penalty_row(self, row, mask, counts, bias) -> None:
         args = self._put((row, mask, counts, bias))
         self.penalty_state = self._init_row(self.penalty_state, *args)
+
+
+@dataclass
+class InFlightStep:
+    """A dispatched step: its device outputs are still being computed."""
+
+    step: PreparedStep
+    out: SchedulerOutput
+    result: RunnerOutput  # what is known without waiting (prompt logprobs)
+    sampled: object | None  # SamplerOutput / VerifyOutput on the device; None: nothing sampled
+    dispatched: float  # perf_counter at dispatch
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -269,8 +290,11 @@ class ModelRunner:
         self.compiles_at_warmup: int | None = None
         self.warmup_seconds: float | None = None
         self.device_seconds = 0.0
+        self.wait_seconds = 0.0
         self.step_costs: StepCosts | None = None
         self.propose_seconds = 0.0
+        # seq_id -> sampling row of the last dispatched sampling step (async scheduling)
+        self._pending_rows: dict[int, int] = {}
 
     # ---- the Runner contract --------------------------------------------------------------
     def device_info(self) -> DeviceInfo:
@@ -290,7 +314,7 @@ class ModelRunner:
             0 if self.compiles_at_warmup is None else self.compiles.count - self.compiles_at_warmup
         )
         return RunnerStats(self.compiles.count, after, self.warmup_seconds, self.device_seconds,
-                           self.step_costs, self.propose_seconds)  # fmt: skip
+                           self.step_costs, self.propose_seconds, self.wait_seconds)  # fmt: skip
 
     def shutdown(self) -> None:
         if self.leader:
@@ -336,9 +360,21 @@ class ModelRunner:
         logger.info("warm-up compiled %d graphs in %.1fs", self.compiles.count, self.warmup_seconds)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        return self._gather(self.dispatch(out))
+
+    @property
+    def supports_async(self) -> bool:
+        """Whether `dispatch`/`collect` may overlap steps (async scheduling): one host, and no
+        drafts (they need each step's tokens on the host first)."""
+        return not self.leader and self.proposer is None and not self.config.num_speculative_tokens
+
+    def dispatch(self, out: SchedulerOutput) -> InFlightStep:
+        """Packs the step and dispatches its device work; `collect` waits for its tokens.
+        Pending tokens of the previous dispatched step are fed from the device."""
         before = self.compiles.count
         with self.compiles.track():
-            result = self._execute(self.batch.prepare(out, sampling=False), out)
+            step = self.batch.prepare(out, sampling=False, pending_rows=self._pending_rows)
+            flight = self._launch(step, out)
         if self.compiles_at_warmup is not None and self.compiles.count > before:
             logger.warning(
                 "compiled %d new graph(s) after warm-up (batch of %d tokens, %d sequences)",
@@ -346,7 +382,11 @@ class ModelRunner:
                 out.total_num_scheduled_tokens,
                 out.num_seqs,
             )
-        return result
+        return flight
+
+    def collect(self, flight: InFlightStep) -> RunnerOutput:
+        """The tokens (and logprobs) of a dispatched step, once the device has them."""
+        return self._gather(flight)
 
     def _time_buckets(self) -> None:
         """Times each token bucket's forward and each sequence bucket's sampler and verifier
@@ -398,35 +438,49 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
     def _execute(self, step: PreparedStep, out: SchedulerOutput) -> RunnerOutput:
-        result = RunnerOutput()
+        return self._gather(self._launch(step, out))
+
+    def _launch(self, step: PreparedStep, out: SchedulerOutput) -> InFlightStep:
+        """Dispatches the step's device work; its tokens stay on the device."""
+        flight = InFlightStep(step, out, RunnerOutput(), None, time.perf_counter())
         if not step.chunks:
-            return result
-        dispatched = time.perf_counter()
+            return flight
         for slot, adapter in step.lora_writes:  # adapters entering the device for this step
             self.steps.write_lora_slot(slot, adapter)
         self.steps.forward(step.inputs)  # runs on the device while the host packs sampling
         if self.proposer is not None:
             self.proposer.on_forward(step)
         if step.prompt_logprob_spans:
-            result.prompt_logprobs = self._prompt_logprobs(step)
-        step = self.batch.with_sampling(step, out)  # may wait for structured-output bitmasks
+            flight.result.prompt_logprobs = self._prompt_logprobs(step)
+        step = flight.step = self.batch.with_sampling(step, out)  # may wait for bitmasks
         if step.sampling is None:
-            if self.proposer is not None:  # a head that tracks every position sees prefills
-                result.drafts = self._propose(step, out, result)
-            return result
+            return flight
         for init in step.penalty_inits:
             self.steps.init_penalty_row(
                 np.int32(init.row), init.prompt_mask, init.output_counts, init.logit_bias
             )
         if step.drafts is None:
-            sampled = self.steps.sample(step.sampling)
+            flight.sampled = self.steps.sample(step.sampling)
+        else:
+            flight.sampled = self.steps.verify(step.sampling, step.drafts)
+        self._pending_rows = {seq_id: row for row, seq_id in step.sampling_seq_ids.items()}
+        return flight
+
+    def _gather(self, flight: InFlightStep) -> RunnerOutput:
+        """Waits for a dispatched step's tokens and turns them into the runner's output."""
+        step, out, result, sampled = flight.step, flight.out, flight.result, flight.sampled
+        if sampled is None:
+            if step.chunks and self.proposer is not None:  # a head that tracks every position
+                result.drafts = self._propose(step, out, result)  # sees prefills
+            return result
+        waited = time.perf_counter()
+        if step.drafts is None:
             emitted = to_host(sampled.tokens)[:, None]  # [S, 1]
             counts = None
         else:
-            sampled = self.steps.verify(step.sampling, step.drafts)
             emitted, counts = to_host(sampled.tokens), to_host(sampled.num_tokens)  # [S, Q]
-        elapsed = time.perf_counter() - dispatched
-        self.device_seconds += elapsed
+        self.wait_seconds += time.perf_counter() - waited
+        self.device_seconds += time.perf_counter() - flight.dispatched
         if step.want_logprobs:
             token_lp = to_host(sampled.token_logprobs).reshape(len(emitted), -1)
             top_ids = to_host(sampled.top_ids).reshape(len(emitted), emitted.shape[1], -1)
@@ -444,6 +498,7 @@ class ModelRunner:
                                    strict=True))  # fmt: skip
                     tokens.append(SampledToken(token, float(token_lp[row, j]), top))
             result.sampled[seq_id] = tokens[-1]
+            self.batch.resolve_pending(seq_id, tokens[-1].token)
             if n > 1:
                 result.accepted[seq_id] = tokens[:-1]
         if self.proposer is not None:

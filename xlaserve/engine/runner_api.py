@@ -166,6 +166,8 @@ class RunnerStats:
     # Speculative decoding: the step costs measured at warm-up, and the seconds spent drafting.
     step_costs: StepCosts | None = None
     propose_seconds: float = 0.0
+    # Seconds the host waited for sampled tokens (the rest of a step's wall time is host work).
+    wait_seconds: float = 0.0
 
 
 @dataclass

@@ -254,6 +254,8 @@ class Scheduler:
                 break
             if seq.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if seq.awaits_last_token:  # async scheduling: its last token is on its way
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             if num_new < seq.num_uncomputed_tokens and not self.config.enable_chunked_prefill:
                 continue
@@ -470,6 +472,39 @@ class Scheduler:
                 self._on_finished(seq)
                 finished.append(seq)
         return finished
+
+    # ---------------------------------------------------------------- async scheduling
+
+    def update_pending(self, output: SchedulerOutput) -> None:
+        """Applies a step whose tokens are still being sampled (async scheduling): advances
+        computed tokens and appends a pending token to every sequence that samples, so the
+        next step can be scheduled before this one's tokens arrive (`resolve_token`)."""
+        if output.spec_token_ids:
+            raise ValueError("async scheduling does not take speculative drafts")
+        for seq_id, num_new in output.num_scheduled_tokens.items():
+            seq = self._running_by_id.get(seq_id)
+            if seq is None or seq.status is not RequestStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += num_new
+            assert seq.num_computed_tokens <= seq.num_tokens, "schedule/update out of step"
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.append_pending()
+            self.block_manager.cache_full_pages(seq)
+            if seq.sample_index == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self._requests[seq.request_id].prompt_ready = True
+
+    def resolve_token(self, seq: Sequence, token: int) -> bool:
+        """Gives `seq`'s oldest pending token its sampled id and applies the stop conditions;
+        frees a sequence that stopped. False (and nothing changes) when the sequence ended
+        while the token was on its way (aborted, or stopped by the token before it)."""
+        if seq.is_finished or not seq.num_pending:
+            return False
+        seq.resolve_pending(token)
+        if seq.is_finished:
+            self._on_finished(seq)
+        elif seq.status is RequestStatus.RUNNING:
+            self.block_manager.cache_full_pages(seq)
+        return True
 
     def get_sequence(self, seq_id: int) -> Sequence | None:
         """A running sequence by id (None once it left the running set)."""

@@ -36,5 +36,12 @@ def kv_cache_update(new_kv: jax.Array, kv_cache: jax.Array, slot_mapping: jax.Ar
     flat = kv_cache.reshape(num_slots, kv_heads2, head_dim)  # [P*page_size, 2K, H]
     # Padding rows go out of bounds and are dropped by the scatter.
     slots = jnp.where(slot_mapping >= 0, slot_mapping, num_slots)
-    flat = flat.at[slots].set(new_kv.astype(kv_cache.dtype), mode="drop")
+    new_kv = new_kv.astype(kv_cache.dtype)
+    if slots.shape[0] == 1:
+        # XLA rewrites a one-row scatter as a bounds-checked dynamic-update-slice, which it
+        # cannot do in place: every layer would copy the whole cache (seconds per decode step
+        # on the CPU). A second, dropped row keeps it a scatter, updated in place.
+        slots = jnp.concatenate([slots, jnp.full((1,), num_slots, slots.dtype)])
+        new_kv = jnp.concatenate([new_kv, new_kv])
+    flat = flat.at[slots].set(new_kv, mode="drop")
     return flat.reshape(kv_cache.shape)
