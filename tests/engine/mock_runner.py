@@ -20,7 +20,7 @@ import math
 from dataclasses import replace
 
 from xlaserve.engine.input_batch import Chunk, InputBatch
-from xlaserve.engine.request import RequestStatus
+from xlaserve.engine.request import PENDING_TOKEN, RequestStatus
 from xlaserve.engine.runner_api import (
     DeviceInfo,
     KVCacheSpec,
@@ -50,6 +50,9 @@ class MockRunner:
         )
         self.kv: dict[int, list[int | None]] = {}  # page id -> token id in each slot
         self.last_chunks: list[Chunk] = []  # what the latest execute() ran, in batch order
+        # Async scheduling: seq_id -> the token the mock last sampled for it, which a pending
+        # token (PENDING_TOKEN in the chunk) stands for, as the device's copy does.
+        self.last_sampled: dict[int, int] = {}
 
     def read(self, page_ids: list[int], num_tokens: int) -> list[int | None]:
         """Tokens at positions 0..num_tokens-1 as stored in the pages."""
@@ -81,12 +84,16 @@ class MockRunner:
                 f"seq {c.seq_id}: pages {pages} do not hold its first {start} tokens"
             )
             for pos, token in enumerate(c.token_ids, start):
+                if token == PENDING_TOKEN:
+                    assert pos == end - 1, f"seq {c.seq_id}: a pending token not at the end"
+                    token = self.last_sampled[c.seq_id]
                 page = pages[pos // size]
                 assert writer.setdefault(page, c.seq_id) == c.seq_id, f"page {page} shared"
                 assert self.block_manager.ref_counts[page] == 1, f"write to shared page {page}"
                 self.kv.setdefault(page, [None] * size)[pos % size] = token
             if c.sample:
                 sampled[c.seq_id] = sum(self.read(pages, end)) % self.vocab_size
+                self.last_sampled[c.seq_id] = sampled[c.seq_id]
         return sampled
 
     def _check_batch(self, output: SchedulerOutput, chunks: list[Chunk]) -> None:
@@ -191,6 +198,24 @@ class EngineMockRunner:
     def device_info(self) -> DeviceInfo:
         return DeviceInfo(platform="mock", num_devices=1)
 
+    # Async scheduling (used when `supports_async`): the step is computed at dispatch, its
+    # tokens handed over at collect, as a device would.
+    supports_async = False
+
+    def dispatch(self, output: SchedulerOutput) -> RunnerOutput:
+        self.dispatched_while_in_flight += self.in_flight > 0
+        self.in_flight += 1
+        return self.execute(output)
+
+    def collect(self, flight: RunnerOutput) -> RunnerOutput:
+        self.in_flight -= 1
+        for seq_id, s in flight.sampled.items():
+            self.mock.batch.resolve_pending(seq_id, s.token)
+        return flight
+
+    in_flight = 0  # steps dispatched and not collected yet
+    dispatched_while_in_flight = 0  # dispatches made before the previous step was collected
+
     def stats(self) -> RunnerStats:
         return self._stats
 
@@ -199,10 +224,17 @@ class EngineMockRunner:
 
 
 def mock_engine(
-    *, num_pages: int = 64, max_num_seqs: int = 8, tokenizer=None, structured=None, **scheduler_kw
+    *,
+    num_pages: int = 64,
+    max_num_seqs: int = 8,
+    tokenizer=None,
+    structured=None,
+    async_scheduling: bool = False,
+    **scheduler_kw,
 ):
     """An LLMEngine over the mock runner: page size 4, max_model_len 64, vocab 97, eos 0.
-    `structured`: a StructuredOutputManager (the mock ignores token masks)."""
+    `structured`: a StructuredOutputManager (the mock ignores token masks).
+    `async_scheduling`: the runner overlaps steps (dispatch/collect)."""
     from xlaserve.engine.llm_engine import LLMEngine
     from xlaserve.engine.scheduler import SchedulerConfig
 
@@ -215,13 +247,16 @@ def mock_engine(
         **scheduler_kw,
     )
     scheduler = Scheduler(config)
+    runner = EngineMockRunner(scheduler)
+    runner.supports_async = async_scheduling
     return LLMEngine(
         scheduler,
-        EngineMockRunner(scheduler),
+        runner,
         tokenizer=tokenizer,
         vocab_size=VOCAB_SIZE,
         eos_token_ids=(0,),
         model_name="mock",
         dtype="none",
         structured=structured,
+        async_scheduling=async_scheduling,
     )
