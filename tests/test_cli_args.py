@@ -49,6 +49,8 @@ CASES = [
     ("enable_prefix_caching", "no", False),
     ("enable_chunked_prefill", None, True),
     ("enable_chunked_prefill", "no", False),
+    ("async_scheduling", None, True),
+    ("async_scheduling", "no", False),
     ("scheduling_policy", ["priority"], "priority"),
     ("max_waiting_requests", ["7"], 7),
     ("max_waiting_requests", ["none"], None),
@@ -59,6 +61,7 @@ CASES = [
     ("compilation_cache_dir", ["/tmp/xla-cache"], "/tmp/xla-cache"),
     ("compilation_cache_dir", ["none"], None),  # the cache off
     ("min_token_bucket", ["8"], 8),
+    ("min_token_bucket", ["none"], None),  # 1 for generation, 16 for encoders
     (
         "speculative_config",
         ['{"method": "ngram", "num_speculative_tokens": 3}'],

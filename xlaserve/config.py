@@ -76,7 +76,11 @@ class EngineArgs:
     compilation_cache_dir: str | None = _opt(
         DEFAULT_COMPILATION_CACHE, "persistent XLA compilation cache (None: off)"
     )
-    min_token_bucket: int = _opt(16, "smallest token bucket of the power-of-two set")
+    min_token_bucket: int | None = _opt(
+        None,
+        "smallest token bucket of the power-of-two set (None: 1 for generation, so a batch-1 "
+        "decode runs a one-token graph; 16 for encoders, whose lengths gain nothing below)",
+    )
     token_buckets: tuple[int, ...] | None = _opt(
         None, "explicit token buckets, e.g. 16,64,256 (the token budget is always added)"
     )
@@ -110,13 +114,20 @@ class EngineArgs:
         for name in (
             "max_num_seqs",
             "page_size",
-            "min_token_bucket",
             "tensor_parallel_size",
             "data_parallel_size",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.min_token_bucket is not None and (
+            isinstance(self.min_token_bucket, bool)
+            or not isinstance(self.min_token_bucket, int)
+            or self.min_token_bucket < 1
+        ):
+            raise ValueError(
+                f"min_token_bucket must be a positive int or None, got {self.min_token_bucket!r}"
+            )
         for name in ("max_model_len", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

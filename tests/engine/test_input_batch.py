@@ -9,7 +9,9 @@ from xlaserve.engine.input_batch import (
     bucket_for,
     pack_tokens,
     penalty_row_values,
+    prompt_logprobs_buckets,
 )
+from xlaserve.engine.request import PENDING_TOKEN
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import CachedSequence, NewSequence, SchedulerOutput
 
@@ -301,3 +303,38 @@ def test_bucket_for():
     assert bucket_for(13, None) == 13
     with pytest.raises(ValueError, match="9 exceeds the largest bucket 8"):
         bucket_for(9, (4, 8))
+
+
+def test_prompt_scoring_steps_run_in_a_scoring_bucket():
+    # Buckets 1..32: a 3-token prompt that asks for prompt logprobs runs in 16 tokens (the
+    # smallest bucket with a prompt-logprobs graph); its decodes and plain prompts do not.
+    buckets = (1, 2, 4, 8, 16, 32)
+    assert prompt_logprobs_buckets(buckets) == (16, 32)
+    assert prompt_logprobs_buckets((1, 2, 8)) == (8,)  # a budget below 16: its largest bucket
+    b = input_batch(token_buckets=buckets, seq_buckets=(1, 2, 4))
+    scored = SamplingParams(prompt_logprobs=1)
+    p = b.prepare(output({1: 3}, [new(1, [5, 6, 7], 3, scored, [0])]))
+    assert len(p.inputs.input_ids) == 16 and p.prompt_logprob_targets.tolist()[:2] == [6, 7]
+    p = b.prepare(output({1: 1}, cached_seqs=[cached(1, [9], (), 3)]))  # its decode
+    assert len(p.inputs.input_ids) == 1 and p.prompt_logprob_targets is None
+    p = b.prepare(output({2: 3}, [new(2, [5, 6, 7], 3, GREEDY, [1])]))
+    assert len(p.inputs.input_ids) == 4
+
+
+def test_pending_tokens_are_fed_from_the_previous_steps_rows():
+    # Async scheduling: a pending last token is read from the device (row 3 of the previous
+    # sampling step); known tokens come from the host.
+    b = input_batch(token_buckets=(4, 8), seq_buckets=(1, 2, 4))
+    b.prepare(output({1: 2, 2: 1}, [new(1, [5, 6], 2, GREEDY, [0]), new(2, [4], 1, GREEDY, [1])]))
+    p = b.prepare(
+        output(
+            {1: 1, 2: 1}, cached_seqs=[cached(1, [PENDING_TOKEN], (), 2), cached(2, [8], (), 1)]
+        ),
+        pending_rows={1: 3},
+    )
+    assert p.inputs.input_ids.tolist() == [0, 8, 0, 0]
+    assert p.inputs.prev_token_rows.tolist() == [3, -1, -1, -1]
+    b.resolve_pending(1, 11)
+    assert b.token_ids(1) == [5, 6, 11]
+    with pytest.raises(RuntimeError, match="pending token"):  # no previous step produces it
+        b.prepare(output({1: 1}, cached_seqs=[cached(1, [PENDING_TOKEN], (), 3)]))

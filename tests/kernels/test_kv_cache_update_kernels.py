@@ -8,6 +8,7 @@ a cache whose other slots hold NaN, which must stay bit-for-bit as they were.
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -113,3 +114,21 @@ def test_bad_shapes_are_named():
         tpu.kv_cache_update(new_kv, cache, slots[:3])
     with pytest.raises(ValueError, match="block_tokens"):
         tpu.kv_cache_update(new_kv, cache, slots, block_tokens=0)
+
+
+@pytest.mark.parametrize("slot", [5, -1])
+def test_one_row_write_updates_the_donated_cache_in_place(slot):
+    # XLA turns a one-row scatter into a bounds-checked dynamic-update-slice that copies the
+    # whole cache; the reference keeps it a scatter (a batch-1 decode step writes one row per
+    # layer, so a copy per layer cost seconds per step).
+    cache = jnp.arange(64 * 4 * 2 * 8, dtype=jnp.float32).reshape(64, 4, 2, 8)
+    new_kv = jnp.full((1, 2, 8), -1.0)
+    slots = jnp.array([slot], jnp.int32)
+    update = jax.jit(reference.kv_cache_update, donate_argnums=(1,))
+    hlo = update.lower(new_kv, cache, slots).compile().as_text()
+    assert "f32[256,2,8]{2,1,0} copy(" not in hlo and "f32[64,4,2,8]{3,2,1,0} copy(" not in hlo
+    want = np.asarray(cache).reshape(256, 2, 8).copy()
+    if slot >= 0:
+        want[slot] = -1.0
+    got = update(new_kv, cache, slots)
+    np.testing.assert_array_equal(np.asarray(got).reshape(256, 2, 8), want)

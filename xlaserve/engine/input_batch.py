@@ -26,6 +26,15 @@ from xlaserve.engine.scheduler_output import SchedulerOutput
 from xlaserve.lora.slots import SlotManager
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (the samplers use the same bound)
+# A step that scores prompt tokens runs in a token bucket of at least this many tokens, so
+# only those buckets need a prompt-logprobs graph (decode-sized buckets never score prompts).
+MIN_PROMPT_LOGPROBS_TOKENS = 16
+
+
+def prompt_logprobs_buckets(token_buckets: Sequence[int]) -> tuple[int, ...]:
+    """The token buckets a prompt-scoring step can run in."""
+    floor = min(MIN_PROMPT_LOGPROBS_TOKENS, token_buckets[-1])
+    return tuple(b for b in token_buckets if b >= floor)
 
 
 class StepInputs(NamedTuple):
@@ -395,7 +404,10 @@ class InputBatch:
         scheduling): seq_id -> the previous step's sampling row, for sequences whose last
         token is still pending; the forward takes it from the device."""
         chunks = self.update(out)
-        num_tokens = bucket_for(out.total_num_scheduled_tokens, self.token_buckets)
+        num_tokens = out.total_num_scheduled_tokens
+        if self.token_buckets and self._scores_prompt(chunks):
+            num_tokens = max(num_tokens, min(MIN_PROMPT_LOGPROBS_TOKENS, self.token_buckets[-1]))
+        num_tokens = bucket_for(num_tokens, self.token_buckets)
         num_rows = self.max_num_seqs if self.token_buckets else len(chunks)
         slots, writes = self._lora_slots(chunks)
         inputs = pack_tokens(chunks, num_tokens, num_rows, self.pages_per_seq, self.page_size,
@@ -486,6 +498,13 @@ class InputBatch:
         f["use_random"] = np.bool_(random_rows.any())
         f["use_logprobs"] = np.bool_(bool(want))
         return SamplingRows(**f), rows, inits, want
+
+    def _scores_prompt(self, chunks: list[Chunk]) -> bool:
+        for c in chunks:
+            s = self._seqs[c.seq_id]
+            if s.params.prompt_logprobs is not None and c.start_pos < s.num_prompt_tokens - 1:
+                return True
+        return False
 
     def _prompt_logprob_targets(self, chunks: list[Chunk], num_tokens: int):
         """Row at prompt position p scores the prompt token at p + 1."""

@@ -32,6 +32,7 @@ from xlaserve.engine.input_batch import (
     StepInputs,
     default_sampling_rows,
     pack_tokens,
+    prompt_logprobs_buckets,
 )
 from xlaserve.engine.runner_api import (
     DeviceInfo,
@@ -327,10 +328,12 @@ class ModelRunner:
         start = time.perf_counter()
         steps = self.steps
         graphs = []  # (name, call) in the order the calls depend on each other
+        scoring = prompt_logprobs_buckets(self.config.token_buckets)
         for t in self.config.token_buckets:  # prompt logprobs read the forward's hidden rows
             graphs.append((f"forward T={t}", partial(steps.forward, self.empty_step_inputs(t))))
-            zeros = np.zeros(t, np.int32)
-            graphs.append((f"prompt logprobs T={t}", partial(steps.prompt_logprobs, zeros)))
+            if t in scoring:
+                zeros = np.zeros(t, np.int32)
+                graphs.append((f"prompt logprobs T={t}", partial(steps.prompt_logprobs, zeros)))
         for s in self.config.seq_buckets:
             graphs.append((f"sampler S={s}", partial(steps.sample, self.empty_sampling_rows(s))))
             if self.config.num_speculative_tokens:
