@@ -243,9 +243,12 @@ def test_bench_latency_tiny_model(tiny_model, tmp_path):
         ["bench", "latency", "--model", tiny_model, "--dtype", "float32", "--max-model-len", "64",
          "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--input-len", "8",
          "--output-len", "6", "--batch-sizes", "1,4", "--num-iters", "2",
-         "--out", str(tmp_path)])  # fmt: skip
+         "--ttft-input-lens", "16,40", "--llama-cpp", "off", "--out", str(tmp_path)])  # fmt: skip
     assert args.func(args) == 0
     r = check_file_names(tmp_path, "latency")
+    assert [t["input_len"] for t in r["ttft_by_input_len"]] == [16, 40]
+    assert all(t["ttft_ms"] > 0 for t in r["ttft_by_input_len"])
+    assert r["llama_cpp"] == {"ran": False, "reason": "off (--llama-cpp off)"}
     assert r["compiles_after_warmup"] == 0 and r["compiles"] > 0
     m = r["measured"]
     assert m["read_bandwidth_GBps"] > 0 and m["matmul_TFLOPs"] > 0
@@ -265,6 +268,8 @@ def test_bench_latency_tiny_model(tiny_model, tmp_path):
         assert b["context"] == pytest.approx(11.0)
         assert b["ms_per_output_token"] > 0 and b["output_tokens_per_s"] > 0
         assert b["roofline_ms_per_token"] > 0 and b["percent_of_roofline"] > 0
+        # Host work per step (scheduling, packing, outputs) is part of the step's wall time.
+        assert 0 < b["host_ms_per_step"] <= b["ms_per_output_token"]
 
 
 def test_bench_throughput_tiny_model(tiny_model, tmp_path):

@@ -14,6 +14,13 @@ Reported per batch size, timed on the host around the engine's steps:
   roofline        the decode steps' ideal time (weights + live KV cache read once, or
                   2 * params FLOPs per token, whichever is longer; see roofline.py) per step,
                   and the measured time's share of it ("% of roofline")
+  host ms/step    decode steps' wall time inside engine.step() minus the time it waited for
+                  the device's tokens: scheduling, packing, dispatch and outputs. With async
+                  scheduling (the default) it overlaps the device's work instead of adding to
+                  it; --async-scheduling no shows the serial figure.
+  TTFT by length  --ttft-input-lens: batch-1 TTFT for prompts of those lengths (median).
+  llama.cpp       --llama-cpp: the same GGUF in llama-cpp-python (when installed), batch 1,
+                  same prompts, threads and output length (EOS banned), side by side.
 
     xlaserve bench latency --input-len 128 --output-len 128 --batch-sizes 1,4,16
     xlaserve bench latency --model llama-3-8b --load-format dummy --dtype bfloat16 \\
@@ -33,7 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+from xlaserve.bench import llama_cpp_peer
 from xlaserve.bench.common import (
+    _engines,
     add_out_argument,
     build_llm,
     dist,
@@ -67,6 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-iters", type=int, default=3, help="measured runs per batch size")
     parser.add_argument("--num-iters-warmup", type=int, default=1,
                         help="unmeasured runs per batch size before them")  # fmt: skip
+    parser.add_argument("--ttft-input-lens", type=_ints, default=(), metavar="N,N,...",
+                        help="also time batch-1 TTFT for prompts of these lengths, e.g. "
+                        "128,512,2048 (each < --max-model-len)")  # fmt: skip
+    parser.add_argument("--llama-cpp", default="auto", metavar="GGUF|auto|off",
+                        help="run llama.cpp on this GGUF file side by side at batch 1 (auto: "
+                        "the model's own GGUF when llama-cpp-python is installed)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=None,
+                        help="llama.cpp threads (default: the cores JAX uses)")  # fmt: skip
     add_out_argument(parser)
     add_engine_args(parser, defaults=ENGINE_DEFAULTS)
 
@@ -89,6 +106,12 @@ def validate(args: argparse.Namespace) -> None:
     if engine.max_model_len is not None and total > engine.max_model_len:
         raise ValueError(f"--input-len + --output-len = {total} exceeds --max-model-len "
                          f"{engine.max_model_len}")  # fmt: skip
+    for n in args.ttft_input_lens:
+        if n < 1 or (engine.max_model_len is not None and n >= engine.max_model_len):
+            raise ValueError(f"--ttft-input-lens {n} must be in [1, --max-model-len "
+                             f"{engine.max_model_len})")  # fmt: skip
+    if args.llama_cpp not in ("auto", "off") and not Path(args.llama_cpp).is_file():
+        raise ValueError(f"--llama-cpp {args.llama_cpp!r} is not a file (or auto / off)")
 
 
 # ---- measurement ---------------------------------------------------------------------------
@@ -102,6 +125,7 @@ class BatchRun:
     decode_seconds: float  # from the step giving the last first token to the end
     decode_steps: int  # engine steps in that span
     decode_shapes: list[list[tuple[int, int]]]  # per replica: (tokens, KV tokens) per step
+    decode_host_seconds: float  # inside step() and not waiting for tokens, over the span
 
 
 def run_batch(engine, prompts: list[list[int]], output_len: int) -> BatchRun:
@@ -116,7 +140,11 @@ def run_batch(engine, prompts: list[list[int]], output_len: int) -> BatchRun:
         done: dict[str, float] = {}
         decode_start = decode_steps = None  # set once every request has its first token
         mark: list[int] = []
+        host_mark = 0.0
+        # With async scheduling a step's shape is recorded one step before its tokens arrive.
+        overlapped = any(getattr(e, "async_scheduling", False) for e in _engines(engine))
         while engine.has_unfinished_requests():
+            before = [len(r.steps) for r in recorders]
             outputs = engine.step()
             now = time.perf_counter()
             for out in outputs:
@@ -128,7 +156,8 @@ def run_batch(engine, prompts: list[list[int]], output_len: int) -> BatchRun:
                 decode_steps += 1
             elif len(first) == len(ids):
                 decode_start, decode_steps = now, 0
-                mark = [len(r.steps) for r in recorders]
+                mark = before if overlapped else [len(r.steps) for r in recorders]
+                host_mark = host_seconds(engine)
         end = time.perf_counter()
     if decode_start is None or not decode_steps:
         raise RuntimeError(f"the batch never reached a decode step (first tokens for "
@@ -140,7 +169,14 @@ def run_batch(engine, prompts: list[list[int]], output_len: int) -> BatchRun:
         decode_seconds=end - decode_start,
         decode_steps=decode_steps,
         decode_shapes=[r.steps[m:] for r, m in zip(recorders, mark, strict=True)],
+        decode_host_seconds=host_seconds(engine) - host_mark,
     )
+
+
+def host_seconds(engine) -> float:
+    """Seconds the engine's steps spent on the host (not waiting for the device's tokens),
+    summed over replicas."""
+    return sum(e.step_seconds - e.runner.stats().wait_seconds for e in _engines(engine))
 
 
 def random_prompts(vocab_size: int, batch_size: int, input_len: int, seed) -> list[list[int]]:
@@ -159,6 +195,7 @@ def measure_batch(engine, roofline: Roofline, *, batch_size: int, input_len: int
         if i >= num_iters_warmup:
             runs.append(run)
     per_token = [r.decode_seconds / r.decode_steps for r in runs]
+    host_ms = statistics.median(1e3 * r.decode_host_seconds / r.decode_steps for r in runs)
     median = sorted(runs, key=lambda r: r.latency)[len(runs) // 2]
     # Replicas step together: a step lasts as long as its slowest replica's.
     ideal = max(roofline.seconds(shapes) for shapes in median.decode_shapes)
@@ -173,6 +210,7 @@ def measure_batch(engine, roofline: Roofline, *, batch_size: int, input_len: int
         "tpot_ms": dist([t for r in runs for t in r.tpots]),
         "latency_ms": dist([r.latency for r in runs]),
         "ms_per_output_token": ms_per_token,
+        "host_ms_per_step": host_ms,
         "all_ms_per_output_token": [1e3 * x for x in per_token],
         "decode_steps": median.decode_steps,
         "output_tokens_per_s": batch_size * output_len / median.latency,
@@ -198,6 +236,68 @@ def resolved_dtype(name: str) -> str:
     return np.dtype(resolve_dtype(name)).name
 
 
+def measure_ttft(engine, input_len: int, num_iters: int, seed: int) -> float:
+    """Median batch-1 TTFT (ms) of fresh random prompts of `input_len` tokens."""
+    from xlaserve import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    times = []
+    for i in range(num_iters + 1):  # the first run is unmeasured
+        [prompt] = random_prompts(engine.vocab_size, 1, input_len, [seed, input_len, i, 7])
+        start = time.perf_counter()
+        engine.add_request(None, {"prompt_token_ids": prompt}, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+        if i:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def llama_cpp_gguf(args, engine_args) -> tuple[Path | None, str]:
+    """The GGUF file llama.cpp runs, or None and why not."""
+    from xlaserve.checkpoints.presets import resolve_bundled
+
+    if args.llama_cpp == "off":
+        return None, "off (--llama-cpp off)"
+    if not llama_cpp_peer.available():
+        return None, "llama-cpp-python is not installed"
+    if args.llama_cpp != "auto":
+        return Path(args.llama_cpp), ""
+    path = resolve_bundled(engine_args.model) or Path(engine_args.model)
+    if path.suffix != ".gguf" or not path.is_file():
+        return None, f"{engine_args.model} is not a GGUF file (pass --llama-cpp FILE)"
+    return path, ""
+
+
+def run_llama_cpp(args, engine_args, engine, result: dict) -> dict:
+    """llama.cpp at batch 1 on the same prompts, next to our batch-1 figures."""
+    gguf, why = llama_cpp_gguf(args, engine_args)
+    if gguf is None:
+        print(f"llama.cpp: not run: {why}")
+        return {"ran": False, "reason": why}
+    n_ctx = max([args.input_len + args.output_len, *[n + 2 for n in args.ttft_input_lens]])
+    peer = llama_cpp_peer.LlamaCppPeer(gguf, n_ctx=n_ctx, threads=args.threads)
+    prompts = [random_prompts(engine.vocab_size, 1, args.input_len, [engine_args.seed, 1, i])[0]
+               for i in range(args.num_iters_warmup + args.num_iters)]  # fmt: skip
+    peer.measure(prompts[: max(1, args.num_iters_warmup)], min(args.output_len, 8))  # warm-up
+    measured = peer.measure(prompts[args.num_iters_warmup :], args.output_len)
+    measured["ttft_by_input_len"] = [
+        {"input_len": n, "ttft_ms": statistics.median(
+            peer.ttft_ms(p) for p in random_prompts(engine.vocab_size, args.num_iters, n,
+                                                      [engine_args.seed, n, 7]))}
+        for n in args.ttft_input_lens
+    ]  # fmt: skip
+    ours = next((b for b in result["batches"] if b["batch_size"] == 1), None)
+    if ours is not None:
+        measured["ours_over_theirs_ms_per_token"] = (
+            ours["ms_per_output_token"] / measured["ms_per_output_token"]
+        )
+    print(f"llama.cpp ({measured['threads']} threads): "
+          f"{measured['ms_per_output_token']:.2f} ms per output token at batch 1, "
+          f"TTFT {measured['ttft_ms']:.1f} ms")  # fmt: skip
+    return {"ran": True, "gguf": gguf.name, **measured}
+
+
 # ---- entry points --------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     validate(args)
@@ -219,6 +319,11 @@ def run(args: argparse.Namespace) -> int:
                               seed=engine_args.seed)  # fmt: skip
         result["batches"].append(batch)
         print(one_line(batch), flush=True)
+    result["ttft_by_input_len"] = [
+        {"input_len": n, "ttft_ms": measure_ttft(llm.engine, n, args.num_iters, engine_args.seed)}
+        for n in args.ttft_input_lens
+    ]
+    result["llama_cpp"] = run_llama_cpp(args, engine_args, llm.engine, result)
     m = llm.get_metrics()
     result.update({k: m[k] for k in ("compiles", "compiles_after_warmup", "warmup_seconds")})
     sizes = "-".join(str(b) for b in args.batch_sizes)
@@ -243,6 +348,7 @@ def _ppp(d: dict) -> str:
 def one_line(b: dict) -> str:
     return (f"batch {b['batch_size']:>3}: TTFT p50 {b['ttft_ms']['p50']:.1f} ms, "
             f"{b['ms_per_output_token']:.2f} ms per output token "
+            f"(host {b['host_ms_per_step']:.2f} ms per step) "
             f"({b['percent_of_roofline']:.0f}% of roofline), "
             f"{b['output_tokens_per_s']:.1f} output tok/s")  # fmt: skip
 
@@ -256,15 +362,36 @@ def markdown(r: dict) -> str:
         f"runs per batch size after {r['num_iters_warmup']} warm-up. Measured read bandwidth "
         f"{r['measured']['read_bandwidth_GBps']:.1f} GB/s, {r['dtype']} matmul "
         f"{r['measured']['matmul_TFLOPs']:.3f} TFLOP/s. Times in ms, p50/p90/p99.", "",
-        "| batch | TTFT | ms per output token (decode) | roofline ms | % of roofline | TPOT "
-        "| latency | output tok/s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Async scheduling: {'on' if r['engine'].get('async_scheduling') else 'off'}.", "",
+        "| batch | TTFT | ms per output token (decode) | host ms per step | roofline ms "
+        "| % of roofline | TPOT | latency | output tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for b in r["batches"]:
         lines.append(
             f"| {b['batch_size']} | {_ppp(b['ttft_ms'])} | {b['ms_per_output_token']:.2f} | "
+            f"{b['host_ms_per_step']:.2f} | "
             f"{b['roofline_ms_per_token']:.2f} | {b['percent_of_roofline']:.0f}% | "
             f"{_ppp(b['tpot_ms'])} | {_ppp(b['latency_ms'])} | {b['output_tokens_per_s']:.1f} |"
         )
+    peer = r.get("llama_cpp") or {"ran": False, "reason": "not asked"}
+    ttft = {t["input_len"]: t["ttft_ms"] for t in r.get("ttft_by_input_len", [])}
+    if ttft:
+        theirs = {t["input_len"]: t["ttft_ms"] for t in peer.get("ttft_by_input_len", [])}
+        lines += ["", "| prompt tokens | TTFT ms (batch 1) | llama.cpp TTFT ms |", "|---|---|---|"]
+        lines += [f"| {n} | {ms:.1f} | {theirs[n]:.1f} |" if n in theirs else
+                  f"| {n} | {ms:.1f} | - |" for n, ms in ttft.items()]  # fmt: skip
+    if peer["ran"]:
+        ratio = peer.get("ours_over_theirs_ms_per_token")
+        lines += [
+            "",
+            f"llama.cpp {peer['version']} on {peer['gguf']} ({peer['threads']} "
+            f"threads), batch 1, same prompts: {peer['ms_per_output_token']:.2f} ms per "
+            f"output token, TTFT {peer['ttft_ms']:.1f} ms"
+            + ("" if ratio is None else f"; ours / theirs per token: {ratio:.2f}x")
+            + ".",
+        ]
+    else:
+        lines += ["", f"llama.cpp: not run ({peer['reason']})."]
     lines += ["", f"Compiles: {r['compiles']} at warm-up, {r['compiles_after_warmup']} after."]
     return "\n".join(lines) + "\n"
