@@ -22,6 +22,7 @@ from array import array
 from collections import OrderedDict
 
 from xlaserve.engine.request import Sequence
+from xlaserve.multimodal.inputs import page_extra_key
 
 # (digest of all earlier pages, token ids of this page)
 CacheKey = tuple[bytes, tuple[int, ...]]
@@ -219,5 +220,7 @@ class BlockManager:
             i = len(hashes)
             parent = hashes[-1] if hashes else root
             page_tokens = array("q", tokens[i * size : (i + 1) * size]).tobytes()
+            if seq.mm_items:  # image placeholders look alike: the images' content keys differ
+                page_tokens += page_extra_key(seq.mm_items, i * size, (i + 1) * size)
             hashes.append(hashlib.sha256(parent + page_tokens).digest())
         return hashes[page_index]

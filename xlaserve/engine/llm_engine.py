@@ -75,6 +75,8 @@ class LLMEngine:
         structured: StructuredOutputManager | None = None,
         lora: LoRAManager | None = None,
         pooler: PoolerConfig | None = None,
+        image_processor=None,
+        media_policy=None,
     ):
         self.scheduler = scheduler
         self.runner = runner
@@ -93,6 +95,8 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             check_structured=None if structured is None else structured.check,
             pooler=pooler,
+            image_processor=image_processor,
+            media_policy=media_policy,
         )
         self.runner.warmup()
         if scheduler.spec is not None:  # how many drafts pay is decided on measured costs
@@ -150,6 +154,7 @@ class LLMEngine:
             held=params.structured_outputs is not None,  # until its grammar is compiled
             lora=adapter,
             pooling=request.pooling,
+            mm_items=request.mm_items,
         )
         if params.structured_outputs is not None:
             self.structured.submit(

@@ -69,6 +69,8 @@ class Sequence:
     # A pooling request: scheduled whole (never chunked, no prefix-cache hits) and finished
     # once its prompt is processed, with a pooled output instead of a token.
     pooling: PoolingTask | None = None
+    # Multimodal: the prompt's images (multimodal/inputs.ImageItem), in prompt order.
+    mm_items: tuple = ()
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -101,8 +101,11 @@ class DeviceSteps:
         spec: KVCacheSpec,
         mesh=None,
         aux_layers: tuple[int, ...] = (),
+        vision=None,
     ):
         self.config = config
+        # Multimodal: the VisionEncoder whose features the forward merges (None: text only).
+        self.vision = vision
         self.mesh = mesh
         self.aux_layers = tuple(aux_layers)  # layers whose inputs the forward also keeps
         self.graphdef, state = nnx.split(model)
@@ -140,7 +143,7 @@ class DeviceSteps:
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn)
         self._init_row = jax.jit(sampler.init_penalty_row, donate_argnums=(0,))
 
-    def _forward_fn(self, params, kv_cache, inputs: StepInputs, lora_weights):
+    def _forward_fn(self, params, kv_cache, inputs: StepInputs, lora_weights, images=None):
         model = nnx.merge(self.graphdef, params)
         metadata = AttentionMetadata(
             slot_mapping=inputs.slot_mapping,
@@ -151,7 +154,7 @@ class DeviceSteps:
         )
         out = model(
             inputs.input_ids, inputs.positions, kv_cache, metadata, lora_weights,
-            inputs.lora_slots, self.aux_layers,
+            inputs.lora_slots, self.aux_layers, images,
         )  # fmt: skip
         kv_cache, hidden = out[:2]
         aux = out[2] if self.aux_layers else None  # [T, len(aux_layers) * D]
@@ -190,9 +193,15 @@ class DeviceSteps:
             lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: x[i]), tree
         )
 
-    def forward(self, inputs: StepInputs) -> None:
+    def forward(self, inputs: StepInputs, images=None) -> None:
+        """images (multimodal): (embeddings f32[T, D], mask bool[T]) merged at placeholder
+        rows; a multimodal model always passes them (zeros without images: one graph per T)."""
+        if self.vision is not None and images is None:
+            num_tokens = len(inputs.input_ids)
+            images = (np.zeros((num_tokens, self.vision.width), np.float32),
+                      np.zeros(num_tokens, np.bool_))  # fmt: skip
         self.kv_cache, self.rows, self.hidden, self.spec_rows, self.aux = self.forward_graph(
-            self.params, self.kv_cache, self._put(inputs), self.lora_weights
+            self.params, self.kv_cache, self._put(inputs), self.lora_weights, images
         )
 
     def verify(self, batch: SamplingRows, drafts: DraftRows) -> rejection.VerifyOutput:
@@ -240,8 +249,12 @@ class ModelRunner:
         *,
         mesh=None,
         proposer: Proposer | None = None,
+        vision=None,
     ):
         self.config = config
+        if vision is not None and (mesh is not None or jax.process_count() > 1):
+            raise ValueError("vision-language models run on one device: tensor/data parallel "
+                             "meshes are not supported with images yet")  # fmt: skip
         self.proposer = proposer
         if config.num_speculative_tokens and jax.process_count() > 1:
             raise ValueError("speculative decoding runs on one host: speculative_config is not "
@@ -250,7 +263,8 @@ class ModelRunner:
         self.mesh = mesh
         self.vocab_size = model.config.vocab_size
         aux_layers = () if proposer is None else proposer.target_aux_layers
-        self.steps = DeviceSteps(model, config, kv_cache_spec, mesh, aux_layers)
+        self.vision = vision
+        self.steps = DeviceSteps(model, config, kv_cache_spec, mesh, aux_layers, vision)
         self.leader = jax.process_count() > 1 and jax.process_index() == 0
         if self.leader:
             self.steps = distributed.BroadcastSteps(self.steps)  # followers replay each step
@@ -264,6 +278,7 @@ class ModelRunner:
             seq_buckets=config.seq_buckets,
             num_speculative_tokens=config.num_speculative_tokens,
             max_loras=config.max_loras,
+            multimodal=vision is not None,
         )
         self.compiles = CompileCounter()
         self.compiles_at_warmup: int | None = None
@@ -316,6 +331,8 @@ class ModelRunner:
         graphs.append(("penalty row init", partial(steps.init_penalty_row, *penalty_row)))
         if self.proposer is not None:
             graphs += self.proposer.warmup_graphs(self)
+        if self.vision is not None:  # one graph per tile bucket: no image size compiles later
+            graphs += self.vision.warmup_graphs()
         if self.config.max_loras:  # every slot is empty before the first step: harmless
             graphs.append(("LoRA slot write", partial(steps.write_lora_slot, 1, None)))
         bar = tqdm(total=len(graphs), desc="warm-up", unit="graph",
@@ -404,7 +421,10 @@ class ModelRunner:
         dispatched = time.perf_counter()
         for slot, adapter in step.lora_writes:  # adapters entering the device for this step
             self.steps.write_lora_slot(slot, adapter)
-        self.steps.forward(step.inputs)  # runs on the device while the host packs sampling
+        images = None
+        if self.vision is not None and step.image_placements:  # encodes cache misses first
+            images = self.vision.merge_inputs(step.image_placements, len(step.inputs.input_ids))
+        self.steps.forward(step.inputs, images)  # runs on the device while the host packs
         if self.proposer is not None:
             self.proposer.on_forward(step)
         if step.prompt_logprob_spans:
