@@ -38,40 +38,56 @@ def vlm(request, tmp_path_factory, vlm_tokenizer):
     return arch, hf_model, loaded, encoder, processor
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_logits_match_transformers(vlm, case):
-    arch, hf_model, loaded, encoder, processor = vlm
-    text, sizes = CASES[case]
-    images = [image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
-    ids, items = processor.process(text, images, add_special_tokens=True)
-    # Resized to a longest edge of 2 tiles: 64x20 -> 1 x 2 tiles + the global one; 50x70 ->
-    # 2 x 2 + 1.
-    assert [it.num_tiles for it in items] == [3 if w == 2 * TILE else 5 for w, h in sizes]
-    # The reference: transformers' processor and model on the same prompt.
+def reference(hf_model, processor, arch, text, images, tokens_per_tile):
+    """transformers' processor and model: (input ids, prefill logits, greedy tokens, logits of
+    each decode step)."""
     from transformers.models.idefics3.processing_idefics3 import Idefics3Processor
 
     ref_proc = Idefics3Processor(image_processor(arch), processor.processor.tokenizer,
-                                 image_seq_len=encoder.config.tokens_per_tile)  # fmt: skip
+                                 image_seq_len=tokens_per_tile)  # fmt: skip
     ref_in = ref_proc(text=[text], images=[images] if images else None, return_tensors="pt")
-    assert ref_in["input_ids"][0].tolist() == ids  # placeholder expansion as the processor's
-    if images:
-        assert sum(it.num_tiles for it in items) == ref_in["pixel_values"].shape[1]
     with torch.no_grad():
         gen = hf_model.generate(**ref_in, max_new_tokens=DECODE_STEPS, do_sample=False,
                                 output_logits=True, return_dict_in_generate=True)  # fmt: skip
-        ref_prefill = hf_model(**ref_in).logits[0].numpy()
-    ref_tokens = gen.sequences[0, len(ids) :].tolist()
-    ref_decode = [step[0].numpy() for step in gen.logits]
+        prefill = hf_model(**ref_in).logits[0].numpy()
+    ids = ref_in["input_ids"][0].tolist()
+    tiles = 0 if not images else ref_in["pixel_values"].shape[1]
+    return ids, tiles, prefill, gen.sequences[0, len(ids) :].tolist(), gen.logits
 
-    runner = PagedModelRunner(loaded.model, num_seqs=1, max_len=len(ids) + DECODE_STEPS + 1)
-    chunk = Chunk(0, ids, 0, [], True)
-    placements = image_placements([chunk], lambda _: items)
-    merged = encoder.merge_inputs(placements, len(ids)) if items else None
-    out = runner.step([ids], all_logits=True, images=merged)
-    # float32 on both sides; logits of these random weights are ~1, differences ~1e-6.
-    np.testing.assert_allclose(out.all_logits, ref_prefill, atol=2e-4, rtol=0)
-    np.testing.assert_allclose(out.logits[0], ref_decode[0], atol=2e-4, rtol=0)
-    for step in range(1, DECODE_STEPS):
-        out = runner.step([[ref_tokens[step - 1]]])
-        np.testing.assert_allclose(out.logits[0], ref_decode[step], atol=2e-4, rtol=0)
-    assert len(ref_decode) == DECODE_STEPS
+
+def test_logits_match_transformers(vlm):
+    """All three prompts in one ragged batch (the image rows of each land in its own rows)."""
+    arch, hf_model, loaded, encoder, processor = vlm
+    prompts, refs = [], []
+    for text, sizes in CASES.values():
+        images = [image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+        ids, items = processor.process(text, images, add_special_tokens=True)
+        # Resized to a longest edge of 2 tiles: 64x20 -> 1 x 2 tiles + the global one;
+        # 50x70 -> 2 x 2 + 1.
+        assert [it.num_tiles for it in items] == [3 if w == 2 * TILE else 5 for w, _ in sizes]
+        ref = reference(hf_model, processor, arch, text, images, encoder.config.tokens_per_tile)
+        assert ref[0] == ids  # placeholder expansion exactly as the processor's
+        assert sum(it.num_tiles for it in items) == ref[1]
+        prompts.append((ids, items))
+        refs.append(ref)
+
+    max_len = max(len(ids) for ids, _ in prompts) + DECODE_STEPS + 1
+    runner = PagedModelRunner(loaded.model, num_seqs=len(prompts), max_len=max_len)
+    chunks = [Chunk(s, ids, 0, [], True) for s, (ids, _) in enumerate(prompts)]
+    placements = image_placements(chunks, lambda s: prompts[s][1])
+    assert len(placements) == 3  # one image, two images, none
+    total = sum(len(ids) for ids, _ in prompts)
+    out = runner.step([ids for ids, _ in prompts], all_logits=True,
+                      images=encoder.merge_inputs(placements, total))  # fmt: skip
+    # float32 on both sides; these random weights give logits ~1 that agree to ~1e-6.
+    offset = 0
+    for (ids, _), ref in zip(prompts, refs, strict=True):
+        np.testing.assert_allclose(out.all_logits[offset : offset + len(ids)], ref[2],
+                                   atol=2e-4, rtol=0)  # fmt: skip
+        offset += len(ids)
+    for step in range(DECODE_STEPS):
+        for s, ref in enumerate(refs):
+            np.testing.assert_allclose(out.logits[s], ref[4][step][0].numpy(), atol=2e-4,
+                                       rtol=0, err_msg=f"sequence {s}, decode step {step}")  # fmt: skip
+        if step + 1 < DECODE_STEPS:
+            out = runner.step([[ref[3][step]] for ref in refs])
