@@ -87,7 +87,8 @@ def test_logits_match_transformers(vlm):
         offset += len(ids)
     for step in range(DECODE_STEPS):
         for s, ref in enumerate(refs):
-            np.testing.assert_allclose(out.logits[s], ref[4][step][0].numpy(), atol=2e-4,
-                                       rtol=0, err_msg=f"sequence {s}, decode step {step}")  # fmt: skip
+            expected = ref[4][step][0].numpy()
+            np.testing.assert_allclose(out.logits[s], expected, atol=2e-4, rtol=0,
+                                       err_msg=f"sequence {s}, decode step {step}")  # fmt: skip
         if step + 1 < DECODE_STEPS:
             out = runner.step([[ref[3][step]] for ref in refs])
