@@ -89,3 +89,22 @@ def smolvlm_folder(tmp_path_factory, vlm_tokenizer):
     hf_model = tiny_vlm(arch, vlm_tokenizer)
     save_vlm(folder, hf_model, vlm_tokenizer, arch)
     return folder, hf_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(smolvlm_folder, tmp_path_factory):
+    """One engine for the engine and serving tests (a warm-up is most of their time).
+
+    A 32-token budget splits every image prompt into chunks, most inside an image's tokens;
+    24 encoder feature rows per step: at most one 5-tile image (20 rows) starts per step.
+    file:// images are allowed under `llm.media_folder`."""
+    from xlaserve import LLM
+
+    folder, _ = smolvlm_folder
+    media = tmp_path_factory.mktemp("media")
+    llm = LLM(str(folder), dtype="float32", max_model_len=256, max_num_seqs=4,
+              max_num_batched_tokens=32, max_encoder_features_per_step=24,
+              compilation_cache_dir=None, limit_mm_per_prompt=2, max_image_pixels=10**6,
+              allowed_local_media_path=str(media))  # fmt: skip
+    llm.media_folder = media
+    return llm

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import image, image_processor
 
-from xlaserve import LLM, SamplingParams
+from xlaserve import SamplingParams
 from xlaserve.errors import InvalidRequestError
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
@@ -14,15 +14,8 @@ ARCH = "SmolVLMForConditionalGeneration"
 
 
 @pytest.fixture(scope="module")
-def tiny(smolvlm_folder):
-    folder, hf_model = smolvlm_folder
-    # A 32-token budget splits every image prompt into chunks, most inside an image's tokens;
-    # 24 encoder feature rows per step: at most one 5-tile image (20 rows) starts per step.
-    llm = LLM(str(folder), dtype="float32", max_model_len=256, max_num_seqs=4,
-              max_num_batched_tokens=32, max_encoder_features_per_step=24,
-              compilation_cache_dir=None, limit_mm_per_prompt=2,
-              max_image_pixels=10**6)  # fmt: skip
-    return llm, hf_model
+def tiny(tiny_llm, smolvlm_folder):
+    return tiny_llm, smolvlm_folder[1]
 
 
 def hf_greedy(hf_model, tokenizer, text, images, new_tokens=8):
