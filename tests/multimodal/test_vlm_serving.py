@@ -45,6 +45,7 @@ def served(tiny_llm):
     server.start()
     client = openai.OpenAI(base_url=server.endpoints.http_url + "/v1", api_key="-",
                            max_retries=0)  # fmt: skip
+    tiny_llm.grpc_target = server.endpoints.grpc_target
     yield client, engine, tiny_llm.media_folder, expected
     assert server.stop() == 0
 
@@ -106,3 +107,23 @@ def test_an_image_for_a_text_only_model_is_refused(vlm_tokenizer):
     with pytest.raises(InvalidRequestError, match="takes no images"):
         intake.process("r", {"messages": messages(data_url(image(8, 8, 0)))}, None,
                        arrival_time=0.0)  # fmt: skip
+
+
+def test_grpc_image_bytes(served, tiny_llm):
+    import grpc
+
+    from xlaserve.serving.client import XlaServeClient
+
+    target = tiny_llm.grpc_target
+    png = base64.b64decode(data_url(OFFLINE_IMAGE).split(",", 1)[1])
+    text = "Look: <image> now"
+    with XlaServeClient(target, timeout=60) as client:
+        result = client.generate(text, images=[png], max_tokens=4, temperature=0)
+        assert result.finished and len(result.samples[0].token_ids) == 4
+        for images, match in (([png, png], "1 <image> placeholder"),
+                              ([b"not an image"], "image 0 cannot be decoded")):  # fmt: skip
+            with pytest.raises(grpc.RpcError, match=match) as e:
+                client.generate(text, images=images, max_tokens=4)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        again = client.generate(text, images=[png], max_tokens=4, temperature=0)
+        assert again.samples[0].token_ids == result.samples[0].token_ids
