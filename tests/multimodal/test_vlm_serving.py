@@ -127,3 +127,10 @@ def test_grpc_image_bytes(served, tiny_llm):
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         again = client.generate(text, images=[png], max_tokens=4, temperature=0)
         assert again.samples[0].token_ids == result.samples[0].token_ids
+
+
+def test_torch_parity_backend_refuses_vision_language_models(smolvlm_folder):
+    from xlaserve import LLM
+
+    with pytest.raises(ValueError, match="backend 'torch' does not run vision-language models"):
+        LLM(str(smolvlm_folder[0]), backend="torch")
