@@ -100,9 +100,7 @@ class EngineArgs:
         None, "LoRA adapters whose weights stay in host memory (default: max_loras)"
     )
     limit_mm_per_prompt: int = _opt(4, "images one prompt may hold (vision-language models)")
-    max_image_pixels: int = _opt(
-        4096 * 4096, "largest image accepted, in pixels (width * height)"
-    )
+    max_image_pixels: int = _opt(4096 * 4096, "largest image accepted, in pixels (width * height)")
     max_encoder_features_per_step: int | None = _opt(
         None,
         "image feature rows the vision encoder may produce per step (default: the token "

@@ -123,3 +123,15 @@ def test_bad_images_are_refused_and_the_engine_keeps_serving(tiny, bad, match):
     assert e.value.param == "multi_modal_data"
     out = llm.generate(prompt("ok <image>", image(20, 20, 5)), GREEDY, use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 8
+
+
+def test_bucket_sweep_lists_the_vision_tile_buckets(tiny):
+    from xlaserve.bench.buckets import vision_rows
+
+    llm, _ = tiny
+    vision = llm.engine.runner.vision
+    # Tiles of the largest image: a 2 x 2 split plus the global tile -> buckets up to 8.
+    assert vision.buckets == (1, 2, 4, 8)
+    rows = vision_rows(vision, repeats=1)
+    assert [(r["kind"], r["bucket"]) for r in rows] == [("vision tiles", b) for b in (1, 2, 4, 8)]
+    assert all(r["step_s"] > 0 and r["compile_s"] > 0 for r in rows)

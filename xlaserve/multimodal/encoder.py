@@ -43,7 +43,7 @@ class VisionEncoder:
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._cached_rows = 0
         self.hits = self.misses = 0
-        self._graph = jax.jit(partial(encode_tiles, c=config))
+        self.graph = jax.jit(partial(encode_tiles, c=config))
 
     @property
     def width(self) -> int:
@@ -59,7 +59,7 @@ class VisionEncoder:
         ]  # fmt: skip
 
     def _run(self, tiles: np.ndarray) -> jax.Array:
-        return self._graph(self.params, tiles)
+        return self.graph(self.params, tiles)
 
     def features(self, item: ImageItem) -> np.ndarray:
         """f32[F, D] the image's features (from the cache, or encoded now)."""
