@@ -58,6 +58,16 @@ def chat(image=None) -> list[dict]:
     return [{"role": "user", "content": parts}]
 
 
+def same_length_text(llm, num_tokens: int) -> list[dict]:
+    """A text-only conversation of about `num_tokens` prompt tokens (words repeated)."""
+    tok = llm.get_tokenizer()
+    filler = tok((PROMPT + " ") * num_tokens, add_special_tokens=False)["input_ids"]
+    base = len(llm.engine.intake.process("n", {"messages": chat()}, None,
+                                         arrival_time=0.0).prompt_token_ids)  # fmt: skip
+    text = tok.decode(filler[: max(num_tokens - base, 1)])
+    return [{"role": "user", "content": text + " " + PROMPT}]
+
+
 def ttft(llm, messages) -> float:
     from xlaserve import SamplingParams
 
@@ -84,14 +94,17 @@ def run(a: argparse.Namespace) -> int:
     vision = llm.engine.runner.vision
     seed = iter(range(1, 10**6))
     ttft(llm, chat(make_image(size, next(seed))))  # unmeasured first round
-    miss, hit, text = [], [], []
+    probe = llm.engine.intake.process("probe", {"messages": chat(make_image(size, 0))}, None,
+                                      arrival_time=0.0)  # fmt: skip
+    long_text = same_length_text(llm, len(probe.prompt_token_ids))
+    miss, hit, text, text_long = [], [], [], []
     for _ in range(a.repeats):
         img = make_image(size, next(seed))
         miss.append(ttft(llm, chat(img)))
         hit.append(ttft(llm, chat(img)))
         text.append(ttft(llm, chat()))
-    tiles = llm.engine.intake.process("probe", {"messages": chat(make_image(size, 0))}, None,
-                                      arrival_time=0.0).mm_items[0]  # fmt: skip
+        text_long.append(ttft(llm, long_text))
+    tiles = probe.mm_items[0]
     mixed = [chat(make_image(size, next(seed)) if i % 2 == 0 else None)
              for i in range(a.num_requests)]  # fmt: skip
     params = SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True)
@@ -115,8 +128,10 @@ def run(a: argparse.Namespace) -> int:
             "image_encoder_miss": med(miss),
             "image_encoder_hit": med(hit),
             "text_only": med(text),
+            "text_same_length": med(text_long),
         },  # fmt: skip
-        "ttft_rounds_s": {"miss": miss, "hit": hit, "text": text},
+        "prompt_tokens_with_image": len(probe.prompt_token_ids),
+        "ttft_rounds_s": {"miss": miss, "hit": hit, "text": text, "text_same_length": text_long},
         "encoder_miss_over_hit": med(miss) / med(hit),
         "mixed": {
             "requests": a.num_requests,
@@ -166,6 +181,8 @@ def markdown(r: dict) -> str:
         f"| one image + short prompt, new image (encoder runs) | {t['image_encoder_miss']} |",
         f"| same image again (encoder cache hit, prompt recomputed) | {t['image_encoder_hit']} |",
         f"| the short prompt without an image | {t['text_only']} |",
+        f"| a text prompt as long as the image prompt ({r['prompt_tokens_with_image']} tokens) "
+        f"| {t['text_same_length']} |",
         "",
         f"Encoder cache miss / hit TTFT: {r['encoder_miss_over_hit']:.2f}x.",
         "",
