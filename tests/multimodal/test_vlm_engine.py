@@ -2,6 +2,8 @@
 their images, image and text prompts batched together, the encoder and prefix caches keyed by
 image content, and no compile after warm-up whatever the image size."""
 
+import io
+
 import pytest
 import torch
 from conftest import image, image_processor
@@ -26,6 +28,12 @@ def hf_greedy(hf_model, tokenizer, text, images, new_tokens=8):
     with torch.no_grad():
         out = hf_model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def encoded(img, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
 
 
 def prompt(text, *images):
@@ -111,6 +119,7 @@ def test_no_compile_after_warmup_across_image_sizes(tiny):
          "3 images in one prompt; the limit is 2"),
         (prompt("<image>", b"\x89PNG\r\n\x1a\n-truncated"), "image 0 cannot be decoded"),
         (prompt("<image>", b"GIF89a"), "image 0 cannot be decoded"),
+        (prompt("<image>", encoded(image(9, 9, 0), "TIFF")), "format TIFF is not supported"),
         (prompt("<image>", image(1001, 1000, 0)), "1001000 pixels"),
         (prompt("<image>", "not an image"), "image 0 must be a PIL image"),
         ({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": []}}, "need a text prompt"),

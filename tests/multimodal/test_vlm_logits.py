@@ -55,6 +55,23 @@ def reference(hf_model, processor, arch, text, images, tokens_per_tile):
     return ids, tiles, prefill, gen.sequences[0, len(ids) :].tolist(), gen.logits
 
 
+def smolvlm_expansion(processor, text, images, encoder) -> list[int]:
+    """Token ids from transformers' SmolVLM prompt expansion (its processor class needs a
+    video processor, hence torchvision; its expansion function does not)."""
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    if images:
+        info = processor.image_processor(images=[images], return_row_col_info=True)
+        pieces = text.split("<image>")
+        text = pieces[0]
+        for rows, cols, piece in zip(info["rows"][0], info["cols"][0], pieces[1:], strict=True):
+            text += get_image_prompt_string(
+                rows, cols, encoder.config.tokens_per_tile, "<fake_token_around_image>",
+                "<image>", "<global-img>",
+            ) + piece  # fmt: skip
+    return processor.processor.tokenizer(text)["input_ids"]
+
+
 def test_logits_match_transformers(vlm):
     """All three prompts in one ragged batch (the image rows of each land in its own rows)."""
     arch, hf_model, loaded, encoder, processor = vlm
@@ -68,6 +85,8 @@ def test_logits_match_transformers(vlm):
         ref = reference(hf_model, processor, arch, text, images, encoder.config.tokens_per_tile)
         assert ref[0] == ids  # placeholder expansion exactly as the processor's
         assert sum(it.num_tiles for it in items) == ref[1]
+        if arch == "SmolVLMForConditionalGeneration":  # and as SmolVLM's own expansion
+            assert smolvlm_expansion(processor, text, images, encoder) == ids
         prompts.append((ids, items))
         refs.append(ref)
 

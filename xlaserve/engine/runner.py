@@ -421,10 +421,11 @@ class ModelRunner:
         dispatched = time.perf_counter()
         for slot, adapter in step.lora_writes:  # adapters entering the device for this step
             self.steps.write_lora_slot(slot, adapter)
-        images = None
         if self.vision is not None and step.image_placements:  # encodes cache misses first
             images = self.vision.merge_inputs(step.image_placements, len(step.inputs.input_ids))
-        self.steps.forward(step.inputs, images)  # runs on the device while the host packs
+            self.steps.forward(step.inputs, images)
+        else:
+            self.steps.forward(step.inputs)  # runs on the device while the host packs
         if self.proposer is not None:
             self.proposer.on_forward(step)
         if step.prompt_logprob_spans:
