@@ -144,3 +144,19 @@ def test_bucket_sweep_lists_the_vision_tile_buckets(tiny):
     rows = vision_rows(vision, repeats=1)
     assert [(r["kind"], r["bucket"]) for r in rows] == [("vision tiles", b) for b in (1, 2, 4, 8)]
     assert all(r["step_s"] > 0 and r["compile_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_ngram_speculative_decoding_with_images_keeps_greedy_tokens(smolvlm_folder):
+    from xlaserve import LLM
+
+    folder, hf_model = smolvlm_folder
+    llm = LLM(str(folder), dtype="float32", max_model_len=256, max_num_seqs=4,
+              max_num_batched_tokens=32, compilation_cache_dir=None,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3})  # fmt: skip
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    outs = llm.generate([prompt(t, *ims) for t, ims in PROMPTS], params, use_tqdm=False)
+    for (text, images), out in zip(PROMPTS, outs, strict=True):
+        expected = hf_greedy(hf_model, llm.get_tokenizer(), text, images, new_tokens=16)
+        assert list(out.outputs[0].token_ids) == expected, text
+    assert llm.engine.runner.stats().compiles_after_warmup == 0
