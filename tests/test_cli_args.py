@@ -80,6 +80,13 @@ CASES = [
     ("max_lora_rank", ["64"], 64),
     ("max_cpu_loras", ["16"], 16),
     ("max_cpu_loras", ["none"], None),  # default: max_loras
+    ("limit_mm_per_prompt", ["2"], 2),
+    ("max_image_pixels", ["1000000"], 1000000),
+    ("max_encoder_features_per_step", ["256"], 256),
+    ("max_encoder_features_per_step", ["none"], None),
+    ("allowed_local_media_path", ["/srv/images"], "/srv/images"),
+    ("allow_remote_media", None, True),
+    ("allow_remote_media", "no", False),
 ]
 
 

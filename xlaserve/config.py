@@ -109,6 +109,19 @@ class EngineArgs:
     max_cpu_loras: int | None = _opt(
         None, "LoRA adapters whose weights stay in host memory (default: max_loras)"
     )
+    limit_mm_per_prompt: int = _opt(4, "images one prompt may hold (vision-language models)")
+    max_image_pixels: int = _opt(4096 * 4096, "largest image accepted, in pixels (width * height)")
+    max_encoder_features_per_step: int | None = _opt(
+        None,
+        "image feature rows the vision encoder may produce per step (default: the token "
+        "budget); a prefill chunk stops before an image that would exceed it",
+    )
+    allowed_local_media_path: str | None = _opt(
+        None, "a folder whose image files requests may name as file:// URLs (None: refused)"
+    )
+    allow_remote_media: bool = _opt(
+        False, "let requests name http(s):// image URLs (fetched with size and time limits)"
+    )
 
     def __post_init__(self):
         for name in (
@@ -128,6 +141,19 @@ class EngineArgs:
             raise ValueError(
                 f"min_token_bucket must be a positive int or None, got {self.min_token_bucket!r}"
             )
+        for name in ("limit_mm_per_prompt", "max_image_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_encoder_features_per_step is not None and (
+            isinstance(self.max_encoder_features_per_step, bool)
+            or not isinstance(self.max_encoder_features_per_step, int)
+            or self.max_encoder_features_per_step < 1
+        ):
+            raise ValueError("max_encoder_features_per_step must be a positive int or None, "
+                             f"got {self.max_encoder_features_per_step!r}")  # fmt: skip
+        if not isinstance(self.allow_remote_media, bool):
+            raise ValueError(f"allow_remote_media must be a bool, got {self.allow_remote_media!r}")
         for name in ("max_model_len", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

@@ -24,7 +24,8 @@ from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import CachedSequence, NewSequence, SchedulerOutput
 
 REPO = Path(__file__).parents[2]
-NAMES = ("buckets", "throughput", "latency", "serve", "structured", "spec", "lora", "embed")
+NAMES = ("buckets", "throughput", "latency", "serve", "structured", "spec", "lora", "embed",
+         "multimodal")  # fmt: skip
 
 
 def bench_parser() -> argparse.ArgumentParser:

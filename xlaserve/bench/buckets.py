@@ -123,9 +123,12 @@ def sweep(args: EngineArgs, *, repeats: int = 5, context: int = 128) -> dict:
             t, cfg.max_num_seqs, min(context, cfg.max_model_len - t), cfg.page_size
         )
         inputs = pack_tokens(batch, t, cfg.max_num_seqs, cfg.pages_per_seq, cfg.page_size)
+        images = None  # a vision-language model's forward always takes the image rows
+        if runner.vision is not None:
+            images = (np.zeros((t, runner.vision.width), np.float32), np.zeros(t, np.bool_))
         lowered_at = time.perf_counter()
         compiled = steps.forward_graph.lower(
-            steps.params, steps.kv_cache, inputs, steps.lora_weights, steps.last_tokens
+            steps.params, steps.kv_cache, inputs, steps.lora_weights, steps.last_tokens, images
         ).compile()
         compile_s = time.perf_counter() - lowered_at
         steps.forward(inputs)  # first run through the jit cache (compiled above)
@@ -147,6 +150,8 @@ def sweep(args: EngineArgs, *, repeats: int = 5, context: int = 128) -> dict:
         step_s = timed(lambda batch=batch: steps.sample(batch).tokens, repeats)
         rows.append(dict(kind="seqs", bucket=s, compile_s=compile_s, step_s=step_s,
                          tokens_per_s=s / step_s, memory_bytes=memory_bytes(compiled)))  # fmt: skip
+    if runner.vision is not None:
+        rows += vision_rows(runner.vision, repeats)
     return {
         "model": args.model,
         "device": runner.device_info().device_kind,
@@ -156,6 +161,22 @@ def sweep(args: EngineArgs, *, repeats: int = 5, context: int = 128) -> dict:
         "context": context,
         "rows": rows,
     }
+
+
+def vision_rows(vision, repeats: int) -> list[dict]:
+    """The vision encoder's tile buckets (multimodal/encoder.py): compile and step time."""
+    rows = []
+    for (_, call), b in zip(vision.warmup_graphs(), vision.buckets, strict=True):
+        tiles = call.args[0]
+        lowered_at = time.perf_counter()
+        compiled = vision.graph.lower(vision.params, tiles).compile()
+        compile_s = time.perf_counter() - lowered_at
+        call()
+        step_s = timed(call, repeats)
+        rows.append(dict(kind="vision tiles", bucket=b, compile_s=compile_s, step_s=step_s,
+                         tokens_per_s=b * vision.config.tokens_per_tile / step_s,
+                         memory_bytes=memory_bytes(compiled)))  # fmt: skip
+    return rows
 
 
 def candidate_sets(budget: int, smallest: int = 8) -> dict[str, tuple[int, ...]]:

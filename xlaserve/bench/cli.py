@@ -1,4 +1,4 @@
-"""`xlaserve bench {buckets,throughput,latency,serve,structured,spec,lora,embed}`.
+"""`xlaserve bench {buckets,throughput,latency,serve,structured,spec,lora,embed,multimodal}`.
 
 Each benchmark module offers `add_arguments(parser)` and `run(args) -> int`. A subcommand's
 module is imported only when that subcommand is parsed (its flags are added then), so
@@ -24,6 +24,8 @@ BENCHMARKS = {
     "on repetitive and chat prompts, with acceptance rates",
     "lora": "multi-LoRA: decode steps with many adapters vs the base model, adapter load time",
     "embed": "embeddings per second vs sentence-transformers' encode, short and long inputs",
+    "multimodal": "vision-language: TTFT with one image (encoder cache miss vs hit), "
+    "requests/s for a mixed image/text load",
 }
 
 

@@ -22,6 +22,7 @@ from xlaserve.models.transformer import (
     model_from_params,
     params_from_hf_tensors,
 )
+from xlaserve.multimodal.loader import is_multimodal, split_tensors
 from xlaserve.sharding.mesh import MODEL
 from xlaserve.sharding.rules import check_tensor_parallel, init_sharded, placer
 
@@ -42,6 +43,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase | None
     source: str
     dtype: jnp.dtype
+    vision: object | None = None  # a vision-language model's VisionParts (multimodal/loader)
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> jnp.dtype:
@@ -205,6 +207,13 @@ def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: b
     if not hf.is_hf_folder(path):
         raise FileNotFoundError(f"no config.json in {path}")
     hf_config = hf.read_config(path)
+    if is_multimodal(hf_config):  # a decoder plus a vision tower (xlaserve/multimodal)
+        text_config, tensors, vision = split_tensors(
+            hf_config, hf.read_tensors(path), path, check_tensors
+        )
+        module, config = model_from_hf_tensors(text_config, tensors, jdtype, str(path), mesh)
+        tokenizer = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None
+        return LoadedModel(module, config, tokenizer, str(path), jdtype, vision)
     model_cls, _ = resolve_architecture(hf_config)  # fail on the architecture before reading
     module, config = model_from_hf_tensors(
         hf_config, hf.read_tensors(path), jdtype, str(path), mesh

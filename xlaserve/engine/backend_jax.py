@@ -72,6 +72,13 @@ class JaxBackend:
             kv_head_shards=1 if mesh is None else mesh.shape[MODEL],
         )
         devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+        vision = image_processor = None
+        if loaded.vision is not None:
+            from xlaserve.multimodal.build import build_multimodal
+
+            vision, image_processor = build_multimodal(
+                loaded.vision, loaded.tokenizer, loaded.dtype, args
+            )
         return LoadedForRunner(
             model=loaded.model,
             config=loaded.config,
@@ -80,6 +87,8 @@ class JaxBackend:
             kv_cache_spec=spec,
             memory_device=devices[0],
             mesh=mesh,
+            vision=vision,
+            image_processor=image_processor,
         )
 
     def make_runner(
@@ -96,5 +105,6 @@ class JaxBackend:
 
             proposer = make_proposer(speculative_config, model, config)
         return ModelRunner(
-            model.model, config, model.kv_cache_spec, mesh=model.mesh, proposer=proposer
-        )
+            model.model, config, model.kv_cache_spec, mesh=model.mesh, proposer=proposer,
+            vision=model.vision,
+        )  # fmt: skip

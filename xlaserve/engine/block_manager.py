@@ -22,6 +22,7 @@ from array import array
 from collections import OrderedDict
 
 from xlaserve.engine.request import Sequence
+from xlaserve.multimodal.inputs import page_extra_key
 
 # (digest of all earlier pages, token ids of this page)
 CacheKey = tuple[bytes, tuple[int, ...]]
@@ -89,8 +90,7 @@ class BlockManager:
         size = self.page_size
         pages: list[int] = []
         for i in range((seq.num_tokens - 1) // size):
-            parent = self._digest(seq, i - 1)
-            page = self._cache.get((parent, tuple(tokens[i * size : (i + 1) * size])))
+            page = self._cache.get(self._key(seq, i, tokens))
             if page is None:
                 break
             pages.append(page)
@@ -175,7 +175,7 @@ class BlockManager:
             page = table[i]
             if self._page_key[page] is not None:  # a prefix hit: already registered
                 continue
-            key = (self._digest(seq, i - 1), tuple(tokens[i * size : (i + 1) * size]))
+            key = self._key(seq, i, tokens)
             if key not in self._cache:
                 self._cache[key] = page
                 self._page_key[page] = key
@@ -207,6 +207,15 @@ class BlockManager:
         self.ref_counts[page] = 1
         return page
 
+    def _key(self, seq: Sequence, i: int, tokens: list[int]) -> CacheKey:
+        """Page i's cache key. A page holding image placeholders also carries the images'
+        content keys (placeholder tokens are the same for every image)."""
+        size = self.page_size
+        page_tokens = tuple(tokens[i * size : (i + 1) * size])
+        if seq.mm_items:
+            page_tokens += (page_extra_key(seq.mm_items, i * size, (i + 1) * size),)
+        return self._digest(seq, i - 1), page_tokens
+
     def _digest(self, seq: Sequence, page_index: int) -> bytes:
         """Chained digest of `seq`'s pages 0..page_index. The chain starts (page_index -1)
         from the identity of the sequence's LoRA adapter (b"" for the base model), so pages
@@ -221,5 +230,7 @@ class BlockManager:
             i = len(hashes)
             parent = hashes[-1] if hashes else root
             page_tokens = array("q", tokens[i * size : (i + 1) * size]).tobytes()
+            if seq.mm_items:  # image placeholders look alike: the images' content keys differ
+                page_tokens += page_extra_key(seq.mm_items, i * size, (i + 1) * size)
             hashes.append(hashlib.sha256(parent + page_tokens).digest())
         return hashes[page_index]

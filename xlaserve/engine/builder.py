@@ -20,6 +20,7 @@ from xlaserve.engine.llm_engine import LLMEngine
 from xlaserve.engine.runner_api import LoadedForRunner, Runner, RunnerConfig
 from xlaserve.engine.scheduler import Scheduler, SchedulerConfig
 from xlaserve.lora.manager import LoRAConfig, LoRAManager
+from xlaserve.multimodal.media import MediaPolicy
 from xlaserve.pooling.limits import check_pooling_backend, pooling_limits
 from xlaserve.spec_decode.policy import SpecDecodePolicy
 from xlaserve.structured.manager import (
@@ -74,6 +75,8 @@ def build_replica(args: EngineArgs, mesh=None) -> LLMEngine:
         lora=lora_manager_for(args, model),
         pooler=model.pooler,
         async_scheduling=args.async_scheduling,
+        image_processor=model.image_processor,
+        media_policy=MediaPolicy(args.allowed_local_media_path, args.allow_remote_media),
     )
 
 
@@ -162,6 +165,9 @@ def scheduler_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -
         max_waiting_requests=args.max_waiting_requests,
         num_lookahead_tokens=0 if spec is None else spec.num_lookahead_tokens,
         max_loras=args.max_loras if args.enable_lora else None,
+        max_encoder_features_per_step=(
+            args.max_encoder_features_per_step or args.resolve_max_num_batched_tokens()
+        ),
     )
 
 

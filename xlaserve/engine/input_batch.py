@@ -24,6 +24,7 @@ from xlaserve.engine.request import PENDING_TOKEN
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import SchedulerOutput
 from xlaserve.lora.slots import SlotManager
+from xlaserve.multimodal.placement import image_placements
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (the samplers use the same bound)
 # A step that scores prompt tokens runs in a token bucket of at least this many tokens, so
@@ -134,6 +135,8 @@ class PreparedStep:
     # LoRA: (slot, adapter) writes the runner makes before the forward (adapters entering
     # the device for this step).
     lora_writes: list = dataclasses.field(default_factory=list)
+    # Multimodal: which step rows take which image feature rows (multimodal/placement.py).
+    image_placements: list = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -147,6 +150,7 @@ class _SeqState:
     num_computed_tokens: int
     penalty_row: int | None = None
     lora: object | None = None  # the LoRAAdapter the sequence runs under
+    mm_items: tuple = ()  # the prompt's images (multimodal/inputs.ImageItem)
 
 
 def needs_penalty_state(params: SamplingParams) -> bool:
@@ -297,7 +301,9 @@ class InputBatch:
         seq_buckets: Sequence[int] | None = None,
         num_speculative_tokens: int = 0,
         max_loras: int = 0,
+        multimodal: bool = False,
     ) -> None:
+        self.multimodal = multimodal  # place image features (a vision-language model)
         self.max_num_seqs = max_num_seqs
         self.pages_per_seq = pages_per_seq
         self.page_size = page_size
@@ -363,6 +369,7 @@ class InputBatch:
                 page_ids=list(new.page_ids),
                 num_computed_tokens=new.num_computed_tokens,
                 lora=new.lora,
+                mm_items=new.mm_items,
             )
         for cached in out.cached_seqs:
             state = self._seqs.get(cached.seq_id)
@@ -415,6 +422,9 @@ class InputBatch:
         feed_pending_tokens(chunks, inputs, pending_rows or {})
         targets, spans = self._prompt_logprob_targets(chunks, num_tokens)
         step = PreparedStep(chunks, inputs, None, {}, [], targets, spans, {}, lora_writes=writes)
+        if self.multimodal:
+            placed = image_placements(chunks, lambda seq_id: self._seqs[seq_id].mm_items)
+            step = dataclasses.replace(step, image_placements=placed)
         return self.with_sampling(step, out) if sampling else step
 
     def _lora_slots(self, chunks: list[Chunk]) -> tuple[list[int] | None, list]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.errors import InvalidRequestError
+from xlaserve.multimodal.intake import split_images
+from xlaserve.multimodal.media import MediaPolicy
 from xlaserve.pooling.intake import SCHEDULED_PARAMS, pooling_request
 from xlaserve.pooling.params import PoolingParams, PoolingTask
 from xlaserve.structured.params import StructuredOutputsParams
@@ -54,6 +56,7 @@ class EngineRequest:
     priority: int
     arrival_time: float
     pooling: PoolingTask | None = None  # a pooling request (xlaserve/pooling/intake.py)
+    mm_items: tuple = ()  # its images (xlaserve/multimodal/inputs.ImageItem), prompt order
 
 
 def check_request_id(request_id: object, in_use: Container[str]) -> str:
@@ -99,8 +102,13 @@ class RequestIntake:
         max_model_len: int,
         check_structured: Callable[[StructuredOutputsParams], None] | None = None,
         pooler=None,
+        image_processor=None,
+        media_policy: MediaPolicy | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        # A vision-language model's ImageProcessor (xlaserve/multimodal); None: text only.
+        self.image_processor = image_processor
+        self.media_policy = MediaPolicy() if media_policy is None else media_policy
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         # Checks a structured-outputs constraint (the grammar backend's); None: not offered.
@@ -248,7 +256,17 @@ class RequestIntake:
             )
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidRequestError("priority", f"priority must be an int, got {priority!r}")
+        prompt, images = split_images(prompt, self.media_policy)
+        if images and self.image_processor is None:
+            raise InvalidRequestError("multi_modal_data", "this model takes no images (a "
+                                      "text-only model)")  # fmt: skip
         text, ids = self.parse_prompt(prompt, add_special_tokens=add_special_tokens)
+        mm_items = ()
+        if self.image_processor is not None and text is not None:
+            chat = isinstance(prompt, dict) and "messages" in prompt  # the template holds BOS
+            ids, mm_items = self.image_processor.process(
+                text, images, add_special_tokens=add_special_tokens and not chat
+            )
         limit = self.max_model_len
         if len(ids) >= limit:
             raise InvalidRequestError(
@@ -275,4 +293,5 @@ class RequestIntake:
             raise InvalidRequestError(
                 "stop", "stop strings need detokenization (detokenize=True, a tokenizer)"
             )
-        return EngineRequest(request_id, text, ids, params, priority, arrival_time)
+        return EngineRequest(request_id, text, ids, params, priority, arrival_time,
+                             mm_items=mm_items)  # fmt: skip

@@ -76,6 +76,8 @@ class LLMEngine:
         lora: LoRAManager | None = None,
         pooler: PoolerConfig | None = None,
         async_scheduling: bool = False,
+        image_processor=None,
+        media_policy=None,
     ):
         self.scheduler = scheduler
         self.runner = runner
@@ -94,6 +96,8 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             check_structured=None if structured is None else structured.check,
             pooler=pooler,
+            image_processor=image_processor,
+            media_policy=media_policy,
         )
         self.runner.warmup()
         if scheduler.spec is not None:  # how many drafts pay is decided on measured costs
@@ -155,6 +159,7 @@ class LLMEngine:
             held=params.structured_outputs is not None,  # until its grammar is compiled
             lora=adapter,
             pooling=request.pooling,
+            mm_items=request.mm_items,
         )
         if params.structured_outputs is not None:
             self.structured.submit(

@@ -76,6 +76,8 @@ class Sequence:
     # Async scheduling: trailing outputs that are PENDING_TOKEN (0, 1, or 2 while one step's
     # tokens arrive and the next step's are already on their way).
     num_pending: int = 0
+    # Multimodal: the prompt's images (multimodal/inputs.ImageItem), in prompt order.
+    mm_items: tuple = ()
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -103,8 +103,11 @@ class DeviceSteps:
         spec: KVCacheSpec,
         mesh=None,
         aux_layers: tuple[int, ...] = (),
+        vision=None,
     ):
         self.config = config
+        # Multimodal: the VisionEncoder whose features the forward merges (None: text only).
+        self.vision = vision
         self.mesh = mesh
         self.aux_layers = tuple(aux_layers)  # layers whose inputs the forward also keeps
         self.graphdef, state = nnx.split(model)
@@ -147,7 +150,9 @@ class DeviceSteps:
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_fn)
         self._init_row = jax.jit(sampler.init_penalty_row, donate_argnums=(0,))
 
-    def _forward_fn(self, params, kv_cache, inputs: StepInputs, lora_weights, last_tokens):
+    def _forward_fn(
+        self, params, kv_cache, inputs: StepInputs, lora_weights, last_tokens, images=None
+    ):
         model = nnx.merge(self.graphdef, params)
         rows = inputs.prev_token_rows
         input_ids = jnp.where(rows >= 0, last_tokens[jnp.maximum(rows, 0)], inputs.input_ids)
@@ -160,7 +165,7 @@ class DeviceSteps:
         )
         out = model(
             input_ids, inputs.positions, kv_cache, metadata, lora_weights,
-            inputs.lora_slots, self.aux_layers,
+            inputs.lora_slots, self.aux_layers, images,
         )  # fmt: skip
         kv_cache, hidden = out[:2]
         aux = out[2] if self.aux_layers else None  # [T, len(aux_layers) * D]
@@ -201,9 +206,20 @@ class DeviceSteps:
             lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: x[i]), tree
         )
 
-    def forward(self, inputs: StepInputs) -> None:
+    def forward(self, inputs: StepInputs, images=None) -> None:
+        """images (multimodal): (embeddings f32[T, D], mask bool[T]) merged at placeholder
+        rows; a multimodal model always passes them (zeros without images: one graph per T)."""
+        if self.vision is not None and images is None:
+            num_tokens = len(inputs.input_ids)
+            images = (np.zeros((num_tokens, self.vision.width), np.float32),
+                      np.zeros(num_tokens, np.bool_))  # fmt: skip
         self.kv_cache, self.rows, self.hidden, self.spec_rows, self.aux = self.forward_graph(
-            self.params, self.kv_cache, self._put(inputs), self.lora_weights, self.last_tokens
+            self.params,
+            self.kv_cache,
+            self._put(inputs),
+            self.lora_weights,
+            self.last_tokens,
+            images,
         )
 
     def verify(self, batch: SamplingRows, drafts: DraftRows) -> rejection.VerifyOutput:
@@ -262,8 +278,12 @@ class ModelRunner:
         *,
         mesh=None,
         proposer: Proposer | None = None,
+        vision=None,
     ):
         self.config = config
+        if vision is not None and (mesh is not None or jax.process_count() > 1):
+            raise ValueError("vision-language models run on one device: tensor/data parallel "
+                             "meshes are not supported with images yet")  # fmt: skip
         self.proposer = proposer
         if config.num_speculative_tokens and jax.process_count() > 1:
             raise ValueError("speculative decoding runs on one host: speculative_config is not "
@@ -272,7 +292,8 @@ class ModelRunner:
         self.mesh = mesh
         self.vocab_size = model.config.vocab_size
         aux_layers = () if proposer is None else proposer.target_aux_layers
-        self.steps = DeviceSteps(model, config, kv_cache_spec, mesh, aux_layers)
+        self.vision = vision
+        self.steps = DeviceSteps(model, config, kv_cache_spec, mesh, aux_layers, vision)
         self.leader = jax.process_count() > 1 and jax.process_index() == 0
         if self.leader:
             self.steps = distributed.BroadcastSteps(self.steps)  # followers replay each step
@@ -286,6 +307,7 @@ class ModelRunner:
             seq_buckets=config.seq_buckets,
             num_speculative_tokens=config.num_speculative_tokens,
             max_loras=config.max_loras,
+            multimodal=vision is not None,
         )
         self.compiles = CompileCounter()
         self.compiles_at_warmup: int | None = None
@@ -343,6 +365,8 @@ class ModelRunner:
         graphs.append(("penalty row init", partial(steps.init_penalty_row, *penalty_row)))
         if self.proposer is not None:
             graphs += self.proposer.warmup_graphs(self)
+        if self.vision is not None:  # one graph per tile bucket: no image size compiles later
+            graphs += self.vision.warmup_graphs()
         if self.config.max_loras:  # every slot is empty before the first step: harmless
             graphs.append(("LoRA slot write", partial(steps.write_lora_slot, 1, None)))
         bar = tqdm(total=len(graphs), desc="warm-up", unit="graph",
@@ -450,7 +474,11 @@ class ModelRunner:
             return flight
         for slot, adapter in step.lora_writes:  # adapters entering the device for this step
             self.steps.write_lora_slot(slot, adapter)
-        self.steps.forward(step.inputs)  # runs on the device while the host packs sampling
+        if self.vision is not None and step.image_placements:  # encodes cache misses first
+            images = self.vision.merge_inputs(step.image_placements, len(step.inputs.input_ids))
+            self.steps.forward(step.inputs, images)
+        else:
+            self.steps.forward(step.inputs)  # runs on the device while the host packs
         if self.proposer is not None:
             self.proposer.on_forward(step)
         if step.prompt_logprob_spans:

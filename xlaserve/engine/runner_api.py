@@ -131,6 +131,10 @@ class LoadedForRunner:
 
     # A pooling model's defaults (xlaserve.pooling.model_config.PoolerConfig); None: generative.
     pooler: object | None = None
+    # A vision-language model: the runner's VisionEncoder and the intake's ImageProcessor
+    # (xlaserve/multimodal); None: text only.
+    vision: object | None = None
+    image_processor: object | None = None
 
 
 @dataclass(frozen=True)

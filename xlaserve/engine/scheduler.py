@@ -43,6 +43,7 @@ from xlaserve.engine.request import RequestStatus, Sequence
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import CachedSequence, NewSequence, SchedulerOutput
 from xlaserve.lora.scheduling import AdapterAdmission
+from xlaserve.multimodal.placement import cut_before_image, new_encoder_features
 from xlaserve.pooling.params import PoolingTask
 from xlaserve.spec_decode.policy import SpecDecodePolicy
 
@@ -67,6 +68,10 @@ class SchedulerConfig:
     num_lookahead_tokens: int = 0  # KV slots reserved past a step for a draft model's drafts
     # LoRA: distinct adapters among running sequences at most (the device slots); None: off.
     max_loras: int | None = None
+    # Multimodal: image feature rows the vision encoder may produce per step (None: no limit).
+    # A prefill chunk stops before an image that would exceed it (one image larger than the
+    # whole budget still goes, alone, so nothing starves).
+    max_encoder_features_per_step: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages"):
@@ -77,6 +82,9 @@ class SchedulerConfig:
             _check_int("max_waiting_requests", self.max_waiting_requests, minimum=1)
         if self.max_loras is not None:
             _check_int("max_loras", self.max_loras, minimum=1)
+        if self.max_encoder_features_per_step is not None:
+            _check_int("max_encoder_features_per_step", self.max_encoder_features_per_step,
+                       minimum=1)  # fmt: skip
         for name in ("enable_prefix_caching", "enable_chunked_prefill"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -142,6 +150,7 @@ class Scheduler:
         held: bool = False,
         lora=None,
         pooling: PoolingTask | None = None,
+        mm_items: tuple = (),
     ) -> list[Sequence]:
         """Queues a request as `params.n` WAITING sequences and returns them. `held` ones wait
         without being scheduled until `release(request_id)`. `lora`: the LoRAAdapter it runs
@@ -189,6 +198,7 @@ class Scheduler:
                 held=held,
                 lora=lora,
                 pooling=pooling,
+                mm_items=tuple(mm_items),
             )
             for i in range(params.n)
         ]
@@ -244,6 +254,7 @@ class Scheduler:
         preempted: list[Sequence] = []
         self._spec_tokens = {}
         self._propose = set()
+        self._encoder_left = self.config.max_encoder_features_per_step
         if self.spec is not None:
             self.spec.begin_step(sum(1 for s in self.running if not s.is_prefill))
 
@@ -256,7 +267,10 @@ class Scheduler:
                 continue
             if seq.awaits_last_token:  # async scheduling: its last token is on its way
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = self._encoder_cut(seq, seq.num_computed_tokens,
+                                        min(seq.num_uncomputed_tokens, budget))  # fmt: skip
+            if num_new == 0:
+                continue  # its next image waits for encoder budget
             if num_new < seq.num_uncomputed_tokens and not self.config.enable_chunked_prefill:
                 continue
             samples = num_new == seq.num_uncomputed_tokens
@@ -332,6 +346,9 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill or seq.pooling is not None:
                     return budget, True  # pooling sequences are processed whole
                 num_new = budget
+            wanted, num_new = num_new, self._encoder_cut(seq, prefix[1], num_new)
+            if num_new == 0 or (num_new < wanted and not self.config.enable_chunked_prefill):
+                continue  # its image waits for encoder budget
             samples = prefix[1] + num_new == seq.num_tokens
             lookahead = self._lookahead(seq, prefix[1] + num_new) if samples else 0  # computed: 0
             if not self.block_manager.can_allocate(seq, num_new + lookahead, prefix):
@@ -371,6 +388,7 @@ class Scheduler:
                         num_computed_tokens=seq.num_computed_tokens,
                         lora=seq.lora,
                         pooling=seq.pooling,
+                        mm_items=seq.mm_items,
                     )
                 )
             else:
@@ -394,6 +412,18 @@ class Scheduler:
             spec_token_ids=self._spec_tokens,
             propose_seq_ids=frozenset(self._propose),
         )
+
+    def _encoder_cut(self, seq: Sequence, start: int, num_new: int) -> int:
+        """num_new shortened to keep this step's image encoding within the encoder budget
+        (0: nothing fits); takes what it keeps from the budget."""
+        limit = self.config.max_encoder_features_per_step
+        if not seq.mm_items or limit is None:
+            return num_new
+        left = max(self._encoder_left, 0)
+        end = cut_before_image(seq.mm_items, start, start + num_new, left,
+                               may_exceed=left == limit)  # fmt: skip
+        self._encoder_left -= new_encoder_features(seq.mm_items, start, end)
+        return end - start
 
     # ---------------------------------------------------------------- speculation
 

@@ -37,6 +37,7 @@ class NewSequence:
     num_computed_tokens: int  # tokens already in the cache (prefix-cache hits)
     lora: LoRAAdapter | None = None  # the adapter it runs under (its weights, by reference)
     pooling: PoolingTask | None = None  # a pooling request: its output is pooled, not sampled
+    mm_items: tuple = ()  # the prompt's images (multimodal/inputs.ImageItem), in prompt order
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,16 @@ its KV cache spec and `TorchModelRunner`, on one device."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from xlaserve.checkpoints import hf
 from xlaserve.config import EngineArgs
 from xlaserve.engine.runner_api import KVCacheSpec, LoadedForRunner, RunnerConfig
 from xlaserve.kernels_cuda.loader import load_torch_model
 from xlaserve.kernels_cuda.runner import TorchModelRunner
+from xlaserve.multimodal.loader import is_multimodal
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,20 @@ class TorchDeviceMemory:
     def memory_stats(self) -> dict[str, int]:
         free, total = torch.cuda.mem_get_info(self.device)
         return {"bytes_limit": total, "bytes_in_use": total - free}
+
+
+def refuse_multimodal(model: str) -> None:
+    """The parity backend runs text decoders only: a vision-language checkpoint is refused
+    before anything loads."""
+    folder = Path(model)
+    if not hf.is_hf_folder(folder):
+        return
+    config = hf.read_config(folder)
+    if is_multimodal(config):
+        raise ValueError(
+            f"backend 'torch' does not run vision-language models ({config['architectures']}); "
+            "use the jax backend"
+        )
 
 
 class TorchBackend:
@@ -48,6 +65,7 @@ class TorchBackend:
                 "attention_backend selects the JAX kernels; backend 'torch' picks its own "
                 f"(Triton on CUDA, the torch reference on the CPU), got {args.attention_backend!r}"
             )
+        refuse_multimodal(args.model)
         loaded = load_torch_model(
             args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed
         )

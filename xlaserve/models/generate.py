@@ -44,17 +44,23 @@ class PagedModelRunner:
         self.lens = np.zeros(num_seqs, np.int32)
         self._step = jax.jit(self._forward, donate_argnums=(1,))
 
-    def _forward(self, state, kv_cache, inputs: StepInputs, rows):
+    def _forward(self, state, kv_cache, inputs: StepInputs, rows, images=None):
         model = nnx.merge(self.graphdef, state)
         metadata = AttentionMetadata(
             inputs.slot_mapping, inputs.cu_q_lens, inputs.kv_lens, inputs.page_indices,
             inputs.num_seqs,
         )  # fmt: skip
-        kv_cache, hidden = model(inputs.input_ids, inputs.positions, kv_cache, metadata)
+        kv_cache, hidden = model(
+            inputs.input_ids, inputs.positions, kv_cache, metadata, embeds_override=images
+        )
         return kv_cache, model.compute_logits(hidden[rows])
 
-    def step(self, new_tokens: list[list[int]], all_logits: bool = False) -> StepOutput:
-        """Appends new_tokens[s] to sequence s (all sequences, possibly empty lists)."""
+    def step(
+        self, new_tokens: list[list[int]], all_logits: bool = False, images=None
+    ) -> StepOutput:
+        """Appends new_tokens[s] to sequence s (all sequences, possibly empty lists).
+        images (multimodal): (embeddings f32[n, D], mask bool[n]) over the step's n new
+        tokens in order, merged at the masked rows."""
         assert len(new_tokens) == self.num_seqs
         q_lens = np.array([len(t) for t in new_tokens], np.int32)
         if np.any(self.lens + q_lens > self.pages_per_seq * self.page_size):
@@ -71,7 +77,12 @@ class PagedModelRunner:
         self.lens += q_lens
         last = inputs.logits_indices
         rows = np.arange(padded, dtype=np.int32) if all_logits else last
-        self.kv_cache, logits = self._step(self.state, self.kv_cache, inputs, rows)
+        if images is not None:
+            embeds = np.zeros((padded, images[0].shape[1]), np.float32)
+            mask = np.zeros(padded, np.bool_)
+            embeds[:num_tokens], mask[:num_tokens] = images
+            images = (embeds, mask)
+        self.kv_cache, logits = self._step(self.state, self.kv_cache, inputs, rows, images)
         logits = np.asarray(logits)
         if all_logits:
             return StepOutput(logits[last], logits[:num_tokens])

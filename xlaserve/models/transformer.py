@@ -165,8 +165,12 @@ class Transformer(nnx.Module):
         lora_weights: dict | list | None = None,
         lora_slots: jax.Array | None = None,
         aux_layers: tuple[int, ...] = (),
+        embeds_override: tuple[jax.Array, jax.Array] | None = None,
     ):
         """input_ids, positions: i32[T]; kv_cache: [L, P, page_size, 2K, H].
+
+        embeds_override (multimodal): (embeddings f32[T, D], mask bool[T]); rows where the mask
+        is set take those embeddings instead of the token's (image features at placeholders).
 
         LoRA (optional): lora_weights maps a target module ("wq", ..., "w_down") to
         {"a": [L, I, S, R], "b": [L, S, R, O]} (stacked layers) or is a list of one such dict
@@ -178,6 +182,9 @@ class Transformer(nnx.Module):
         """
         c = self.config
         x = self.embed[...][input_ids]  # [T, D]
+        if embeds_override is not None:
+            embeds, mask = embeds_override
+            x = jnp.where(mask[:, None], embeds.astype(x.dtype), x)  # [T, D]
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)  # host constant
         cos, sin = rope_cos_sin(positions, inv_freq)  # [T, H/2]
 

@@ -107,10 +107,12 @@ def build_request(
     model: str = "",
     add_special_tokens: bool | None = None,
     lora_name: str = "",
+    images: list[bytes] = (),
     **sampling,
 ) -> pb.GenerateRequest:
     """prompt: text, a list of token ids, or {"prompt_token_ids": [...]}/{"prompt": text};
-    lora_name: a loaded LoRA adapter to run under."""
+    lora_name: a loaded LoRA adapter to run under; images: encoded images, one per image
+    placeholder of a text prompt (vision-language models)."""
     if isinstance(prompt, dict):
         prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
     request = pb.GenerateRequest(
@@ -119,6 +121,7 @@ def build_request(
         model=model,
         lora_name=lora_name,
         sampling_params=sampling_params_to_proto(**sampling),
+        images=list(images),
     )
     if isinstance(prompt, str):
         request.text = prompt

@@ -62,8 +62,14 @@ class XlaServeServicer(pb_grpc.XlaServeServicer):
             which = request.WhichOneof("prompt")
             if which is None:
                 raise ServingError(Kind.INVALID, "prompt is required: set text or token_ids")
-            if which == "text":
+            if which == "text" and request.images:
+                prompt = {"prompt": request.text,
+                          "multi_modal_data": {"image": list(request.images)}}  # fmt: skip
+            elif which == "text":
                 prompt = request.text
+            elif request.images:
+                raise ServingError(Kind.INVALID, "images need a text prompt holding their "
+                                   "placeholders", param="images")  # fmt: skip
             else:
                 prompt = {"prompt_token_ids": list(request.token_ids.ids)}
             params = sampling_params_from_proto(request.sampling_params)

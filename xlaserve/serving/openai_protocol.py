@@ -273,18 +273,33 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageUrl(_Strict):
+    url: str  # data:image/...;base64,... (file:// and http(s):// as the server allows)
+    detail: Literal["auto"] | None = None  # low/high resolution hints are not offered
+
+
+class ImageUrlPart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # None only for an assistant message with tool_calls (checked in tool_calls.check_messages)
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImageUrlPart] | None = None
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None  # assistant: the calls it made
     tool_call_id: str | None = None  # tool: the call this message answers
 
     def as_template_dict(self) -> dict:
-        text = self.content if isinstance(self.content, str | None) else "".join(
-            part.text for part in self.content
-        )  # fmt: skip
+        if isinstance(self.content, list) and any(p.type == "image_url" for p in self.content):
+            # Parts stay parts: the intake fetches the images (xlaserve/multimodal/intake.py)
+            # and the model's chat template places their placeholders.
+            text = [part.model_dump(exclude_none=True) for part in self.content]
+        else:
+            text = self.content if isinstance(self.content, str | None) else "".join(
+                part.text for part in self.content
+            )  # fmt: skip
         role = "system" if self.role == "developer" else self.role
         message = {"role": role, "content": text}
         if self.tool_calls:
