@@ -2,6 +2,10 @@
 
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -64,7 +68,34 @@ TINY = {
         Qwen3Config,
         dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32),
     ),
-}
+    # Gemma 2: sliding/global layers alternating (window shorter than the prompts), soft-capped
+    # attention scores and logits (caps small enough to bite), query_pre_attn_scalar != H.
+    "gemma2": (
+        Gemma2ForCausalLM,
+        Gemma2Config,
+        dict(
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=12,
+            query_pre_attn_scalar=24, attn_logit_softcapping=3.0, final_logit_softcapping=4.0,
+            attn_implementation="eager",
+        ),
+    ),
+    # Gemma 3: q/k norms, local layers with their own rope base, the global one with linear
+    # rope scaling (as the 4B+ models), a window shorter than the prompts.
+    "gemma3": (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        dict(
+            num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=12,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+            attn_implementation="eager",
+        ),
+    ),
+}  # fmt: skip
 
 
 def make_tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
@@ -75,7 +106,9 @@ def make_tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                # Gemma norms scale by (1 + w): the same effective weights as the others.
+                offset = 0.0 if model.config.model_type.startswith("gemma") else 1.0
+                p.copy_(offset + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))
     return model

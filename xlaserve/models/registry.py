@@ -2,13 +2,14 @@
 
 from collections.abc import Callable
 
-from xlaserve.models import llama, qwen
+from xlaserve.models import gemma, llama, qwen
 from xlaserve.models.transformer import Transformer, TransformerConfig
 
 # architecture -> (model class, HF config.json dict -> TransformerConfig)
 MODEL_REGISTRY: dict[str, tuple[type[Transformer], Callable[[dict], TransformerConfig]]] = {
     **{arch: (llama.LlamaForCausalLM, llama.config_from_hf) for arch in llama.ARCHITECTURES},
     **{arch: (qwen.QwenForCausalLM, qwen.config_from_hf) for arch in qwen.ARCHITECTURES},
+    **{arch: (gemma.GemmaForCausalLM, gemma.config_from_hf) for arch in gemma.ARCHITECTURES},
 }
 
 PRESETS: dict[str, tuple[str, dict]] = {
@@ -16,6 +17,10 @@ PRESETS: dict[str, tuple[str, dict]] = {
     **{
         name: ("Qwen3ForCausalLM" if kw.get("qk_norm") else "Qwen2ForCausalLM", kw)
         for name, kw in qwen.PRESETS.items()
+    },
+    **{
+        name: ("Gemma3ForCausalLM" if kw.get("qk_norm") else "Gemma2ForCausalLM", kw)
+        for name, kw in gemma.PRESETS.items()
     },
 }
 
