@@ -201,6 +201,8 @@ def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: b
             ckpt.config, ckpt.tensors, jdtype, str(gguf_path), mesh
         )
         tokenizer = load_tokenizer(gguf_path) if with_tokenizer else None
+        if tokenizer is not None and not tokenizer.chat_template:
+            tokenizer.chat_template = family_chat_template(config)
         return LoadedModel(module, config, tokenizer, str(gguf_path), jdtype)
     if not hf.is_hf_folder(path):
         raise FileNotFoundError(f"no config.json in {path}")
@@ -211,6 +213,13 @@ def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: b
     )
     tokenizer = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None
     return LoadedModel(module, config, tokenizer, str(path), jdtype)
+
+
+def family_chat_template(config: TransformerConfig) -> str | None:
+    """The chat format a family defines, for checkpoints that carry no template of their own."""
+    from xlaserve.models import gemma
+
+    return gemma.CHAT_TEMPLATE if config.architecture in gemma.ARCHITECTURES else None
 
 
 def has_tokenizer_files(folder: Path) -> bool:

@@ -133,5 +133,29 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     )
 
 
+# Gemma's chat format, for checkpoints that carry no template (the Gemma 3 270M GGUF): turns
+# "<start_of_turn>{user|model}\n{text}<end_of_turn>\n" after BOS, a system message put at the
+# head of the first user turn, and "<start_of_turn>model\n" as the generation prompt.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Gemma turns must alternate user, assistant, user, ...') }}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{%- if loop.first and system -%}{{ system | trim }}{{ '\n\n' }}{%- endif -%}"
+    "{%- if m['content'] is string -%}{{ m['content'] | trim }}"
+    "{%- else -%}{%- for part in m['content'] -%}{%- if part['type'] == 'text' -%}"
+    "{{ part['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+END_OF_TURN = "<end_of_turn>"
+
+
 class GemmaForCausalLM(Transformer):
     pass
