@@ -8,12 +8,16 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 COMMON = dict(
@@ -94,6 +98,21 @@ TINY = {
             },
             attn_implementation="eager",
         ),
+    ),
+    # Mixtral: 8 experts, top 2 renormalised.
+    "mixtral": (
+        MixtralForCausalLM,
+        MixtralConfig,
+        dict(num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+             num_experts_per_tok=2),
+    ),
+    # Qwen3-MoE: 8 experts of their own width, top 3, top-k weights not renormalised.
+    "qwen3_moe": (
+        Qwen3MoeForCausalLM,
+        Qwen3MoeConfig,
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+             num_experts_per_tok=3, moe_intermediate_size=48, norm_topk_prob=False,
+             decoder_sparse_step=1, mlp_only_layers=[]),
     ),
 }  # fmt: skip
 

@@ -2,7 +2,7 @@
 
 from collections.abc import Callable
 
-from xlaserve.models import gemma, llama, qwen
+from xlaserve.models import gemma, llama, moe, qwen
 from xlaserve.models.transformer import Transformer, TransformerConfig
 
 # architecture -> (model class, HF config.json dict -> TransformerConfig)
@@ -10,6 +10,8 @@ MODEL_REGISTRY: dict[str, tuple[type[Transformer], Callable[[dict], TransformerC
     **{arch: (llama.LlamaForCausalLM, llama.config_from_hf) for arch in llama.ARCHITECTURES},
     **{arch: (qwen.QwenForCausalLM, qwen.config_from_hf) for arch in qwen.ARCHITECTURES},
     **{arch: (gemma.GemmaForCausalLM, gemma.config_from_hf) for arch in gemma.ARCHITECTURES},
+    moe.MIXTRAL: (Transformer, moe.mixtral_config_from_hf),
+    moe.QWEN3_MOE: (Transformer, moe.qwen3_moe_config_from_hf),
 }
 
 PRESETS: dict[str, tuple[str, dict]] = {
@@ -22,6 +24,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
         name: ("Gemma3ForCausalLM" if kw.get("qk_norm") else "Gemma2ForCausalLM", kw)
         for name, kw in gemma.PRESETS.items()
     },
+    **moe.PRESETS,
 }
 
 

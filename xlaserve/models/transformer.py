@@ -467,7 +467,11 @@ def expected_hf_tensors(config: TransformerConfig) -> dict[str, tuple[int, ...]]
     }
     for name, (hf, shape, _) in layer_param_specs(config).items():
         for i in range(config.num_layers):
-            expected[f"model.layers.{i}.{hf}"] = hf_shape(name, shape)
+            if "{e}" in hf:  # one HF tensor per expert (models/moe.py)
+                for e in range(shape[0]):
+                    expected[f"model.layers.{i}.{hf.format(e=e)}"] = hf_shape(name, shape[1:])
+            else:
+                expected[f"model.layers.{i}.{hf}"] = hf_shape(name, shape)
     return expected
 
 
@@ -484,12 +488,16 @@ def params_from_hf_tensors(
     def ours(name: str, array: np.ndarray) -> np.ndarray:
         return array.T if array.ndim == 2 and name != "embed" else array
 
+    def layer_tensor(name: str, hf: str, shape: tuple[int, ...], i: int) -> np.ndarray:
+        if "{e}" in hf:  # experts stacked along a leading E axis
+            prefix = f"model.layers.{i}."
+            return np.stack([ours(name, tensors[prefix + hf.format(e=e)]) for e in range(shape[0])])
+        return ours(name, tensors[f"model.layers.{i}.{hf}"])
+
     top = {name: ours(name, tensors[hf]) for name, (hf, _, _) in top_param_specs(config).items()}
     layers = {
-        name: np.stack(
-            [ours(name, tensors[f"model.layers.{i}.{hf}"]) for i in range(config.num_layers)]
-        )
-        for name, (hf, _, _) in layer_param_specs(config).items()
+        name: np.stack([layer_tensor(name, hf, shape, i) for i in range(config.num_layers)])
+        for name, (hf, shape, _) in layer_param_specs(config).items()
     }
     if config.norm_weight_offset:  # Gemma's (1 + w) folded into the stored weight
         for params in (top, layers):

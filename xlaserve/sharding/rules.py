@@ -46,6 +46,7 @@ def logical_rules(config: TransformerConfig, tp: int) -> dict[str, str | None]:
         "kv_heads": MODEL if config.num_kv_heads % tp == 0 else None,
         "mlp": MODEL,
         "layers": None,
+        "expert": None,  # experts replicated across the model axis (their mlp axis is split)
         None: None,
     }
 
