@@ -85,6 +85,11 @@ def lora_config_for(args: EngineArgs) -> LoRAConfig | None:
 def lora_manager_for(args: EngineArgs, model: LoadedForRunner) -> LoRAManager | None:
     """The host registry and cache of LoRA adapters, or None when LoRA is off."""
     config = lora_config_for(args)
+    if config is not None and model.config.num_experts:
+        raise ValueError(
+            f"enable_lora is not supported for mixture-of-experts models "
+            f"({model.config.architecture}: adapters on experts are not implemented)"
+        )
     return None if config is None else LoRAManager(config, model.config)
 
 
