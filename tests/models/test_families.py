@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from xlaserve.models import gemma, moe
+from xlaserve.models import gemma, moe, qwen
 from xlaserve.models.registry import preset_config
 
 # Published parameter counts (the checkpoints' safetensors totals).
@@ -72,13 +72,13 @@ def test_gemma_refuses_other_activations_and_qwen3_moe_dense_layers():
     )  # fmt: skip
     with pytest.raises(ValueError, match="hidden_activation 'relu'"):
         gemma.config_from_hf(hf)
-    qwen = dict(
+    qwen_hf = dict(
         architectures=["Qwen3MoeForCausalLM"], vocab_size=16, hidden_size=8,
         intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_experts=4,
         num_experts_per_tok=2, moe_intermediate_size=8, mlp_only_layers=[1],
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"mlp_only_layers=\[1\]"):
-        moe.qwen3_moe_config_from_hf(qwen)
+        qwen.qwen3_moe_config_from_hf(qwen_hf)
 
 
 def test_gemma3_layer_pattern_five_local_then_one_global():

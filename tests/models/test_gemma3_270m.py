@@ -77,7 +77,10 @@ def test_chat_template_renders_gemma_turns(gemma3):
         "<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n"
     )
     # Chat replies stop at <end_of_turn> as well as <eos>.
-    assert gemma3.config.eos_token_ids == (1, gemma3.tokenizer.convert_tokens_to_ids("<end_of_turn>"))
+    assert gemma3.config.eos_token_ids == (
+        1,
+        gemma3.tokenizer.convert_tokens_to_ids("<end_of_turn>"),
+    )
 
 
 @pytest.mark.slow

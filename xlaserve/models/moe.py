@@ -136,18 +136,6 @@ def moe_config(base, hf: dict):
     )
 
 
-def mixtral_config_from_hf(hf: dict):
-    from xlaserve.models.llama import config_from_hf
-
-    return moe_config(config_from_hf({**hf, "hidden_act": hf.get("hidden_act", "silu")}), hf)
-
-
-def qwen3_moe_config_from_hf(hf: dict):
-    from xlaserve.models.qwen import config_from_hf
-
-    return moe_config(config_from_hf(hf), hf)
-
-
 PRESETS = {
     "mixtral-8x7b": (MIXTRAL, dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,

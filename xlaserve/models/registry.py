@@ -10,8 +10,8 @@ MODEL_REGISTRY: dict[str, tuple[type[Transformer], Callable[[dict], TransformerC
     **{arch: (llama.LlamaForCausalLM, llama.config_from_hf) for arch in llama.ARCHITECTURES},
     **{arch: (qwen.QwenForCausalLM, qwen.config_from_hf) for arch in qwen.ARCHITECTURES},
     **{arch: (gemma.GemmaForCausalLM, gemma.config_from_hf) for arch in gemma.ARCHITECTURES},
-    moe.MIXTRAL: (Transformer, moe.mixtral_config_from_hf),
-    moe.QWEN3_MOE: (Transformer, moe.qwen3_moe_config_from_hf),
+    moe.MIXTRAL: (Transformer, llama.mixtral_config_from_hf),
+    moe.QWEN3_MOE: (Transformer, qwen.qwen3_moe_config_from_hf),
 }
 
 PRESETS: dict[str, tuple[str, dict]] = {

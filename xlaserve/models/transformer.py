@@ -127,8 +127,11 @@ def layer_param_specs(c: TransformerConfig) -> dict[str, tuple[str, tuple[int, .
         "wv": ("self_attn.v_proj.weight", (D, K * H), ("embed", "kv_heads")),
         "wo": ("self_attn.o_proj.weight", (N * H, D), ("heads", "embed")),
         "mlp_norm": (
-            "pre_feedforward_layernorm.weight" if c.sandwich_norms
-            else "post_attention_layernorm.weight", (D,), ("embed",),
+            "pre_feedforward_layernorm.weight"
+            if c.sandwich_norms
+            else "post_attention_layernorm.weight",
+            (D,),
+            ("embed",),
         ),  # fmt: skip
         "w_gate": ("mlp.gate_proj.weight", (D, F), ("embed", "mlp")),
         "w_up": ("mlp.up_proj.weight", (D, F), ("embed", "mlp")),
