@@ -140,7 +140,8 @@ def build_runner(args: EngineArgs, mesh=None) -> tuple[LoadedForRunner, Schedule
         runner = backend.make_runner(model, runner_config)
     else:
         runner = backend.make_runner(model, runner_config, args.speculative_config)
-    return model, scheduler_config_for(args, max_model_len, num_pages), runner
+    kv_window = windowed_kv(model.config)
+    return model, scheduler_config_for(args, max_model_len, num_pages, kv_window), runner
 
 
 def run_follower(args: EngineArgs) -> None:
@@ -150,7 +151,18 @@ def run_follower(args: EngineArgs) -> None:
     runner.follow()
 
 
-def scheduler_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -> SchedulerConfig:
+def windowed_kv(config) -> int | None:
+    """The attention window when every layer is windowed (pages before it can be released);
+    None when any layer attends to everything (Gemma's global layers) or for encoders."""
+    kinds = getattr(config, "layer_kinds", None)
+    if not kinds or any(kind != "sliding" for kind in kinds):
+        return None
+    return config.sliding_window
+
+
+def scheduler_config_for(
+    args: EngineArgs, max_model_len: int, num_pages: int, kv_window: int | None = None
+) -> SchedulerConfig:
     spec = args.speculative_config
     return SchedulerConfig(
         max_num_seqs=args.max_num_seqs,
@@ -164,6 +176,7 @@ def scheduler_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -
         max_waiting_requests=args.max_waiting_requests,
         num_lookahead_tokens=0 if spec is None else spec.num_lookahead_tokens,
         max_loras=args.max_loras if args.enable_lora else None,
+        kv_window=kv_window,
     )
 
 
