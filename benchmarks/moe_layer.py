@@ -24,7 +24,12 @@ from xlaserve.models.moe import moe_block
 from xlaserve.models.registry import preset_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CPU_NOTE = "On the CPU, XLA lowers `ragged_dot` to one masked matmul over all E experts' weights (E times the routed work, plus a transposed copy of every expert's weights per call), so the dense loop wins here and the engine uses it on the CPU (`moe.default_impl`); TPU and GPU lower `ragged_dot` to grouped kernels."
+CPU_NOTE = (
+    "On the CPU, XLA lowers `ragged_dot` to one masked matmul over all E experts' weights "
+    "(E times the routed work, plus a transposed copy of every expert's weights per call), "
+    "so the dense loop wins here and the engine uses it on the CPU (`moe.default_impl`); "
+    "TPU and GPU lower `ragged_dot` to grouped kernels."
+)
 
 
 def layer_params(config, dtype, seed: int = 0) -> dict[str, jax.Array]:
