@@ -22,8 +22,8 @@ from xlaserve.models.transformer import (
     model_from_params,
     params_from_hf_tensors,
 )
-from xlaserve.sharding.mesh import MODEL
-from xlaserve.sharding.rules import check_tensor_parallel, init_sharded, placer
+from xlaserve.sharding.mesh import expert_parallel
+from xlaserve.sharding.rules import check_mesh, init_sharded, placer
 
 LOAD_FORMATS = ("auto", "hf", "gguf", "orbax", "dummy")
 # Weight layouts: "stacked" (one [L, ...] array per parameter, layers run in a lax.scan) or
@@ -139,7 +139,7 @@ def model_from_hf_tensors(
     top, layers = params_from_hf_tensors(config, tensors)
     place = None
     if mesh is not None:
-        check_tensor_parallel(config, mesh.shape[MODEL])
+        check_mesh(config, mesh)
         place = placer(config, mesh)
     return model_from_params(model_cls, config, top, layers, dtype, place), config
 
@@ -170,6 +170,8 @@ def load_model(
         raise ValueError("layer_layout 'per_layer' is for one device (fused axes are unsharded)")
     loaded = _load(model, load_format, dtype, seed, with_tokenizer, mesh)
     loaded.model.attention_backend = attention_backend
+    if mesh is not None and expert_parallel(mesh) > 1:
+        loaded.model.expert_mesh = mesh  # the MoE blocks run their experts per device
     if layer_layout == "per_layer":
         loaded.model.unstack_layers()
     return loaded
@@ -182,7 +184,7 @@ def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: b
         if mesh is None:
             module = model_cls(config, dtype=jdtype, rngs=nnx.Rngs(seed))
         else:
-            check_tensor_parallel(config, mesh.shape[MODEL])
+            check_mesh(config, mesh)
             module = init_sharded(model_cls, config, dtype=jdtype, seed=seed, mesh=mesh)
         return LoadedModel(module, config, None, model, jdtype)
 

@@ -53,7 +53,10 @@ def build_engine(args: EngineArgs) -> LLMEngine | DataParallelEngine:
                          f"must be 1, got {args.data_parallel_size}")  # fmt: skip
     from xlaserve.sharding.mesh import make_mesh, replica_meshes
 
-    mesh = make_mesh(args.tensor_parallel_size, args.data_parallel_size)
+    mesh = make_mesh(
+        args.tensor_parallel_size, args.data_parallel_size,
+        expert_parallel_size=args.expert_parallel_size,
+    )  # fmt: skip
     return DataParallelEngine([build_replica(args, m) for m in replica_meshes(mesh)])
 
 

@@ -67,10 +67,10 @@ def grouped_experts(
     """Dropless experts by grouped matmuls over the (token, expert) pairs sorted by expert."""
     num_tokens, k = experts.shape
     num_experts = p["we_gate"].shape[0]
-    flat = experts.reshape(-1)  # [A]
-    order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
+    flat = experts.reshape(-1)  # [A]; id E: an expert held elsewhere (expert parallel)
+    order = jnp.argsort(flat, stable=True)  # pairs grouped by expert, elsewhere ones last
     token = order // k  # [A] the token of each sorted pair
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
+    group_sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
     x = h[token]  # [A, D]
 
     def matmul(lhs, rhs):
@@ -81,7 +81,8 @@ def grouped_experts(
 
     act = jax.nn.silu(matmul(x, p["we_gate"])) * matmul(x, p["we_up"])  # [A, F]
     y = matmul(act, p["we_down"])  # [A, D]
-    y = y * weights.reshape(-1)[order][:, None]
+    here = (flat[order] < num_experts)[:, None]  # rows in no group are left out
+    y = jnp.where(here, y * weights.reshape(-1)[order][:, None], 0)
     return jnp.zeros_like(h).at[token].add(y)  # [T, D]
 
 
@@ -111,16 +112,51 @@ def default_impl(platform: str | None = None) -> str:
     return "dense" if platform == "cpu" else "grouped"
 
 
-def moe_block(h: jax.Array, p: dict[str, jax.Array], c, impl: str | None = None) -> jax.Array:
+def moe_block(
+    h: jax.Array, p: dict[str, jax.Array], c, impl: str | None = None, mesh=None
+) -> jax.Array:
     """The MoE feed-forward output [T, D] of normed hidden states h [T, D]; impl is one of
-    MOE_IMPLS (None: `default_impl` for this platform)."""
+    MOE_IMPLS (None: `default_impl` for this platform). With a mesh that has an expert axis,
+    each device runs its own experts (see `expert_parallel_experts`)."""
     impl = impl or default_impl()
     if impl not in MOE_IMPLS:
         raise ValueError(f"MoE impl {impl!r} is not one of {MOE_IMPLS}")
     weights, experts = route(h, p["w_router"], c)
-    if impl == "dense":
-        return dense_experts(h, weights, experts, p)
-    return grouped_experts(h, weights, experts, p)
+    run = dense_experts if impl == "dense" else grouped_experts
+    if mesh is not None:
+        return expert_parallel_experts(run, h, weights, experts, p, mesh)
+    return run(h, weights, experts, p)
+
+
+def expert_parallel_experts(run, h, weights, experts, p, mesh) -> jax.Array:
+    """Experts split over the mesh's expert axis (and each expert's F axis over the model
+    axis): every device sees all tokens (activations are replicated between layers), runs
+    only the pairs routed to its own experts, and one all-reduce over both axes sums the
+    partial outputs. No token is dropped; the exchange is the one [T, D] all-reduce the
+    tensor-parallel MLP needs anyway."""
+    from jax.sharding import PartitionSpec as P
+
+    from xlaserve.sharding.mesh import EXPERT, MODEL
+
+    experts_here = p["we_gate"].shape[0] // mesh.shape[EXPERT]
+
+    def local(h, weights, experts, we_gate, we_up, we_down):
+        first = jax.lax.axis_index(EXPERT) * experts_here
+        mine = (experts >= first) & (experts < first + experts_here)  # [T, k]
+        local_ids = jnp.where(mine, experts - first, experts_here)  # elsewhere -> E_local
+        local_weights = jnp.where(mine, weights, 0)
+        params = {"we_gate": we_gate, "we_up": we_up, "we_down": we_down}
+        out = run(h, local_weights, local_ids, params).astype(jnp.float32)
+        return jax.lax.psum(out, (EXPERT, MODEL)).astype(h.dtype)
+
+    expert_in, expert_out = P(EXPERT, None, MODEL), P(EXPERT, MODEL, None)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(), P(), expert_in, expert_in, expert_out),
+        out_specs=P(),
+        check_vma=False,
+    )(h, weights, experts, p["we_gate"], p["we_up"], p["we_down"])
 
 
 def moe_config(base, hf: dict):

@@ -221,6 +221,7 @@ class Transformer(nnx.Module):
     ):
         self.config = config
         self.attention_backend = attention_backend
+        self.expert_mesh = None  # a mesh with an expert axis: experts split over it (moe.py)
         for name, (_, shape, axes) in top_param_specs(config).items():
             setattr(
                 self,
@@ -257,7 +258,9 @@ class Transformer(nnx.Module):
         rope = {kind: rope_cos_sin(positions, rope_inv_freq(c.head_dim, *c.rope(kind)))
                 for kind in set(kinds)}  # fmt: skip  # kind -> (cos, sin) [T, H/2]
 
-        layer_fn = partial(decoder_layer, config=c, backend=self.attention_backend)
+        layer_fn = partial(
+            decoder_layer, config=c, backend=self.attention_backend, expert_mesh=self.expert_mesh
+        )
         aux = []
         if isinstance(self.layers, DecoderLayers):
             # Layers of one kind share a static window; mixed kinds pick theirs per layer.
@@ -341,7 +344,7 @@ class Transformer(nnx.Module):
         return logits[: hidden.shape[0]]
 
 
-@partial(jax.jit, static_argnames=("config", "backend", "kind"))
+@partial(jax.jit, static_argnames=("config", "backend", "kind", "expert_mesh"))
 def decoder_layer(
     x: jax.Array,
     kv_cache: jax.Array,
@@ -357,6 +360,7 @@ def decoder_layer(
     backend: str,
     kind: str | None = None,
     rope: dict | None = None,
+    expert_mesh=None,
 ) -> tuple[jax.Array, jax.Array]:
     """One decoder layer: (x [T, D], kv_cache) -> (x, kv_cache with this layer's K/V written).
 
@@ -403,18 +407,20 @@ def decoder_layer(
         attn_out = rms_norm(attn_out, p["attn_post_norm"], c.rms_norm_eps)
     x = x + attn_out
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-    mlp_out = mlp(h, p, c, adapt if lora is not None else None)  # [T, D]
+    mlp_out = mlp(h, p, c, adapt if lora is not None else None, expert_mesh)  # [T, D]
     if c.sandwich_norms:
         mlp_out = rms_norm(mlp_out, p["mlp_post_norm"], c.rms_norm_eps)
     return x + mlp_out, kv_cache
 
 
-def mlp(h: jax.Array, p: dict[str, jax.Array], c: TransformerConfig, adapt=None) -> jax.Array:
+def mlp(
+    h: jax.Array, p: dict[str, jax.Array], c: TransformerConfig, adapt=None, expert_mesh=None
+) -> jax.Array:
     """The feed-forward block of normed h [T, D]: a gated MLP, or the experts (models/moe.py)."""
     if c.num_experts:
         from xlaserve.models.moe import moe_block
 
-        return moe_block(h, p, c)
+        return moe_block(h, p, c, mesh=expert_mesh)
     act = GATED_ACTIVATION_FNS[c.hidden_act]
     if adapt is not None:
         return lora_swiglu(h, p, adapt, act)
