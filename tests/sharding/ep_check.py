@@ -2,7 +2,8 @@
 
 Greedy tokens of tiny random Mixtral and Qwen3-MoE models (8 experts) under expert parallel
 1, 2, 4, 8 and expert x tensor parallel 2 x 2 and 4 x 2, and the bytes of expert weights each
-device holds when the checkpoint is loaded onto an expert-parallel mesh.
+device holds when the checkpoint is loaded onto an expert-parallel mesh; a tiny Gemma 3
+(sliding and global layers) under tensor parallel 1 and 2.
 """
 
 import json
@@ -38,10 +39,10 @@ def main() -> None:
     results = {}
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 17, 33, 2)]
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    for name in ("mixtral", "qwen3_moe"):
+    for name in ("mixtral", "qwen3_moe", "gemma3"):
         folder = tempfile.mkdtemp()
         save_tiny_model(name, folder)
-        for ep, tp in LAYOUTS:
+        for ep, tp in LAYOUTS if name != "gemma3" else [(1, 1), (1, 2)]:
             llm = LLM(folder, dtype="float32", max_model_len=128, max_num_seqs=4,
                       max_num_batched_tokens=64, tensor_parallel_size=tp,
                       expert_parallel_size=ep, compilation_cache_dir=None)  # fmt: skip
@@ -51,6 +52,8 @@ def main() -> None:
                 "compiles_after_warmup": llm.get_metrics()["compiles_after_warmup"],
             }
             del llm
+        if name == "gemma3":
+            continue
         results[f"{name}/bytes"] = {ep: expert_bytes(folder, ep) for ep in (2, 4, 8)}
     json.dump(results, sys.stdout)
 

@@ -1,5 +1,6 @@
 """Expert parallelism: the same greedy tokens as one device; each device holds 1/EP of the
-expert weights, straight from the checkpoint; sizes that cannot work are refused."""
+expert weights, straight from the checkpoint; sizes that cannot work are refused. Gemma 3
+under tensor parallel equals one device too."""
 
 import json
 import os
@@ -34,6 +35,11 @@ def test_same_greedy_tokens_as_one_device(ep_results, model, layout):
     got = ep_results[f"{model}/{layout}"]
     assert got["tokens"] == one["tokens"]
     assert got["compiles_after_warmup"] == 0
+
+
+@pytest.mark.slow
+def test_gemma3_tensor_parallel_same_greedy_tokens_as_one_device(ep_results):
+    assert ep_results["gemma3/ep1/tp2"]["tokens"] == ep_results["gemma3/ep1/tp1"]["tokens"]
 
 
 @pytest.mark.slow
