@@ -84,3 +84,24 @@ def test_gemma_refuses_other_activations_and_qwen3_moe_dense_layers():
 def test_gemma3_layer_pattern_five_local_then_one_global():
     kinds = gemma.gemma_layer_types(12, 6)
     assert kinds == ("sliding",) * 5 + ("full",) + ("sliding",) * 5 + ("full",)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen3_moe"])
+def test_orbax_round_trip_keeps_config_and_logits(name, tmp_path):
+    from tests.models.tiny_configs import save_tiny_model
+    from xlaserve.checkpoints import orbax_store
+    from xlaserve.checkpoints.loader import load_model
+    from xlaserve.models.generate import PagedModelRunner
+
+    save_tiny_model(name, tmp_path / "hf")
+    loaded = load_model(str(tmp_path / "hf"), dtype="float32", with_tokenizer=False)
+    out = orbax_store.save(loaded.model, None, tmp_path / "orbax", dtype=jnp.float32, source=name)
+    restored = load_model(str(out), dtype="float32", with_tokenizer=False)
+    assert restored.config == loaded.config
+    tokens = list(range(3, 40))  # longer than the window of 12
+
+    def logits(model):
+        runner = PagedModelRunner(model, num_seqs=1, max_len=len(tokens), page_size=8)
+        return runner.step([tokens], all_logits=True).all_logits
+
+    np.testing.assert_array_equal(logits(restored.model), logits(loaded.model))
