@@ -1,7 +1,7 @@
 """Run as a script with 8 fake CPU devices (XLA_FLAGS set before jax loads); prints JSON.
 
 Greedy tokens of tiny random Mixtral and Qwen3-MoE models (8 experts) under expert parallel
-1, 2, 4, 8 and expert x tensor parallel 2 x 2 and 4 x 2, and the bytes of expert weights each
+1, 2, 8 and expert x tensor parallel 2 x 2 and 4 x 2, and the bytes of expert weights each
 device holds when the checkpoint is loaded onto an expert-parallel mesh; a tiny Gemma 3
 (sliding and global layers) under tensor parallel 1 and 2.
 """
@@ -19,7 +19,7 @@ from xlaserve import LLM, SamplingParams  # noqa: E402
 from xlaserve.checkpoints.loader import load_model  # noqa: E402
 from xlaserve.sharding.mesh import make_mesh  # noqa: E402
 
-LAYOUTS = [(1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (4, 2)]  # (expert, tensor)
+LAYOUTS = [(1, 1), (2, 1), (8, 1), (2, 2), (4, 2)]  # (expert, tensor)
 EXPERT_PARAMS = ("we_gate", "we_up", "we_down")
 
 

@@ -29,7 +29,7 @@ def ep_results():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["mixtral", "qwen3_moe"])
-@pytest.mark.parametrize("layout", ["ep2/tp1", "ep4/tp1", "ep8/tp1", "ep2/tp2", "ep4/tp2"])
+@pytest.mark.parametrize("layout", ["ep2/tp1", "ep8/tp1", "ep2/tp2", "ep4/tp2"])
 def test_same_greedy_tokens_as_one_device(ep_results, model, layout):
     one = ep_results[f"{model}/ep1/tp1"]
     got = ep_results[f"{model}/{layout}"]
