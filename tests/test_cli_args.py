@@ -58,6 +58,7 @@ CASES = [
     ("attention_backend", ["reference"], "reference"),
     ("tensor_parallel_size", ["2"], 2),
     ("data_parallel_size", ["3"], 3),
+    ("expert_parallel_size", ["4"], 4),
     ("compilation_cache_dir", ["/tmp/xla-cache"], "/tmp/xla-cache"),
     ("compilation_cache_dir", ["none"], None),  # the cache off
     ("min_token_bucket", ["8"], 8),

@@ -73,6 +73,9 @@ class EngineArgs:
     )
     tensor_parallel_size: int = _opt(1, "devices each replica's weights are split over")
     data_parallel_size: int = _opt(1, "engine replicas")
+    expert_parallel_size: int = _opt(
+        1, "devices a mixture-of-experts model's experts are split over (x tensor_parallel_size)"
+    )
     compilation_cache_dir: str | None = _opt(
         DEFAULT_COMPILATION_CACHE, "persistent XLA compilation cache (None: off)"
     )
@@ -129,6 +132,7 @@ class EngineArgs:
             "page_size",
             "tensor_parallel_size",
             "data_parallel_size",
+            "expert_parallel_size",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

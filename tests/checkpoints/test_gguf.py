@@ -385,7 +385,8 @@ def test_unsupported_architecture(tmp_path):
     path = write_gguf(
         tmp_path / "gpt2.gguf", {"token_embd.weight": np.zeros((V, D), np.float32)}, arch="gpt2"
     )
-    with pytest.raises(ValueError, match=r"'gpt2'.*\['llama', 'qwen2', 'qwen3'\]"):
+    supported = r"\['gemma2', 'gemma3', 'llama', 'qwen2', 'qwen3'\]"
+    with pytest.raises(ValueError, match=rf"'gpt2'.*{supported}"):
         read_gguf(path)
 
 

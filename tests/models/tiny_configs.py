@@ -2,14 +2,22 @@
 
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 COMMON = dict(
@@ -64,7 +72,49 @@ TINY = {
         Qwen3Config,
         dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32),
     ),
-}
+    # Gemma 2: sliding/global layers alternating (window shorter than the prompts), soft-capped
+    # attention scores and logits (caps small enough to bite), query_pre_attn_scalar != H.
+    "gemma2": (
+        Gemma2ForCausalLM,
+        Gemma2Config,
+        dict(
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=12,
+            query_pre_attn_scalar=24, attn_logit_softcapping=3.0, final_logit_softcapping=4.0,
+            attn_implementation="eager",
+        ),
+    ),
+    # Gemma 3: q/k norms, local layers with their own rope base, the global one with linear
+    # rope scaling (as the 4B+ models), a window shorter than the prompts.
+    "gemma3": (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        dict(
+            num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=12,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+            attn_implementation="eager",
+        ),
+    ),
+    # Mixtral: 8 experts, top 2 renormalised.
+    "mixtral": (
+        MixtralForCausalLM,
+        MixtralConfig,
+        dict(num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+             num_experts_per_tok=2),
+    ),
+    # Qwen3-MoE: 8 experts of their own width, top 3, top-k weights not renormalised.
+    "qwen3_moe": (
+        Qwen3MoeForCausalLM,
+        Qwen3MoeConfig,
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+             num_experts_per_tok=3, moe_intermediate_size=48, norm_topk_prob=False,
+             decoder_sparse_step=1, mlp_only_layers=[]),
+    ),
+}  # fmt: skip
 
 
 def make_tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
@@ -75,7 +125,9 @@ def make_tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                # Gemma norms scale by (1 + w): the same effective weights as the others.
+                offset = 0.0 if model.config.model_type.startswith("gemma") else 1.0
+                p.copy_(offset + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))
     return model

@@ -18,6 +18,17 @@ _ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+}
+GEMMA_ARCHS = ("gemma2", "gemma3")
+
+# Gemma's norms around attention and the MLP have names of their own (its `ffn_norm` is the
+# MLP pre-norm, HF's pre_feedforward_layernorm; post_attention_layernorm follows attention).
+_GEMMA_LAYER_NAMES = {
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
 
 _GLOBAL_NAMES = {
@@ -83,7 +94,8 @@ def find_gguf_file(model_dir_or_file: str | os.PathLike) -> Path:
 def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Read a GGUF file: metadata -> HF config dict, tensors -> float32 arrays with HF names.
 
-    Supports the `llama`, `qwen2` and `qwen3` architectures and every quantization type that
+    Supports the `llama`, `qwen2`, `qwen3`, `gemma2` and `gemma3` architectures and every
+    quantization type that
     `gguf.quants.dequantize` knows. Raises FileNotFoundError for a missing file and ValueError
     for an invalid file, an unsupported architecture, or unknown, missing or mis-shaped tensors.
     """
@@ -109,10 +121,13 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     for name, tensor in by_name.items():
         if name == "rope_freqs.weight":
             continue  # already folded into config["rope_scaling"] by _llama3_rope_scaling
-        hf_name = _hf_name(name)
+        hf_name = _hf_name(name, arch)
         if hf_name is None:
             raise ValueError(f"{path}: unknown GGUF tensor {name!r} for architecture {arch!r}")
         tensors[hf_name] = _dequantize(tensor, path)
+        if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
+            # llama.cpp stores Gemma's (1 + w) norm weights with the 1 added; HF stores w.
+            tensors[hf_name] = tensors[hf_name] - np.float32(1.0)
     _check_tensors(path, config, tensors)
 
     if arch == "llama":
@@ -135,13 +150,14 @@ def _field(reader: gguf.GGUFReader, path: Path, key: str, default: Any = ...) ->
     return field.contents()
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, arch: str = "llama") -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     match = _LAYER_RE.fullmatch(name)
-    if match is None or match.group(2) not in _LAYER_NAMES:
+    names = _LAYER_NAMES | _GEMMA_LAYER_NAMES if arch in GEMMA_ARCHS else _LAYER_NAMES
+    if match is None or match.group(2) not in names:
         return None
-    return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    return f"model.layers.{match.group(1)}.{names[match.group(2)]}"
 
 
 def _dequantize(tensor: gguf.ReaderTensor, path: Path) -> np.ndarray:
@@ -184,7 +200,7 @@ def _config(
     if "rope_freqs.weight" in by_name:
         rope_freqs = _dequantize(by_name["rope_freqs.weight"], path)
         rope_scaling = _llama3_rope_scaling(path, rope_scaling, rope_freqs, rope_theta, head_dim)
-    return {
+    config = {
         "architectures": [architecture],
         "model_type": model_type,
         "hidden_size": hidden,
@@ -206,6 +222,17 @@ def _config(
         "attention_bias": arch == "qwen2" or "blk.0.attn_q.bias" in by_name,
         "torch_dtype": "float32",
     }
+    if arch in GEMMA_ARCHS:  # the rest of a Gemma config takes HF's defaults, as transformers
+        config["sliding_window"] = int(meta("attention.sliding_window"))
+        # Chat replies end with <end_of_turn> (HF's instruct configs list it beside <eos>).
+        tokens = _field(reader, path, "tokenizer.ggml.tokens", [])
+        if "<end_of_turn>" in tokens and config["eos_token_id"] is not None:
+            config["eos_token_id"] = [config["eos_token_id"], tokens.index("<end_of_turn>")]
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            value = meta(key, None)
+            if value is not None:
+                config[key] = float(value)
+    return config
 
 
 def _rope_scaling(reader: gguf.GGUFReader, path: Path, arch: str) -> dict[str, Any] | None:
@@ -297,8 +324,17 @@ def _check_tensors(path: Path, config: dict[str, Any], tensors: dict[str, np.nda
             if config["model_type"] == "llama":  # HF Llama's attention_bias covers o_proj too
                 biased.append(("o", d))
             layer |= {f"self_attn.{x}_proj.bias": (s,) for x, s in biased}
-        if config["model_type"] == "qwen3":
+        if config["model_type"] in ("qwen3", "gemma3_text"):
             layer |= {"self_attn.q_norm.weight": (h,), "self_attn.k_norm.weight": (h,)}
+        if config["model_type"] in ("gemma2", "gemma3_text"):
+            del layer["post_attention_layernorm.weight"]
+            layer |= {
+                f"{name}.weight": (d,)
+                for name in (
+                    "post_attention_layernorm", "pre_feedforward_layernorm",
+                    "post_feedforward_layernorm",
+                )
+            }  # fmt: skip
         expected |= {p + name: shape for name, shape in layer.items()}
     missing = sorted(expected.keys() - tensors.keys())
     extra = sorted(tensors.keys() - expected.keys())

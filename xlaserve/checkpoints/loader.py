@@ -23,8 +23,8 @@ from xlaserve.models.transformer import (
     params_from_hf_tensors,
 )
 from xlaserve.multimodal.loader import is_multimodal, split_tensors
-from xlaserve.sharding.mesh import MODEL
-from xlaserve.sharding.rules import check_tensor_parallel, init_sharded, placer
+from xlaserve.sharding.mesh import expert_parallel
+from xlaserve.sharding.rules import check_mesh, init_sharded, placer
 
 LOAD_FORMATS = ("auto", "hf", "gguf", "orbax", "dummy")
 # Weight layouts: "stacked" (one [L, ...] array per parameter, layers run in a lax.scan) or
@@ -141,7 +141,7 @@ def model_from_hf_tensors(
     top, layers = params_from_hf_tensors(config, tensors)
     place = None
     if mesh is not None:
-        check_tensor_parallel(config, mesh.shape[MODEL])
+        check_mesh(config, mesh)
         place = placer(config, mesh)
     return model_from_params(model_cls, config, top, layers, dtype, place), config
 
@@ -172,6 +172,8 @@ def load_model(
         raise ValueError("layer_layout 'per_layer' is for one device (fused axes are unsharded)")
     loaded = _load(model, load_format, dtype, seed, with_tokenizer, mesh)
     loaded.model.attention_backend = attention_backend
+    if mesh is not None and expert_parallel(mesh) > 1:
+        loaded.model.expert_mesh = mesh  # the MoE blocks run their experts per device
     if layer_layout == "per_layer":
         loaded.model.unstack_layers()
     return loaded
@@ -184,7 +186,7 @@ def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: b
         if mesh is None:
             module = model_cls(config, dtype=jdtype, rngs=nnx.Rngs(seed))
         else:
-            check_tensor_parallel(config, mesh.shape[MODEL])
+            check_mesh(config, mesh)
             module = init_sharded(model_cls, config, dtype=jdtype, seed=seed, mesh=mesh)
         return LoadedModel(module, config, None, model, jdtype)
 
@@ -203,6 +205,8 @@ def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: b
             ckpt.config, ckpt.tensors, jdtype, str(gguf_path), mesh
         )
         tokenizer = load_tokenizer(gguf_path) if with_tokenizer else None
+        if tokenizer is not None and not tokenizer.chat_template:
+            tokenizer.chat_template = family_chat_template(config)
         return LoadedModel(module, config, tokenizer, str(gguf_path), jdtype)
     if not hf.is_hf_folder(path):
         raise FileNotFoundError(f"no config.json in {path}")
@@ -220,6 +224,13 @@ def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: b
     )
     tokenizer = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None
     return LoadedModel(module, config, tokenizer, str(path), jdtype)
+
+
+def family_chat_template(config: TransformerConfig) -> str | None:
+    """The chat format a family defines, for checkpoints that carry no template of their own."""
+    from xlaserve.models import gemma
+
+    return gemma.CHAT_TEMPLATE if config.architecture in gemma.ARCHITECTURES else None
 
 
 def has_tokenizer_files(folder: Path) -> bool:

@@ -19,8 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from xlaserve.models.layers import RopeScaling
 from xlaserve.models.registry import MODEL_REGISTRY
 from xlaserve.models.transformer import Transformer, TransformerConfig, model_from_params
-from xlaserve.sharding.mesh import MODEL
-from xlaserve.sharding.rules import check_tensor_parallel, logical_rules, placer, spec_for
+from xlaserve.sharding.rules import check_mesh, mesh_rules, placer, spec_for
 
 MARKER = "xlaserve_model.json"
 FORMAT_VERSION = 1
@@ -40,6 +39,7 @@ def config_from_json(data: dict) -> TransformerConfig:
             **data,
             "rope_scaling": RopeScaling(**data["rope_scaling"]),
             "eos_token_ids": tuple(data["eos_token_ids"]),
+            "layer_types": tuple(data.get("layer_types", ())),
         }
     )
 
@@ -112,8 +112,8 @@ def restore(path: str | Path, *, dtype, mesh=None) -> tuple[Transformer, Transfo
     )
     place = None
     if mesh is not None:
-        check_tensor_parallel(config, mesh.shape[MODEL])
-        rules = logical_rules(config, mesh.shape[MODEL])
+        check_mesh(config, mesh)
+        rules = mesh_rules(config, mesh)
         axes = param_axes(abstract_model)
         abstract = {
             group: {

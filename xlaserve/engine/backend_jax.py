@@ -31,8 +31,11 @@ class JaxBackend:
                              f"mesh spans {jax.process_count()} processes")  # fmt: skip
         if resolve_runner(args.model, args.runner, args.load_format) == "pooling":
             return load_for_pooling(args, mesh)
-        if mesh is None and (args.tensor_parallel_size > 1 or jax.process_count() > 1):
-            mesh = make_mesh(args.tensor_parallel_size)
+        parallel = args.tensor_parallel_size * args.expert_parallel_size > 1
+        if mesh is None and (parallel or jax.process_count() > 1):
+            mesh = make_mesh(
+                args.tensor_parallel_size, expert_parallel_size=args.expert_parallel_size
+            )
         target = self._load(args, args.model, args.load_format, args.dtype, mesh)
         spec = args.speculative_config
         if spec is None or spec.method == "ngram":

@@ -13,6 +13,13 @@ digest chain. Freed pages keep their key and sit in an LRU free queue (freed lon
 first); a page loses its key only when it is handed out as a new page. A later request with the
 same prefix takes such a page back (refcount 0 -> 1) without recomputing it. A page with refcount >
 1 is always a full, computed, read-only page: nobody ever writes into a shared page.
+
+Sliding windows: when every layer of the model attends only to the last `window` positions,
+a page whose tokens all lie before the window of the sequence's next query can never be read
+again (`release_outside_window`). Its reference is dropped at once (it may serve other
+sequences, keeps its cache key and can be evicted) while it stays listed in the page table, so
+positions keep mapping to pages; the attention masks every key outside the window, whatever the
+page holds by then.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class BlockManager:
         self._cache: dict[CacheKey, int] = {}
         self._num_hashed: dict[int, int] = {}  # seq_id -> leading pages already registered
         self._tables: dict[int, list[int]] = {}  # seq_id -> page table
+        self._released: dict[int, int] = {}  # seq_id -> leading pages already released
         # seq_id -> chained digests of the sequence's full token pages (a memo: tokens are
         # append-only, so they never go stale while the sequence holds or seeks pages).
         self._hashes: dict[int, list[bytes]] = {}
@@ -181,19 +189,39 @@ class BlockManager:
                 self._page_key[page] = key
         self._num_hashed[seq.seq_id] = max(start, num_full)
 
+    def release_outside_window(self, seq: Sequence, window: int) -> int:
+        """Releases `seq`'s leading pages that lie wholly before the window of its next query
+        (position num_computed_tokens sees keys > num_computed_tokens - window); returns how
+        many were released now. Call after num_computed_tokens advanced."""
+        table = self._tables.get(seq.seq_id)
+        if table is None:
+            return 0
+        first_visible = seq.num_computed_tokens - window + 1
+        dead = min(max(first_visible, 0) // self.page_size, len(table))
+        start = self._released.get(seq.seq_id, 0)
+        for page in table[start:dead]:
+            self._unref(page)
+        self._released[seq.seq_id] = max(start, dead)
+        return max(dead - start, 0)
+
     def free(self, seq: Sequence) -> None:
         """Releases `seq`'s pages (refcount - 1). Pages reaching 0 join the free queue with
         their cache key kept. Tail pages are queued first: they are evicted first, which keeps
         the longer-lived shared prefixes (page chains are only useful from their start)."""
-        for page in reversed(self._tables.pop(seq.seq_id, _NO_PAGES)):
-            self.ref_counts[page] -= 1
-            assert self.ref_counts[page] >= 0, f"page {page} freed twice"
-            if self.ref_counts[page] == 0:
-                self._free[page] = None
+        table = self._tables.pop(seq.seq_id, _NO_PAGES)
+        released = self._released.pop(seq.seq_id, 0)  # already released outside a window
+        for page in reversed(table[released:]):
+            self._unref(page)
         self._num_hashed.pop(seq.seq_id, None)
         self._hashes.pop(seq.seq_id, None)
 
     # ---------------------------------------------------------------- internals
+
+    def _unref(self, page: int) -> None:
+        self.ref_counts[page] -= 1
+        assert self.ref_counts[page] >= 0, f"page {page} freed twice"
+        if self.ref_counts[page] == 0:
+            self._free[page] = None
 
     def _take_free_page(self) -> int:
         """Pops the least recently freed page, evicting its cache entry if it has one."""

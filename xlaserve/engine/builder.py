@@ -54,7 +54,10 @@ def build_engine(args: EngineArgs) -> LLMEngine | DataParallelEngine:
                          f"must be 1, got {args.data_parallel_size}")  # fmt: skip
     from xlaserve.sharding.mesh import make_mesh, replica_meshes
 
-    mesh = make_mesh(args.tensor_parallel_size, args.data_parallel_size)
+    mesh = make_mesh(
+        args.tensor_parallel_size, args.data_parallel_size,
+        expert_parallel_size=args.expert_parallel_size,
+    )  # fmt: skip
     return DataParallelEngine([build_replica(args, m) for m in replica_meshes(mesh)])
 
 
@@ -89,6 +92,11 @@ def lora_config_for(args: EngineArgs) -> LoRAConfig | None:
 def lora_manager_for(args: EngineArgs, model: LoadedForRunner) -> LoRAManager | None:
     """The host registry and cache of LoRA adapters, or None when LoRA is off."""
     config = lora_config_for(args)
+    if config is not None and model.config.num_experts:
+        raise ValueError(
+            f"enable_lora is not supported for mixture-of-experts models "
+            f"({model.config.architecture}: adapters on experts are not implemented)"
+        )
     return None if config is None else LoRAManager(config, model.config)
 
 
@@ -141,7 +149,8 @@ def build_runner(args: EngineArgs, mesh=None) -> tuple[LoadedForRunner, Schedule
         runner = backend.make_runner(model, runner_config)
     else:
         runner = backend.make_runner(model, runner_config, args.speculative_config)
-    return model, scheduler_config_for(args, max_model_len, num_pages), runner
+    kv_window = windowed_kv(model.config)
+    return model, scheduler_config_for(args, max_model_len, num_pages, kv_window), runner
 
 
 def run_follower(args: EngineArgs) -> None:
@@ -151,7 +160,18 @@ def run_follower(args: EngineArgs) -> None:
     runner.follow()
 
 
-def scheduler_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -> SchedulerConfig:
+def windowed_kv(config) -> int | None:
+    """The attention window when every layer is windowed (pages before it can be released);
+    None when any layer attends to everything (Gemma's global layers) or for encoders."""
+    kinds = getattr(config, "layer_kinds", None)
+    if not kinds or any(kind != "sliding" for kind in kinds):
+        return None
+    return config.sliding_window
+
+
+def scheduler_config_for(
+    args: EngineArgs, max_model_len: int, num_pages: int, kv_window: int | None = None
+) -> SchedulerConfig:
     spec = args.speculative_config
     return SchedulerConfig(
         max_num_seqs=args.max_num_seqs,
@@ -168,6 +188,7 @@ def scheduler_config_for(args: EngineArgs, max_model_len: int, num_pages: int) -
         max_encoder_features_per_step=(
             args.max_encoder_features_per_step or args.resolve_max_num_batched_tokens()
         ),
+        kv_window=kv_window,
     )
 
 

@@ -72,6 +72,9 @@ class SchedulerConfig:
     # A prefill chunk stops before an image that would exceed it (one image larger than the
     # whole budget still goes, alone, so nothing starves).
     max_encoder_features_per_step: int | None = None
+    # Every layer's attention window, when all layers are windowed: pages wholly before a
+    # sequence's window are released as it advances (BlockManager.release_outside_window).
+    kv_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages"):
@@ -496,6 +499,8 @@ class Scheduler:
                     self.spec.observe(seq_id, num_spec, len(accepted_ids))
             seq.spec_token_ids = list(drafts.get(seq_id, ())) if not seq.is_finished else []
             self.block_manager.cache_full_pages(seq)
+            if self.config.kv_window is not None:
+                self.block_manager.release_outside_window(seq, self.config.kv_window)
             if seq.sample_index == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 self._requests[seq.request_id].prompt_ready = True
             if seq.is_finished:

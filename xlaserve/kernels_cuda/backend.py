@@ -49,11 +49,12 @@ class TorchBackend:
     name = "torch"
 
     def load(self, args: EngineArgs, mesh=None) -> LoadedForRunner:
-        if mesh is not None or args.tensor_parallel_size != 1 or args.data_parallel_size != 1:
+        sizes = (args.tensor_parallel_size, args.data_parallel_size, args.expert_parallel_size)
+        if mesh is not None or sizes != (1, 1, 1):
             raise ValueError(
-                "backend 'torch' runs on one device (no mesh): tensor_parallel_size and "
-                f"data_parallel_size must be 1, got {args.tensor_parallel_size} and "
-                f"{args.data_parallel_size}"
+                "backend 'torch' runs on one device (no mesh): tensor_parallel_size, "
+                "data_parallel_size and expert_parallel_size must be 1, got "
+                f"{', '.join(map(str, sizes))}"
             )
         if args.enable_lora:
             raise ValueError(

@@ -98,6 +98,21 @@ def hf_tensors_from_jax(loaded: LoadedModel) -> dict[str, np.ndarray]:
     return tensors
 
 
+# The torch twin implements the Llama and Qwen dense decoders only.
+TORCH_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+)  # fmt: skip
+
+
+def check_torch_architecture(config: TransformerConfig) -> None:
+    """Refuses families the torch parity backend does not implement (Gemma, MoE)."""
+    if config.architecture not in TORCH_ARCHITECTURES:
+        raise ValueError(
+            f"the torch backend does not support architecture {config.architecture!r}; "
+            f"it runs {', '.join(TORCH_ARCHITECTURES)} (use the JAX backend)"
+        )
+
+
 def build_model(
     config: TransformerConfig,
     tensors: dict[str, np.ndarray],
@@ -107,6 +122,7 @@ def build_model(
     attention: str = "auto",
 ) -> TorchTransformer:
     """A TorchTransformer holding `tensors` (HF names and layout), without a random init."""
+    check_torch_architecture(config)
     impl = resolve_attention(attention, device)
     with torch.device("meta"):
         model = TorchTransformer(config, attention=impl)

@@ -63,6 +63,7 @@ def write_and_attend(
     *,
     sm_scale: float,
     sliding_window: int | None = None,
+    soft_cap: float | None = None,
     backend: str = "reference",
 ) -> tuple[jax.Array, jax.Array]:
     """Writes layer `layer`'s new K/V, then attends over it.
@@ -90,6 +91,7 @@ def write_and_attend(
         metadata.num_seqs,
         sm_scale=sm_scale,
         sliding_window=sliding_window,
+        soft_cap=soft_cap,
         impl=impl,
         interpret=interpret,
     )

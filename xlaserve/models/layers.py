@@ -104,13 +104,18 @@ def at_least_two_rows(x: jax.Array) -> jax.Array:
     return jnp.concatenate([x, x]) if x.shape[0] == 1 else x
 
 
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """silu(x @ w_gate) * (x @ w_up) @ w_down for x [T, D], w_gate/w_up [D, F], w_down [F, D]."""
-    gate = jax.nn.silu(linear(x, w_gate))  # [T, F]
+def swiglu(
+    x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, act=jax.nn.silu
+) -> jax.Array:
+    """act(x @ w_gate) * (x @ w_up) @ w_down for x [T, D], w_gate/w_up [D, F], w_down [F, D];
+    act is silu (SwiGLU) or tanh-approximated gelu (Gemma's GeGLU)."""
+    gate = act(linear(x, w_gate))  # [T, F]
     return linear(gate * linear(x, w_up), w_down)  # [T, D]
 
 
-def fused_swiglu(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
+def fused_swiglu(
+    x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, act=jax.nn.silu
+) -> jax.Array:
     """swiglu with the gate and up projections as one [D, 2F] matmul (gate columns first)."""
     gate, up = jnp.split(linear(x, w_gate_up), 2, axis=-1)  # [T, F] each
-    return linear(jax.nn.silu(gate) * up, w_down)  # [T, D]
+    return linear(act(gate) * up, w_down)  # [T, D]

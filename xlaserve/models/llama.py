@@ -74,3 +74,10 @@ def config_from_hf(hf: dict) -> TransformerConfig:
 
 class LlamaForCausalLM(Transformer):
     pass
+
+
+def mixtral_config_from_hf(hf: dict) -> TransformerConfig:
+    """Mixtral: a Mistral decoder whose MLPs are mixtures of experts (models/moe.py)."""
+    from xlaserve.models.moe import moe_config
+
+    return moe_config(config_from_hf(hf), hf)

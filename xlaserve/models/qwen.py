@@ -41,3 +41,10 @@ def config_from_hf(hf: dict) -> TransformerConfig:
 
 class QwenForCausalLM(Transformer):
     pass
+
+
+def qwen3_moe_config_from_hf(hf: dict) -> TransformerConfig:
+    """Qwen3-MoE: the Qwen3 decoder whose MLPs are mixtures of experts (models/moe.py)."""
+    from xlaserve.models.moe import moe_config
+
+    return moe_config(config_from_hf(hf), hf)

@@ -2,13 +2,16 @@
 
 from collections.abc import Callable
 
-from xlaserve.models import llama, qwen
+from xlaserve.models import gemma, llama, moe, qwen
 from xlaserve.models.transformer import Transformer, TransformerConfig
 
 # architecture -> (model class, HF config.json dict -> TransformerConfig)
 MODEL_REGISTRY: dict[str, tuple[type[Transformer], Callable[[dict], TransformerConfig]]] = {
     **{arch: (llama.LlamaForCausalLM, llama.config_from_hf) for arch in llama.ARCHITECTURES},
     **{arch: (qwen.QwenForCausalLM, qwen.config_from_hf) for arch in qwen.ARCHITECTURES},
+    **{arch: (gemma.GemmaForCausalLM, gemma.config_from_hf) for arch in gemma.ARCHITECTURES},
+    moe.MIXTRAL: (Transformer, llama.mixtral_config_from_hf),
+    moe.QWEN3_MOE: (Transformer, qwen.qwen3_moe_config_from_hf),
 }
 
 PRESETS: dict[str, tuple[str, dict]] = {
@@ -17,6 +20,11 @@ PRESETS: dict[str, tuple[str, dict]] = {
         name: ("Qwen3ForCausalLM" if kw.get("qk_norm") else "Qwen2ForCausalLM", kw)
         for name, kw in qwen.PRESETS.items()
     },
+    **{
+        name: ("Gemma3ForCausalLM" if kw.get("qk_norm") else "Gemma2ForCausalLM", kw)
+        for name, kw in gemma.PRESETS.items()
+    },
+    **moe.PRESETS,
 }
 
 

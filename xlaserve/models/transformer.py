@@ -1,4 +1,4 @@
-"""The decoder-only transformer shared by the Llama and Qwen families.
+"""The decoder-only transformer shared by the Llama, Qwen and Gemma families.
 
 Layers are stored stacked (leading axis L) and run with `jax.lax.scan`, so compile time does not
 grow with depth. Weights are [in, out] so activations multiply on the right.
@@ -49,6 +49,24 @@ class TransformerConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Gemma knobs (see models/gemma.py); the defaults are the Llama/Qwen behaviour.
+    # layer_types: "sliding" or "full" per layer; empty means every layer uses sliding_window.
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None  # rope base of sliding layers (Gemma 3), unscaled
+    hidden_act: str = "silu"  # gated MLP activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embed_scale: float = 1.0  # embeddings multiplied by this (Gemma: sqrt(D))
+    sandwich_norms: bool = False  # extra norms after attention and after the MLP (Gemma 2/3)
+    # Checkpoint norm weights w act as (norm_weight_offset + w) (Gemma: 1); the loader folds
+    # the offset into the stored weight, so the model's RMSNorm is the plain one.
+    norm_weight_offset: float = 0.0
+    query_pre_attn_scalar: float | None = None  # attention scale scalar**-0.5 (else H**-0.5)
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    # Mixture of experts (see models/moe.py); num_experts 0 means a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -58,6 +76,44 @@ class TransformerConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
+            )
+        bad = set(self.layer_types) - {"sliding", "full"}
+        if bad:
+            raise ValueError(f"layer_types {sorted(bad)} unknown; use 'sliding' or 'full'")
+        if "sliding" in self.layer_types and not self.sliding_window:
+            raise ValueError("layer_types name sliding layers but sliding_window is not set")
+        if self.hidden_act not in GATED_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {GATED_ACTIVATIONS}")
+
+    def layer_kind(self, layer: int) -> str:
+        """'sliding' (attends within sliding_window) or 'full' for layer `layer`."""
+        if self.layer_types:
+            return self.layer_types[layer]
+        return "sliding" if self.sliding_window else "full"
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        return tuple(self.layer_kind(i) for i in range(self.num_layers))
+
+    def window(self, kind: str) -> int | None:
+        return self.sliding_window if kind == "sliding" else None
+
+    def rope(self, kind: str) -> tuple[float, RopeScaling]:
+        """(theta, scaling) of a layer kind: Gemma 3 sliding layers use their own base."""
+        if kind == "sliding" and self.local_rope_theta is not None:
+            return self.local_rope_theta, RopeScaling()
+        return self.rope_theta, self.rope_scaling
+
+    @property
+    def sm_scale(self) -> float:
+        scalar = self.query_pre_attn_scalar
+        return (scalar if scalar is not None else self.head_dim) ** -0.5
+
+
+GATED_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 # Stacked per-layer parameters: name -> (HF name under model.layers.{i}., shape fn, logical axes).
@@ -70,7 +126,13 @@ def layer_param_specs(c: TransformerConfig) -> dict[str, tuple[str, tuple[int, .
         "wk": ("self_attn.k_proj.weight", (D, K * H), ("embed", "kv_heads")),
         "wv": ("self_attn.v_proj.weight", (D, K * H), ("embed", "kv_heads")),
         "wo": ("self_attn.o_proj.weight", (N * H, D), ("heads", "embed")),
-        "mlp_norm": ("post_attention_layernorm.weight", (D,), ("embed",)),
+        "mlp_norm": (
+            "pre_feedforward_layernorm.weight"
+            if c.sandwich_norms
+            else "post_attention_layernorm.weight",
+            (D,),
+            ("embed",),
+        ),  # fmt: skip
         "w_gate": ("mlp.gate_proj.weight", (D, F), ("embed", "mlp")),
         "w_up": ("mlp.up_proj.weight", (D, F), ("embed", "mlp")),
         "w_down": ("mlp.down_proj.weight", (F, D), ("mlp", "embed")),
@@ -82,6 +144,15 @@ def layer_param_specs(c: TransformerConfig) -> dict[str, tuple[str, tuple[int, .
     if c.qk_norm:
         specs["q_norm"] = ("self_attn.q_norm.weight", (H,), (None,))
         specs["k_norm"] = ("self_attn.k_norm.weight", (H,), (None,))
+    if c.sandwich_norms:
+        specs["attn_post_norm"] = ("post_attention_layernorm.weight", (D,), ("embed",))
+        specs["mlp_post_norm"] = ("post_feedforward_layernorm.weight", (D,), ("embed",))
+    if c.num_experts:
+        from xlaserve.models.moe import moe_param_specs
+
+        for name in ("w_gate", "w_up", "w_down"):
+            del specs[name]
+        specs |= moe_param_specs(c)
     return specs
 
 
@@ -95,7 +166,9 @@ def top_param_specs(c: TransformerConfig) -> dict[str, tuple[str, tuple[int, ...
     return specs
 
 
-NORM_PARAMS = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm")
+NORM_PARAMS = (
+    "attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "attn_post_norm", "mlp_post_norm",
+)  # fmt: skip
 BIAS_PARAMS = ("bq", "bk", "bv")
 
 
@@ -148,6 +221,7 @@ class Transformer(nnx.Module):
     ):
         self.config = config
         self.attention_backend = attention_backend
+        self.expert_mesh = None  # a mesh with an expert axis: experts split over it (moe.py)
         for name, (_, shape, axes) in top_param_specs(config).items():
             setattr(
                 self,
@@ -182,20 +256,31 @@ class Transformer(nnx.Module):
         """
         c = self.config
         x = self.embed[...][input_ids]  # [T, D]
+        if c.embed_scale != 1.0:  # Gemma: the scale rounded to the weights' dtype, as HF does
+            x = x * jnp.asarray(c.embed_scale, x.dtype)
         if embeds_override is not None:
             embeds, mask = embeds_override
             x = jnp.where(mask[:, None], embeds.astype(x.dtype), x)  # [T, D]
-        inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)  # host constant
-        cos, sin = rope_cos_sin(positions, inv_freq)  # [T, H/2]
+        kinds = c.layer_kinds
+        rope = {kind: rope_cos_sin(positions, rope_inv_freq(c.head_dim, *c.rope(kind)))
+                for kind in set(kinds)}  # fmt: skip  # kind -> (cos, sin) [T, H/2]
 
-        layer_fn = partial(decoder_layer, config=c, backend=self.attention_backend)
+        layer_fn = partial(
+            decoder_layer, config=c, backend=self.attention_backend, expert_mesh=self.expert_mesh
+        )
         aux = []
         if isinstance(self.layers, DecoderLayers):
+            # Layers of one kind share a static window; mixed kinds pick theirs per layer.
+            kind = kinds[0] if len(set(kinds)) == 1 else None
+            cos, sin = rope[kinds[0]] if kind else (None, None)
 
             def layer_step(carry, layer_inputs):
                 x_in = carry[0]
                 values, layer, lora = layer_inputs
-                out = layer_fn(*carry, values, layer, cos, sin, metadata, lora, lora_slots)
+                out = layer_fn(
+                    *carry, values, layer, cos, sin, metadata, lora, lora_slots, rope=rope,
+                    kind=kind,
+                )  # fmt: skip
                 return out, (x_in if aux_layers else None)
 
             layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
@@ -208,9 +293,10 @@ class Transformer(nnx.Module):
                 if i in aux_layers:
                     aux.append(x)
                 lora = None if lora_weights is None else lora_weights[i]
+                cos, sin = rope[kinds[i]]
                 x, kv_cache = layer_fn(
                     x, kv_cache, layer.values(), jnp.int32(i), cos, sin, metadata, lora,
-                    lora_slots,
+                    lora_slots, kind=kinds[i],
                 )  # fmt: skip
         hidden = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
         if aux_layers:
@@ -237,7 +323,9 @@ class Transformer(nnx.Module):
             for name in stacked.names
         }
         values = stacked.values()
-        fused = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+        fused = {"wqkv": ("wq", "wk", "wv")}
+        if not self.config.num_experts:
+            fused["w_gate_up"] = ("w_gate", "w_up")
         if self.config.attention_bias:
             fused["bqkv"] = ("bq", "bk", "bv")
         for name, parts in fused.items():
@@ -257,10 +345,13 @@ class Transformer(nnx.Module):
         logits = jax.lax.dot_general(
             rows, weight, (contract, ((), ())), preferred_element_type=jnp.float32
         )
+        cap = self.config.final_logit_softcap
+        if cap is not None:  # Gemma 2
+            logits = cap * jnp.tanh(logits / cap)
         return logits[: hidden.shape[0]]
 
 
-@partial(jax.jit, static_argnames=("config", "backend"))
+@partial(jax.jit, static_argnames=("config", "backend", "kind", "expert_mesh"))
 def decoder_layer(
     x: jax.Array,
     kv_cache: jax.Array,
@@ -274,12 +365,18 @@ def decoder_layer(
     *,
     config: TransformerConfig,
     backend: str,
+    kind: str | None = None,
+    rope: dict | None = None,
+    expert_mesh=None,
 ) -> tuple[jax.Array, jax.Array]:
     """One decoder layer: (x [T, D], kv_cache) -> (x, kv_cache with this layer's K/V written).
 
     Jitted so that the unrolled CPU forward traces and lowers one layer, not one per layer
     (XLA inlines the calls, so each still reads its own weight buffers).
     lora: this layer's adapter slots per target module (see `Transformer.__call__`).
+    kind: the layer's kind ("sliding" or "full", see TransformerConfig.layer_kind); None when
+    kinds are mixed and the layer is a traced index inside a scan: then its (cos, sin) come
+    from `rope` (kind -> (cos, sin)) and the attention picks its window with `lax.cond`.
     """
     c = config
     num_tokens = x.shape[0]
@@ -293,26 +390,53 @@ def decoder_layer(
     if c.qk_norm:
         q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
+    if kind is None:
+        is_sliding = jnp.asarray([k == "sliding" for k in c.layer_kinds])[layer]
+        cos = jnp.where(is_sliding, rope["sliding"][0], rope["full"][0])  # [T, H/2]
+        sin = jnp.where(is_sliding, rope["sliding"][1], rope["full"][1])
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_kv = jnp.stack([k, v], axis=2).reshape(num_tokens, 2 * c.num_kv_heads, c.head_dim)
-    kv_cache, attn = write_and_attend(
-        q,
-        new_kv,
-        kv_cache,
-        layer,
-        metadata,
-        sm_scale=c.head_dim**-0.5,
-        sliding_window=c.sliding_window,
-        backend=backend,
-    )  # attn: [T, N, H]
+    attend = partial(
+        write_and_attend, q, new_kv, kv_cache, layer, metadata, sm_scale=c.sm_scale,
+        soft_cap=c.attn_logit_softcap, backend=backend,
+    )  # fmt: skip
+    if kind is None:
+        kv_cache, attn = jax.lax.cond(
+            is_sliding,
+            lambda: attend(sliding_window=c.sliding_window),
+            lambda: attend(sliding_window=None),
+        )
+    else:
+        kv_cache, attn = attend(sliding_window=c.window(kind))  # attn: [T, N, H]
     attn = attn.reshape(num_tokens, c.num_heads * c.head_dim)  # [T, N*H]
-    x = x + adapt(linear(attn, p["wo"]), attn, "wo")
+    attn_out = adapt(linear(attn, p["wo"]), attn, "wo")  # [T, D]
+    if c.sandwich_norms:
+        attn_out = rms_norm(attn_out, p["attn_post_norm"], c.rms_norm_eps)
+    x = x + attn_out
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-    if lora is not None:
-        return x + lora_swiglu(h, p, adapt), kv_cache
+    mlp_out = mlp(h, p, c, adapt if lora is not None else None, expert_mesh)  # [T, D]
+    if c.sandwich_norms:
+        mlp_out = rms_norm(mlp_out, p["mlp_post_norm"], c.rms_norm_eps)
+    return x + mlp_out, kv_cache
+
+
+def mlp(
+    h: jax.Array, p: dict[str, jax.Array], c: TransformerConfig, adapt=None, expert_mesh=None
+) -> jax.Array:
+    """The feed-forward block of normed h [T, D]: a gated MLP, or the experts (models/moe.py)."""
+    if c.num_experts:
+        from xlaserve.models.moe import moe_block
+
+        return moe_block(h, p, c, mesh=expert_mesh)
+    act = GATED_ACTIVATION_FNS[c.hidden_act]
+    if adapt is not None:
+        return lora_swiglu(h, p, adapt, act)
     if "w_gate_up" in p:
-        return x + fused_swiglu(h, p["w_gate_up"], p["w_down"]), kv_cache
-    return x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"]), kv_cache
+        return fused_swiglu(h, p["w_gate_up"], p["w_down"], act)
+    return swiglu(h, p["w_gate"], p["w_up"], p["w_down"], act)
+
+
+GATED_ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
 
 
 def add_lora(y, x, name: str, *, lora: dict | None, slots, backend: str) -> jax.Array:
@@ -328,13 +452,13 @@ def add_lora(y, x, name: str, *, lora: dict | None, slots, backend: str) -> jax.
     return y + delta.astype(y.dtype)
 
 
-def lora_swiglu(h: jax.Array, p: dict[str, jax.Array], adapt) -> jax.Array:
+def lora_swiglu(h: jax.Array, p: dict[str, jax.Array], adapt, act=jax.nn.silu) -> jax.Array:
     """swiglu (fused or not) with adapter deltas on gate, up and down."""
     if "w_gate_up" in p:
         gate, up = jnp.split(linear(h, p["w_gate_up"]), 2, axis=-1)  # [T, F] each
     else:
         gate, up = linear(h, p["w_gate"]), linear(h, p["w_up"])
-    act = jax.nn.silu(adapt(gate, h, "w_gate")) * adapt(up, h, "w_up")  # [T, F]
+    act = act(adapt(gate, h, "w_gate")) * adapt(up, h, "w_up")  # [T, F]
     return adapt(linear(act, p["w_down"]), act, "w_down")  # [T, D]
 
 
@@ -359,7 +483,11 @@ def expected_hf_tensors(config: TransformerConfig) -> dict[str, tuple[int, ...]]
     }
     for name, (hf, shape, _) in layer_param_specs(config).items():
         for i in range(config.num_layers):
-            expected[f"model.layers.{i}.{hf}"] = hf_shape(name, shape)
+            if "{e}" in hf:  # one HF tensor per expert (models/moe.py)
+                for e in range(shape[0]):
+                    expected[f"model.layers.{i}.{hf.format(e=e)}"] = hf_shape(name, shape[1:])
+            else:
+                expected[f"model.layers.{i}.{hf}"] = hf_shape(name, shape)
     return expected
 
 
@@ -376,13 +504,21 @@ def params_from_hf_tensors(
     def ours(name: str, array: np.ndarray) -> np.ndarray:
         return array.T if array.ndim == 2 and name != "embed" else array
 
+    def layer_tensor(name: str, hf: str, shape: tuple[int, ...], i: int) -> np.ndarray:
+        if "{e}" in hf:  # experts stacked along a leading E axis
+            prefix = f"model.layers.{i}."
+            return np.stack([ours(name, tensors[prefix + hf.format(e=e)]) for e in range(shape[0])])
+        return ours(name, tensors[f"model.layers.{i}.{hf}"])
+
     top = {name: ours(name, tensors[hf]) for name, (hf, _, _) in top_param_specs(config).items()}
     layers = {
-        name: np.stack(
-            [ours(name, tensors[f"model.layers.{i}.{hf}"]) for i in range(config.num_layers)]
-        )
-        for name, (hf, _, _) in layer_param_specs(config).items()
+        name: np.stack([layer_tensor(name, hf, shape, i) for i in range(config.num_layers)])
+        for name, (hf, shape, _) in layer_param_specs(config).items()
     }
+    if config.norm_weight_offset:  # Gemma's (1 + w) folded into the stored weight
+        for params in (top, layers):
+            for name in set(params) & set(NORM_PARAMS):
+                params[name] = params[name] + np.asarray(config.norm_weight_offset, np.float32)
     return top, layers
 
 

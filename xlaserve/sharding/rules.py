@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from xlaserve.models.transformer import TransformerConfig
-from xlaserve.sharding.mesh import MODEL
+from xlaserve.sharding.mesh import EXPERT, MODEL, expert_parallel
 
 
 def divisors(n: int) -> list[int]:
@@ -37,8 +37,41 @@ def check_tensor_parallel(config: TransformerConfig, tp: int) -> None:
         )
 
 
-def logical_rules(config: TransformerConfig, tp: int) -> dict[str, str | None]:
-    """logical axis -> mesh axis (None = replicated) for this model and tensor-parallel size."""
+def check_expert_parallel(config: TransformerConfig, ep: int) -> None:
+    """Refuses an expert-parallel size the model's experts cannot be split by."""
+    if ep == 1:
+        return
+    if not config.num_experts:
+        raise ValueError(
+            f"expert_parallel_size {ep} needs a mixture-of-experts model; "
+            f"{config.architecture} has no experts"
+        )
+    if config.num_experts % ep:
+        raise ValueError(
+            f"expert_parallel_size {ep} does not divide the {config.num_experts} experts"
+        )
+
+
+def check_mesh(config: TransformerConfig, mesh) -> None:
+    """check_tensor_parallel and check_expert_parallel for a mesh's sizes."""
+    tp = mesh.shape[MODEL]
+    check_tensor_parallel(config, tp)
+    check_expert_parallel(config, expert_parallel(mesh))
+    if config.num_experts and config.moe_intermediate_size % tp:
+        raise ValueError(
+            f"tensor_parallel_size {tp} does not divide moe_intermediate_size "
+            f"{config.moe_intermediate_size}"
+        )
+
+
+def mesh_rules(config: TransformerConfig, mesh) -> dict[str, str | None]:
+    """logical_rules for a mesh's tensor- and expert-parallel sizes."""
+    return logical_rules(config, mesh.shape[MODEL], expert_parallel(mesh))
+
+
+def logical_rules(config: TransformerConfig, tp: int, ep: int = 1) -> dict[str, str | None]:
+    """logical axis -> mesh axis (None = replicated) for this model and tensor-parallel size
+    (and expert-parallel size: experts split over the expert axis)."""
     return {
         "vocab": MODEL if config.vocab_size % tp == 0 else None,
         "embed": None,
@@ -46,6 +79,7 @@ def logical_rules(config: TransformerConfig, tp: int) -> dict[str, str | None]:
         "kv_heads": MODEL if config.num_kv_heads % tp == 0 else None,
         "mlp": MODEL,
         "layers": None,
+        "expert": EXPERT if ep > 1 else None,  # each expert's mlp axis is split over model
         None: None,
     }
 
@@ -56,8 +90,7 @@ def spec_for(axes: tuple, rules: dict) -> P:
 
 def param_shardings(model: nnx.Module, mesh: Mesh) -> nnx.State:
     """A State of NamedShardings mirroring the model's parameters."""
-    tp = mesh.shape[MODEL]
-    rules = logical_rules(model.config, tp)
+    rules = mesh_rules(model.config, mesh)
     state = nnx.state(model, nnx.Param)
     return jax.tree.map(
         lambda v: NamedSharding(mesh, spec_for(v.get_metadata()["logical_axes"], rules)),
@@ -80,7 +113,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def placer(config: TransformerConfig, mesh: Mesh):
     """place(variable, host_array): device_put straight into the parameter's shards (each
     device receives only its slice; no full copy lands on one device first)."""
-    rules = logical_rules(config, mesh.shape[MODEL])
+    rules = mesh_rules(config, mesh)
 
     def place(variable: nnx.Variable, host):
         sharding = NamedSharding(mesh, spec_for(variable.get_metadata()["logical_axes"], rules))
