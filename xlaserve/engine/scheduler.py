@@ -525,6 +525,8 @@ class Scheduler:
             if seq.num_computed_tokens == seq.num_tokens:
                 seq.append_pending()
             self.block_manager.cache_full_pages(seq)
+            if self.config.kv_window is not None:
+                self.block_manager.release_outside_window(seq, self.config.kv_window)
             if seq.sample_index == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 self._requests[seq.request_id].prompt_ready = True
 
