@@ -154,12 +154,15 @@ def load_model(
     mesh: Mesh | None = None,
     attention_backend: str = "auto",
     layer_layout: str = "stacked",
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Loads a bundled model name, an HF folder, a GGUF file, an orbax folder or a dummy preset,
     in its final form: the attention backend and the weight layout (`LAYER_LAYOUTS`) are fixed
     here and nothing changes the model afterwards.
 
     With a mesh, every parameter goes straight into its shards (see sharding/rules.py).
+    quantization: one of xlaserve.quantization.QUANTIZATION_METHODS, applied to the decoder's
+    projections before the layout is fixed.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
@@ -170,6 +173,10 @@ def load_model(
         raise ValueError("layer_layout 'per_layer' is for one device (fused axes are unsharded)")
     loaded = _load(model, load_format, dtype, seed, with_tokenizer, mesh)
     loaded.model.attention_backend = attention_backend
+    if quantization is not None:
+        from xlaserve.quantization.model import quantize_model
+
+        quantize_model(loaded.model, quantization, mesh=mesh, source=loaded.source)
     if layer_layout == "per_layer":
         loaded.model.unstack_layers()
     return loaded

@@ -13,9 +13,11 @@ from xlaserve.checkpoints.loader import load_model
 from xlaserve.config import EngineArgs, enable_compilation_cache
 from xlaserve.engine.runner import ModelRunner
 from xlaserve.engine.runner_api import KVCacheSpec, LoadedForRunner, RunnerConfig
+from xlaserve.models.attention import resolve_backend
 from xlaserve.pooling.backend import load_for_pooling
 from xlaserve.pooling.runner import PoolingRunner
 from xlaserve.pooling.runner_choice import resolve_runner
+from xlaserve.quantization.kv_cache import kv_cache_storage
 from xlaserve.sharding.mesh import MODEL, make_mesh
 from xlaserve.spec_decode.draft_model import check_draft_fits
 from xlaserve.spec_decode.eagle import load_eagle_head
@@ -61,15 +63,20 @@ class JaxBackend:
             # XLA's CPU backend copies each layer's weights out of stacked arrays on every
             # step; per-layer buffers are read in place (see Transformer.unstack_layers).
             layer_layout="per_layer" if mesh is None and on_cpu else "stacked",
+            quantization=args.quantization,
         )
         # XLA's CPU backend has no 16-bit float scatter: it would convert the whole cache to
         # float32 and back around every cache write, so the CPU keeps the cache in float32.
         kv_dtype = "float32" if on_cpu else jnp.dtype(loaded.dtype).name
+        kv_dtype, scale_elements = kv_cache_storage(
+            args.kv_cache_dtype, kv_dtype, resolve_backend(args.attention_backend)
+        )
         spec = KVCacheSpec.for_model(
             loaded.config,
             page_size=args.page_size,
             dtype=kv_dtype,
             kv_head_shards=1 if mesh is None else mesh.shape[MODEL],
+            scale_elements=scale_elements,
         )
         devices = jax.devices() if mesh is None else list(mesh.devices.flat)
         return LoadedForRunner(

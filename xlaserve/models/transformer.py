@@ -27,6 +27,7 @@ from xlaserve.models.layers import (
     rope_inv_freq,
     swiglu,
 )
+from xlaserve.quantization.linear import WeightQuant, bind_quantized, fuse_quantized
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,8 @@ class Transformer(nnx.Module):
                 nnx.Param(init_value(name, shape, dtype, rngs.params()), logical_axes=axes),
             )
         self.layers = DecoderLayers(config, dtype=dtype, rngs=rngs)
+        # How the projections are stored when quantized (set at load: xlaserve/quantization).
+        self.quant: WeightQuant | None = None
 
     def __call__(
         self,
@@ -181,7 +184,9 @@ class Transformer(nnx.Module):
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)  # host constant
         cos, sin = rope_cos_sin(positions, inv_freq)  # [T, H/2]
 
-        layer_fn = partial(decoder_layer, config=c, backend=self.attention_backend)
+        layer_fn = partial(
+            decoder_layer, config=c, backend=self.attention_backend, quant=self.quant
+        )
         aux = []
         if isinstance(self.layers, DecoderLayers):
 
@@ -233,6 +238,7 @@ class Transformer(nnx.Module):
         fused = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
         if self.config.attention_bias:
             fused["bqkv"] = ("bq", "bk", "bv")
+        fused, self.quant = fuse_quantized(fused, self.quant)  # scales fuse with their weights
         for name, parts in fused.items():
             values[name] = jnp.concatenate([values.pop(part) for part in parts], axis=-1)
             axes[name] = axes[parts[0]][:-1] + (None,)  # the fused output axis is not sharded
@@ -253,7 +259,7 @@ class Transformer(nnx.Module):
         return logits[: hidden.shape[0]]
 
 
-@partial(jax.jit, static_argnames=("config", "backend"))
+@partial(jax.jit, static_argnames=("config", "backend", "quant"))
 def decoder_layer(
     x: jax.Array,
     kv_cache: jax.Array,
@@ -267,14 +273,17 @@ def decoder_layer(
     *,
     config: TransformerConfig,
     backend: str,
+    quant: WeightQuant | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One decoder layer: (x [T, D], kv_cache) -> (x, kv_cache with this layer's K/V written).
 
     Jitted so that the unrolled CPU forward traces and lowers one layer, not one per layer
     (XLA inlines the calls, so each still reads its own weight buffers).
     lora: this layer's adapter slots per target module (see `Transformer.__call__`).
+    quant: how the projections are stored (their matmuls go through `layers.linear`).
     """
     c = config
+    p = bind_quantized(p, quant)
     num_tokens = x.shape[0]
     adapt = partial(add_lora, lora=lora, slots=lora_slots, backend=backend)
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)  # [T, D]
