@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from xlaserve.models.layers import linear
 from xlaserve.quantization.gguf_blocks import PACKED_TYPES, block_shape, dequantize_rows
 from xlaserve.quantization.linear import QuantizedWeight
 
@@ -44,14 +45,19 @@ def test_q4_1_block_worked_by_hand():
     assert values[0] == 0.5 * 15 - 1.0 and values[16] == 0.5 * 3 - 1.0 and values[1] == -1.0
 
 
-def test_packed_matmul_equals_matmul_with_dequantized_weight():
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_packed_matmul_equals_the_plain_linear_with_the_dequantized_weight(dtype, rows):
     raw = synthetic_rows(T.Q4_1, rows=24, blocks=2, seed=9)  # 24 output channels, in = 64
-    w = gguf.quants.dequantize(raw, T.Q4_1).T  # [in, out]
-    x = np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32)
+    w = jnp.asarray(gguf.quants.dequantize(raw, T.Q4_1).T, dtype)  # [in, out]
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(rows, 64)), dtype)
     packed = QuantizedWeight(jnp.asarray(raw.T), None, "gguf", int(T.Q4_1))  # [row_bytes, out]
-    got = np.asarray(packed.matmul(jnp.asarray(x)))
-    want = np.asarray(jnp.dot(jnp.asarray(x), jnp.asarray(w), preferred_element_type=jnp.float32))
-    np.testing.assert_array_equal(got, want)
+    got = np.asarray(jax.jit(linear)(x, packed), np.float32)
+    want = np.asarray(jax.jit(linear)(x, w), np.float32)
+    if dtype == jnp.bfloat16:  # the engine's CPU dtype: the same bits as the plain weight
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_unpacked_type_is_refused_by_name():
