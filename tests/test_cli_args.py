@@ -77,6 +77,9 @@ CASES = [
     ("max_lora_rank", ["64"], 64),
     ("max_cpu_loras", ["16"], 16),
     ("max_cpu_loras", ["none"], None),  # default: max_loras
+    ("quantization", ["w8a8"], "w8a8"),
+    ("quantization", ["none"], None),
+    ("kv_cache_dtype", ["int8"], "int8"),
 ]
 
 

@@ -171,6 +171,9 @@ def load_model(
     resolve_backend(attention_backend)  # a ValueError naming the choices, before loading
     if layer_layout == "per_layer" and mesh is not None:
         raise ValueError("layer_layout 'per_layer' is for one device (fused axes are unsharded)")
+    if quantization == "gguf" and _format_of(model, load_format) != "gguf":
+        raise ValueError(f"quantization 'gguf' keeps a GGUF file's blocks packed; model "
+                         f"{model!r} is not a .gguf file (use int8, w8a8 or fp8)")  # fmt: skip
     loaded = _load(model, load_format, dtype, seed, with_tokenizer, mesh)
     loaded.model.attention_backend = attention_backend
     if quantization is not None:
@@ -180,6 +183,12 @@ def load_model(
     if layer_layout == "per_layer":
         loaded.model.unstack_layers()
     return loaded
+
+
+def _format_of(model: str, load_format: str) -> str:
+    if load_format != "auto":
+        return load_format
+    return detect_format(resolve_bundled(model) or Path(model))
 
 
 def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: bool, mesh):

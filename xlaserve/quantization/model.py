@@ -36,6 +36,10 @@ def quantize_model(model: Transformer, method: str, *, mesh=None, source: str = 
     layers = model.layers
     if not isinstance(layers, DecoderLayers):
         raise ValueError("quantize_model expects the stacked layer layout")
+    for name in PROJECTIONS:  # a NaN/inf weight (or GGUF block scale) would corrupt the scales
+        if not bool(jax.jit(lambda w: jax.numpy.isfinite(w).all())(getattr(layers, name)[...])):
+            raise ValueError(f"{source}: projection {name!r} holds NaN or infinite values; "
+                             f"cannot quantize it ({method})")  # fmt: skip
     if method == "gguf":
         packed = _gguf_packed(model, source)
         model.quant = WeightQuant("gguf", tuple((n, t) for n, (_, t) in packed.items()))
