@@ -1,5 +1,7 @@
 """Options that cannot be honoured are refused at start-up with the bad value named."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -39,3 +41,11 @@ def test_corrupt_block_scales_are_refused(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", tensors)
     with pytest.raises(ValueError, match="projection 'w_up' holds NaN or infinite values"):
         load_model(str(path), with_tokenizer=False, quantization="int8")
+
+
+def test_prequantized_checkpoints_are_refused_by_their_method(tmp_path):
+    quantization = {"quant_method": "compressed-tensors", "format": "int-quantized"}
+    config = {"architectures": ["LlamaForCausalLM"], "quantization_config": quantization}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="pre-quantized checkpoint .*'compressed-tensors'"):
+        load_model(str(tmp_path), with_tokenizer=False)

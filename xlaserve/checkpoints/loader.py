@@ -221,12 +221,26 @@ def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: b
     if not hf.is_hf_folder(path):
         raise FileNotFoundError(f"no config.json in {path}")
     hf_config = hf.read_config(path)
+    refuse_prequantized(hf_config, path)
     model_cls, _ = resolve_architecture(hf_config)  # fail on the architecture before reading
     module, config = model_from_hf_tensors(
         hf_config, hf.read_tensors(path), jdtype, str(path), mesh
     )
     tokenizer = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None
     return LoadedModel(module, config, tokenizer, str(path), jdtype)
+
+
+def refuse_prequantized(hf_config: dict, path: Path) -> None:
+    """Pre-quantized HF checkpoints (compressed-tensors, GPTQ, AWQ, fp8 ...) are not read:
+    their extra tensors would otherwise surface as a confusing unexpected-tensor error."""
+    config = hf_config.get("quantization_config") or hf_config.get("compression_config")
+    if config:
+        method = config.get("quant_method", config.get("format", "unknown"))
+        raise ValueError(
+            f"{path} is a pre-quantized checkpoint (quant_method {method!r}), which xlaserve "
+            "does not load; load the unquantized model with quantization='int8', 'w8a8' or "
+            "'fp8' instead"
+        )
 
 
 def has_tokenizer_files(folder: Path) -> bool:
