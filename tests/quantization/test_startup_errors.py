@@ -49,3 +49,8 @@ def test_prequantized_checkpoints_are_refused_by_their_method(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="pre-quantized checkpoint .*'compressed-tensors'"):
         load_model(str(tmp_path), with_tokenizer=False)
+
+
+def test_pooling_runner_refuses_quantization():
+    with pytest.raises(ValueError, match="runner 'pooling' serves 16/32-bit weights"):
+        LLM(runner="pooling", quantization="int8")

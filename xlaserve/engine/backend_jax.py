@@ -32,6 +32,12 @@ class JaxBackend:
             raise ValueError("LoRA adapters (enable_lora=True) are served on one host; this "
                              f"mesh spans {jax.process_count()} processes")  # fmt: skip
         if resolve_runner(args.model, args.runner, args.load_format) == "pooling":
+            if args.quantization is not None or args.kv_cache_dtype != "auto":
+                raise ValueError(
+                    f"quantization={args.quantization!r} and kv_cache_dtype="
+                    f"{args.kv_cache_dtype!r} apply to generating models; runner 'pooling' "
+                    "serves 16/32-bit weights (leave both unset)"
+                )
             return load_for_pooling(args, mesh)
         if mesh is None and (args.tensor_parallel_size > 1 or jax.process_count() > 1):
             mesh = make_mesh(args.tensor_parallel_size)
