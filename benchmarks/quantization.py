@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -64,7 +66,10 @@ def markdown(result: dict) -> str:
         "One process, one engine per mode, modes measured one after another; the CPU is shared "
         "with other jobs while measuring, so compare ratios within this run. Weights bfloat16 "
         "unless quantized; embedding and LM head stay bfloat16 in every mode. KV cache: float32 "
-        "(the CPU engine's default) unless int8/fp8.", "",
+        "(the CPU engine's default) unless int8/fp8. "
+        f"Prompts {result['input_len']} tokens, {result['output_len']} generated; only steps "
+        "in which every row decodes are timed (median).",
+        *([f"Machine state: {result['note']}."] if result.get("note") else []), "",
         "| mode | weight MB | vs bf16 | KV pages / GB | tok/s b1 | vs bf16 | tok/s b32 | vs bf16 |",
         "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
@@ -87,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=24)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--note", default="", help="the machine's state while measuring")
+    p.add_argument("--rewrite-md", help="only rewrite the .md of this results .json")
     args = p.parse_args(argv)
+    if args.rewrite_md:
+        result = json.loads(Path(args.rewrite_md).read_text())
+        Path(args.rewrite_md).with_suffix(".md").write_text(markdown(result))
+        return 0
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     wanted = args.modes.split(",")
     result = {"model": args.model, "device": device_name(), "date": today(), "note": args.note,
