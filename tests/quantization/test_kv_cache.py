@@ -83,3 +83,14 @@ def test_pages_in_the_same_memory_nearly_double_against_bfloat16():
 def test_kernel_backends_refuse_a_quantized_cache_clearly():
     with pytest.raises(ValueError, match="kv_cache_dtype 'int8' is read by the reference"):
         kv_cache_storage("int8", "float32", "tpu")
+
+
+@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+def test_attention_kernels_refuse_a_quantized_cache_in_interpret_mode(impl):
+    rng = np.random.default_rng(2)
+    q, cache, (kv_lens, table, cu, n) = _paged_case(rng, kv_lens=[5], q_lens=[5])
+    stored = quantize_kv(jnp.asarray(cache.reshape(-1, *cache.shape[2:])), jnp.int8)
+    stored = stored.reshape(*cache.shape[:3], -1)
+    with pytest.raises(ValueError, match=f"the {impl} attention kernel reads 16/32-bit caches"):
+        ragged_paged_attention(jnp.asarray(q), stored, kv_lens, table, cu, n, impl=impl,
+                               interpret=True)  # fmt: skip

@@ -83,7 +83,9 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Causal attention of ragged query rows over paged K/V.
 
-    q: [T, N, H]; kv_cache: [P, page_size, 2K, H] (K and V interleaved on axis 2);
+    q: [T, N, H]; kv_cache: [P, page_size, 2K, H] (K and V interleaved on axis 2), or an
+    int8 / float8 cache [P, page_size, 2K, H + 2] whose rows end in their scale
+    (xlaserve/quantization/kv_cache.py);
     kv_lens: i32[S]; page_indices: i32[S, pages_per_seq]; cu_q_lens: i32[S + 1];
     num_seqs: i32[1] (only the first num_seqs sequences are real).
     sliding_window: a query at position p sees keys at positions > p - sliding_window.
