@@ -88,6 +88,9 @@ CASES = [
     ("allowed_local_media_path", ["/srv/images"], "/srv/images"),
     ("allow_remote_media", None, True),
     ("allow_remote_media", "no", False),
+    ("quantization", ["w8a8"], "w8a8"),
+    ("quantization", ["none"], None),
+    ("kv_cache_dtype", ["int8"], "int8"),
 ]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 
 from xlaserve.checkpoints.presets import DEFAULT_MODEL
+from xlaserve.quantization.config import check_kv_cache_dtype, check_quantization
 from xlaserve.spec_decode.config import SpeculativeConfig
 
 DEFAULT_COMPILATION_CACHE = str(Path.home() / ".cache" / "xlaserve" / "jax")
@@ -125,6 +126,15 @@ class EngineArgs:
     allow_remote_media: bool = _opt(
         False, "let requests name http(s):// image URLs (fetched with size and time limits)"
     )
+    quantization: str | None = _opt(
+        None,
+        "projection weights: int8 (per-channel, w8a16), w8a8 (int8 weights and per-token "
+        "int8 activations), fp8 (e4m3 weights), gguf (a GGUF file's blocks kept packed); "
+        "None: the model dtype",
+    )
+    kv_cache_dtype: str = _opt(
+        "auto", "KV cache storage: auto (the model's), int8 or fp8 (with per-token scales)"
+    )
 
     def __post_init__(self):
         for name in (
@@ -212,6 +222,8 @@ class EngineArgs:
                              f"({self.max_loras})")  # fmt: skip
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        check_quantization(self.quantization)
+        check_kv_cache_dtype(self.kv_cache_dtype)
 
     def resolve_max_model_len(self, model_max: int) -> int:
         if self.max_model_len is None:

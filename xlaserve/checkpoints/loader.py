@@ -156,12 +156,15 @@ def load_model(
     mesh: Mesh | None = None,
     attention_backend: str = "auto",
     layer_layout: str = "stacked",
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Loads a bundled model name, an HF folder, a GGUF file, an orbax folder or a dummy preset,
     in its final form: the attention backend and the weight layout (`LAYER_LAYOUTS`) are fixed
     here and nothing changes the model afterwards.
 
     With a mesh, every parameter goes straight into its shards (see sharding/rules.py).
+    quantization: one of xlaserve.quantization.QUANTIZATION_METHODS, applied to the decoder's
+    projections before the layout is fixed.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
@@ -170,13 +173,26 @@ def load_model(
     resolve_backend(attention_backend)  # a ValueError naming the choices, before loading
     if layer_layout == "per_layer" and mesh is not None:
         raise ValueError("layer_layout 'per_layer' is for one device (fused axes are unsharded)")
+    if quantization == "gguf" and _format_of(model, load_format) != "gguf":
+        raise ValueError(f"quantization 'gguf' keeps a GGUF file's blocks packed; model "
+                         f"{model!r} is not a .gguf file (use int8, w8a8 or fp8)")  # fmt: skip
     loaded = _load(model, load_format, dtype, seed, with_tokenizer, mesh)
     loaded.model.attention_backend = attention_backend
     if mesh is not None and expert_parallel(mesh) > 1:
         loaded.model.expert_mesh = mesh  # the MoE blocks run their experts per device
+    if quantization is not None:
+        from xlaserve.quantization.model import quantize_model
+
+        quantize_model(loaded.model, quantization, mesh=mesh, source=loaded.source)
     if layer_layout == "per_layer":
         loaded.model.unstack_layers()
     return loaded
+
+
+def _format_of(model: str, load_format: str) -> str:
+    if load_format != "auto":
+        return load_format
+    return detect_format(resolve_bundled(model) or Path(model))
 
 
 def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: bool, mesh):
@@ -211,6 +227,7 @@ def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: b
     if not hf.is_hf_folder(path):
         raise FileNotFoundError(f"no config.json in {path}")
     hf_config = hf.read_config(path)
+    refuse_prequantized(hf_config, path)
     if is_multimodal(hf_config):  # a decoder plus a vision tower (xlaserve/multimodal)
         text_config, tensors, vision = split_tensors(
             hf_config, hf.read_tensors(path), path, check_tensors
@@ -231,6 +248,19 @@ def family_chat_template(config: TransformerConfig) -> str | None:
     from xlaserve.models import gemma
 
     return gemma.CHAT_TEMPLATE if config.architecture in gemma.ARCHITECTURES else None
+
+
+def refuse_prequantized(hf_config: dict, path: Path) -> None:
+    """Pre-quantized HF checkpoints (compressed-tensors, GPTQ, AWQ, fp8 ...) are not read:
+    their extra tensors would otherwise surface as a confusing unexpected-tensor error."""
+    config = hf_config.get("quantization_config") or hf_config.get("compression_config")
+    if config:
+        method = config.get("quant_method", config.get("format", "unknown"))
+        raise ValueError(
+            f"{path} is a pre-quantized checkpoint (quant_method {method!r}), which xlaserve "
+            "does not load; load the unquantized model with quantization='int8', 'w8a8' or "
+            "'fp8' instead"
+        )
 
 
 def has_tokenizer_files(folder: Path) -> bool:

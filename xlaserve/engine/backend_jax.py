@@ -13,9 +13,11 @@ from xlaserve.checkpoints.loader import load_model
 from xlaserve.config import EngineArgs, enable_compilation_cache
 from xlaserve.engine.runner import ModelRunner
 from xlaserve.engine.runner_api import KVCacheSpec, LoadedForRunner, RunnerConfig
+from xlaserve.models.attention import resolve_backend
 from xlaserve.pooling.backend import load_for_pooling
 from xlaserve.pooling.runner import PoolingRunner
 from xlaserve.pooling.runner_choice import resolve_runner
+from xlaserve.quantization.kv_cache import kv_cache_storage
 from xlaserve.sharding.mesh import MODEL, make_mesh
 from xlaserve.spec_decode.draft_model import check_draft_fits
 from xlaserve.spec_decode.eagle import load_eagle_head
@@ -30,6 +32,12 @@ class JaxBackend:
             raise ValueError("LoRA adapters (enable_lora=True) are served on one host; this "
                              f"mesh spans {jax.process_count()} processes")  # fmt: skip
         if resolve_runner(args.model, args.runner, args.load_format) == "pooling":
+            if args.quantization is not None or args.kv_cache_dtype != "auto":
+                raise ValueError(
+                    f"quantization={args.quantization!r} and kv_cache_dtype="
+                    f"{args.kv_cache_dtype!r} apply to generating models; runner 'pooling' "
+                    "serves 16/32-bit weights (leave both unset)"
+                )
             return load_for_pooling(args, mesh)
         parallel = args.tensor_parallel_size * args.expert_parallel_size > 1
         if mesh is None and (parallel or jax.process_count() > 1):
@@ -64,15 +72,20 @@ class JaxBackend:
             # XLA's CPU backend copies each layer's weights out of stacked arrays on every
             # step; per-layer buffers are read in place (see Transformer.unstack_layers).
             layer_layout="per_layer" if mesh is None and on_cpu else "stacked",
+            quantization=args.quantization,
         )
         # XLA's CPU backend has no 16-bit float scatter: it would convert the whole cache to
         # float32 and back around every cache write, so the CPU keeps the cache in float32.
         kv_dtype = "float32" if on_cpu else jnp.dtype(loaded.dtype).name
+        kv_dtype, scale_elements = kv_cache_storage(
+            args.kv_cache_dtype, kv_dtype, resolve_backend(args.attention_backend)
+        )
         spec = KVCacheSpec.for_model(
             loaded.config,
             page_size=args.page_size,
             dtype=kv_dtype,
             kv_head_shards=1 if mesh is None else mesh.shape[MODEL],
+            scale_elements=scale_elements,
         )
         devices = jax.devices() if mesh is None else list(mesh.devices.flat)
         vision = image_processor = None

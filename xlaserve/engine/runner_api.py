@@ -60,6 +60,10 @@ class RunnerConfig:
         return -(-self.max_model_len // self.page_size)
 
 
+# Cache dtypes numpy does not name without ml_dtypes (this module stays device-free).
+NON_NUMPY_ITEMSIZE = {"bfloat16": 2, "float8_e4m3fn": 1}
+
+
 @dataclass(frozen=True)
 class KVCacheSpec:
     """The one definition of the paged KV cache layout: [L, P, page_size, 2K, H], K and V
@@ -70,24 +74,34 @@ class KVCacheSpec:
     page_size: int
     num_kv_heads: int
     head_dim: int
-    dtype: str  # numpy name: "float32", "bfloat16", ...
+    dtype: str  # numpy name: "float32", "bfloat16", "int8", "float8_e4m3fn" ...
     kv_head_shards: int = 1
+    # Quantized caches (int8, fp8) keep each head row's scale in this many extra trailing
+    # elements of the H axis (see xlaserve/quantization/kv_cache.py); 0 otherwise.
+    scale_elements: int = 0
 
     @classmethod
     def for_model(
-        cls, config, *, page_size: int, dtype: str, kv_head_shards: int = 1
+        cls,
+        config,
+        *,
+        page_size: int,
+        dtype: str,
+        kv_head_shards: int = 1,
+        scale_elements: int = 0,
     ) -> KVCacheSpec:
         """The spec of a model config (anything with num_layers, num_kv_heads, head_dim)."""
         return cls(config.num_layers, page_size, config.num_kv_heads, config.head_dim, dtype,
-                   kv_head_shards)  # fmt: skip
+                   kv_head_shards, scale_elements)  # fmt: skip
 
     def shape(self, num_pages: int) -> tuple[int, int, int, int, int]:
-        return (self.num_layers, num_pages, self.page_size, 2 * self.num_kv_heads, self.head_dim)
+        row = self.head_dim + self.scale_elements
+        return (self.num_layers, num_pages, self.page_size, 2 * self.num_kv_heads, row)
 
     @property
     def itemsize(self) -> int:
-        if self.dtype == "bfloat16":
-            return 2
+        if self.dtype in NON_NUMPY_ITEMSIZE:
+            return NON_NUMPY_ITEMSIZE[self.dtype]
         return np.dtype(self.dtype).itemsize
 
     @property
@@ -98,7 +112,7 @@ class KVCacheSpec:
     def bytes_per_token(self) -> int:
         """Bytes of K and V for one token over all layers, on one device."""
         heads = self.num_kv_heads // self.kv_head_shards if self.heads_split else self.num_kv_heads
-        return self.num_layers * 2 * heads * self.head_dim * self.itemsize
+        return self.num_layers * 2 * heads * (self.head_dim + self.scale_elements) * self.itemsize
 
     @property
     def page_bytes(self) -> int:

@@ -61,6 +61,12 @@ class TorchBackend:
                 "backend 'torch' does not serve LoRA adapters (enable_lora=True); use the jax "
                 "backend"
             )
+        if args.quantization is not None or args.kv_cache_dtype != "auto":
+            raise ValueError(
+                "backend 'torch' runs 16/32-bit weights and KV caches; quantization="
+                f"{args.quantization!r} and kv_cache_dtype={args.kv_cache_dtype!r} need the jax "
+                "backend"
+            )
         if args.attention_backend != "auto":
             raise ValueError(
                 "attention_backend selects the JAX kernels; backend 'torch' picks its own "

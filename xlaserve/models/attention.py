@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from xlaserve.kernels_pallas.kv_cache_update import kv_cache_update
 from xlaserve.kernels_pallas.ragged_paged_attention import ragged_paged_attention, resolve_impl
+from xlaserve.quantization.kv_cache import is_quantized_kv, quantize_kv
 
 ATTENTION_BACKENDS = ("auto", "reference", "tpu", "gpu")
 
@@ -80,6 +81,11 @@ def write_and_attend(
     slots = jnp.where(
         metadata.slot_mapping >= 0, metadata.slot_mapping + first_page * page_size, -1
     )
+    if is_quantized_kv(kv_cache.dtype):  # 8-bit values with per-row scales
+        if impl != "reference":
+            raise ValueError(f"the {impl} attention kernel does not read a {kv_cache.dtype} KV "
+                             "cache; use attention_backend='reference'")  # fmt: skip
+        new_kv = quantize_kv(new_kv, kv_cache.dtype)  # [T, 2K, H + 2]
     update_impl = "tpu" if impl == "tpu" else "reference"
     flat = kv_cache_update(new_kv, flat, slots, impl=update_impl, interpret=interpret)
     out = ragged_paged_attention(

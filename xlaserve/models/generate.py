@@ -16,6 +16,7 @@ from xlaserve.engine.input_batch import Chunk, StepInputs, pack_tokens
 from xlaserve.engine.runner_api import KVCacheSpec
 from xlaserve.models.attention import AttentionMetadata
 from xlaserve.models.transformer import Transformer
+from xlaserve.quantization.kv_cache import kv_cache_storage
 
 
 def round_up_pow2(n: int, minimum: int = 8) -> int:
@@ -31,13 +32,19 @@ class StepOutput:
 class PagedModelRunner:
     """Runs ragged steps of a model over its own paged cache (pages assigned contiguously)."""
 
-    def __init__(self, model: Transformer, *, num_seqs: int, max_len: int, page_size: int = 16):
+    def __init__(
+        self, model: Transformer, *, num_seqs: int, max_len: int, page_size: int = 16,
+        kv_cache_dtype: str = "auto",
+    ):  # fmt: skip
+        """kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8" (EngineArgs's)."""
         self.graphdef, self.state = nnx.split(model)
         self.num_seqs, self.page_size = num_seqs, page_size
         self.pages_per_seq = -(-max_len // page_size)
-        dtype = model.embed[...].dtype
-        spec = KVCacheSpec.for_model(model.config, page_size=page_size, dtype=dtype.name)
-        self.kv_cache = jnp.zeros(spec.shape(num_seqs * self.pages_per_seq), dtype)
+        dtype, scales = kv_cache_storage(kv_cache_dtype, model.embed[...].dtype.name, "reference")
+        spec = KVCacheSpec.for_model(
+            model.config, page_size=page_size, dtype=dtype, scale_elements=scales
+        )
+        self.kv_cache = jnp.zeros(spec.shape(num_seqs * self.pages_per_seq), jnp.dtype(dtype))
         self.page_indices = np.arange(num_seqs * self.pages_per_seq, dtype=np.int32).reshape(
             num_seqs, self.pages_per_seq
         )

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlaserve.quantization.linear import QuantizedWeight
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -91,8 +93,10 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
 
     Asking for a float32 result keeps 16-bit matmuls on XLA's fast CPU path (without it the
     CPU backend converts both operands to float32 first); accelerators accumulate in float32
-    either way.
+    either way. A quantized weight (xlaserve/quantization) runs its own matmul.
     """
+    if isinstance(w, QuantizedWeight):
+        return w.matmul(x)
     rows = at_least_two_rows(x.astype(w.dtype))
     out = jnp.dot(rows, w, preferred_element_type=jnp.float32)
     return out[: x.shape[0]].astype(x.dtype)

@@ -27,6 +27,7 @@ from xlaserve.models.layers import (
     rope_inv_freq,
     swiglu,
 )
+from xlaserve.quantization.linear import WeightQuant, bind_quantized, fuse_quantized
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,8 @@ class Transformer(nnx.Module):
                 nnx.Param(init_value(name, shape, dtype, rngs.params()), logical_axes=axes),
             )
         self.layers = DecoderLayers(config, dtype=dtype, rngs=rngs)
+        # How the projections are stored when quantized (set at load: xlaserve/quantization).
+        self.quant: WeightQuant | None = None
 
     def __call__(
         self,
@@ -266,7 +269,11 @@ class Transformer(nnx.Module):
                 for kind in set(kinds)}  # fmt: skip  # kind -> (cos, sin) [T, H/2]
 
         layer_fn = partial(
-            decoder_layer, config=c, backend=self.attention_backend, expert_mesh=self.expert_mesh
+            decoder_layer,
+            config=c,
+            backend=self.attention_backend,
+            expert_mesh=self.expert_mesh,
+            quant=self.quant,
         )
         aux = []
         if isinstance(self.layers, DecoderLayers):
@@ -328,6 +335,7 @@ class Transformer(nnx.Module):
             fused["w_gate_up"] = ("w_gate", "w_up")
         if self.config.attention_bias:
             fused["bqkv"] = ("bq", "bk", "bv")
+        fused, self.quant = fuse_quantized(fused, self.quant)  # scales fuse with their weights
         for name, parts in fused.items():
             values[name] = jnp.concatenate([values.pop(part) for part in parts], axis=-1)
             axes[name] = axes[parts[0]][:-1] + (None,)  # the fused output axis is not sharded
@@ -351,7 +359,7 @@ class Transformer(nnx.Module):
         return logits[: hidden.shape[0]]
 
 
-@partial(jax.jit, static_argnames=("config", "backend", "kind", "expert_mesh"))
+@partial(jax.jit, static_argnames=("config", "backend", "kind", "expert_mesh", "quant"))
 def decoder_layer(
     x: jax.Array,
     kv_cache: jax.Array,
@@ -368,6 +376,7 @@ def decoder_layer(
     kind: str | None = None,
     rope: dict | None = None,
     expert_mesh=None,
+    quant: WeightQuant | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One decoder layer: (x [T, D], kv_cache) -> (x, kv_cache with this layer's K/V written).
 
@@ -377,8 +386,10 @@ def decoder_layer(
     kind: the layer's kind ("sliding" or "full", see TransformerConfig.layer_kind); None when
     kinds are mixed and the layer is a traced index inside a scan: then its (cos, sin) come
     from `rope` (kind -> (cos, sin)) and the attention picks its window with `lax.cond`.
+    quant: how the projections are stored (their matmuls go through `layers.linear`).
     """
     c = config
+    p = bind_quantized(p, quant)
     num_tokens = x.shape[0]
     adapt = partial(add_lora, lora=lora, slots=lora_slots, backend=backend)
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)  # [T, D]

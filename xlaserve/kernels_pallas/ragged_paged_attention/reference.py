@@ -12,6 +12,8 @@ G = N // K query heads per kv head, H head dim, P pages, L kv positions of one s
 import jax
 import jax.numpy as jnp
 
+from xlaserve.quantization.kv_cache import SCALE_ELEMENTS, dequantize_kv, is_quantized_kv
+
 # K/V positions per block of the online-softmax loop (rounded up to whole pages). The loop runs
 # only over the blocks the longest sequence of the step uses, so the cost follows the real
 # context lengths, not max_model_len.
@@ -33,6 +35,8 @@ def validate_inputs(
         raise ValueError(f"kv_cache must be [P, page_size, 2*K, H], got shape {kv_cache.shape}")
     num_tokens, num_heads, head_dim = q.shape
     _, _, kv_heads2, cache_head_dim = kv_cache.shape
+    if is_quantized_kv(kv_cache.dtype):  # each row ends in its scale (quantization/kv_cache)
+        cache_head_dim -= SCALE_ELEMENTS
     if cache_head_dim != head_dim:
         raise ValueError(f"head dim of q {q.shape} and kv_cache {kv_cache.shape} differ")
     if kv_heads2 % 2:
@@ -79,7 +83,9 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Causal attention of ragged query rows over paged K/V.
 
-    q: [T, N, H]; kv_cache: [P, page_size, 2K, H] (K and V interleaved on axis 2);
+    q: [T, N, H]; kv_cache: [P, page_size, 2K, H] (K and V interleaved on axis 2), or an
+    int8 / float8 cache [P, page_size, 2K, H + 2] whose rows end in their scale
+    (xlaserve/quantization/kv_cache.py);
     kv_lens: i32[S]; page_indices: i32[S, pages_per_seq]; cu_q_lens: i32[S + 1];
     num_seqs: i32[1] (only the first num_seqs sequences are real).
     sliding_window: a query at position p sees keys at positions > p - sliding_window.
@@ -89,6 +95,7 @@ def ragged_paged_attention(
     validate_inputs(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs)
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, kv_heads2, _ = kv_cache.shape
+    quantized = is_quantized_kv(kv_cache.dtype)
     num_kv_heads = kv_heads2 // 2
     group = num_heads // num_kv_heads
     block_pages = max(1, -(-KV_BLOCK_TOKENS // page_size))
@@ -116,8 +123,9 @@ def ragged_paged_attention(
     def kv_block(b, carry):
         row_max, denom, acc = carry  # [T, K, G], [T, K, G], [T, K, G, H]
         pages = jax.lax.dynamic_slice_in_dim(row_pages, b * block_pages, block_pages, axis=1)
-        kv = kv_cache[pages].reshape(num_tokens, block_len, num_kv_heads, 2, head_dim)
-        kv = kv.astype(jnp.float32)
+        kv = kv_cache[pages]  # [T, block_pages, page_size, 2K, H (+ scale)]
+        kv = dequantize_kv(kv, head_dim) if quantized else kv.astype(jnp.float32)
+        kv = kv.reshape(num_tokens, block_len, num_kv_heads, 2, head_dim)
         key_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)  # [Lb]
         mask = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < row_kv_len[:, None])
         if sliding_window is not None:

@@ -1,0 +1,115 @@
+"""Quantization on one device: weight bytes, decode tokens/s at batch 1 and 32, KV pages per GB.
+
+Each mode (bfloat16 weights, int8, w8a8, fp8, the GGUF file's packed blocks, and int8 / fp8
+KV caches under bfloat16 weights) gets its own engine in the same run; decode steps (every
+row decoding one token) are timed after warm-up, and the median step gives tokens/s.
+
+    PYTHONPATH=. python benchmarks/quantization.py --model smollm2-135m-instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from xlaserve import LLM, SamplingParams
+from xlaserve.bench.common import decode_step_seconds, slug, today, write_results
+from xlaserve.bench.roofline import device_name
+
+# (label, quantization, kv_cache_dtype)
+MODES = [
+    ("bf16", None, "auto"),
+    ("int8", "int8", "auto"),
+    ("w8a8", "w8a8", "auto"),
+    ("fp8", "fp8", "auto"),
+    ("gguf", "gguf", "auto"),
+    ("bf16+kv-int8", None, "int8"),
+    ("bf16+kv-fp8", None, "fp8"),
+]
+GB = 10**9
+
+
+def measure(model: str, quantization, kv_cache_dtype: str, args) -> dict:
+    llm = LLM(model, dtype="bfloat16", quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+              max_model_len=256, max_num_seqs=max(args.batch_sizes),
+              max_num_batched_tokens=64, compilation_cache_dir=None)  # fmt: skip
+    info = llm.engine.runner.device_info()
+    spec = llm.engine.runner.kv_cache_spec
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    rng = np.random.default_rng(0)
+    out = {"weight_bytes": info.parameter_bytes, "kv_page_bytes": spec.page_bytes,
+           "kv_pages_per_gb": GB // spec.page_bytes, "kv_dtype": spec.dtype}  # fmt: skip
+    for batch in args.batch_sizes:
+        prompts = [{"prompt_token_ids": rng.integers(100, 20000, args.input_len).tolist()}
+                   for _ in range(batch)]  # fmt: skip
+        times = decode_step_seconds(llm, prompts, params)
+        if not times:
+            raise ValueError(f"no step decoded all {batch} rows; raise --output-len")
+        step = statistics.median(times)
+        out[f"decode_step_ms_b{batch}"] = round(1e3 * step, 3)
+        out[f"decode_tok_s_b{batch}"] = round(batch / step, 1)
+    del llm
+    gc.collect()
+    return out
+
+
+def markdown(result: dict) -> str:
+    base = result["modes"]["bf16"]
+    lines = [
+        f"# Quantization: {result['model']} on {result['device']} ({result['date']})", "",
+        "One process, one engine per mode, modes measured one after another; the CPU is shared "
+        "with other jobs while measuring, so compare ratios within this run. Weights bfloat16 "
+        "unless quantized; embedding and LM head stay bfloat16 in every mode. KV cache: float32 "
+        "(the CPU engine's default) unless int8/fp8. "
+        f"Prompts {result['input_len']} tokens, {result['output_len']} generated; only steps "
+        "in which every row decodes are timed (median).",
+        *([f"Machine state: {result['note']}."] if result.get("note") else []), "",
+        "| mode | weight MB | vs bf16 | KV pages / GB | tok/s b1 | vs bf16 | tok/s b32 | vs bf16 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for label, m in result["modes"].items():
+        lines.append(
+            f"| {label} | {m['weight_bytes'] / 1e6:.1f} | "
+            f"{m['weight_bytes'] / base['weight_bytes']:.2f} | {m['kv_pages_per_gb']} | "
+            f"{m['decode_tok_s_b1']} | {m['decode_tok_s_b1'] / base['decode_tok_s_b1']:.2f} | "
+            f"{m['decode_tok_s_b32']} | {m['decode_tok_s_b32'] / base['decode_tok_s_b32']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--modes", default=",".join(m[0] for m in MODES))
+    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--input-len", type=int, default=16)
+    p.add_argument("--output-len", type=int, default=24)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--note", default="", help="the machine's state while measuring")
+    p.add_argument("--rewrite-md", help="only rewrite the .md of this results .json")
+    args = p.parse_args(argv)
+    if args.rewrite_md:
+        result = json.loads(Path(args.rewrite_md).read_text())
+        Path(args.rewrite_md).with_suffix(".md").write_text(markdown(result))
+        return 0
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    wanted = args.modes.split(",")
+    result = {"model": args.model, "device": device_name(), "date": today(), "note": args.note,
+              "input_len": args.input_len, "output_len": args.output_len, "modes": {}}  # fmt: skip
+    for label, quantization, kv in MODES:
+        if label in wanted:
+            result["modes"][label] = measure(args.model, quantization, kv, args)
+            print(label, result["modes"][label], flush=True)
+    stem = f"quantization-{args.model}-{slug(result['device'])}-{result['date']}"
+    print(write_results(args.out, stem, result, markdown(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""SmolLM2-135M-Instruct quantized: perplexity on a fixed English text against bfloat16, and
+the GGUF file's packed blocks give the dequantized model's greedy tokens."""
+
+import pytest
+
+from tests.quantization.conftest import perplexity
+from xlaserve.checkpoints.loader import load_model
+from xlaserve.models.generate import greedy_generate
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "The three primary colors are",
+    "Q: What is 12 times 12?\nA:",
+    "Photosynthesis is the process by which plants",
+]
+
+
+@pytest.fixture(scope="module")
+def bf16(smollm2_gguf):
+    return load_model(str(smollm2_gguf), dtype="bfloat16", with_tokenizer=False).model
+
+
+@pytest.fixture(scope="module")
+def bf16_perplexity(bf16, english_ids):
+    return perplexity(bf16, english_ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("quantization", "kv_cache_dtype", "within"),
+    [("int8", "auto", 0.01), ("w8a8", "auto", 0.03), (None, "int8", 0.01), (None, "fp8", 0.03)],
+)
+def test_perplexity_stays_within_the_stated_share_of_bfloat16(
+    smollm2_gguf, english_ids, bf16, bf16_perplexity, quantization, kv_cache_dtype, within
+):
+    model = bf16
+    if quantization is not None:
+        model = load_model(str(smollm2_gguf), dtype="bfloat16", with_tokenizer=False,
+                           quantization=quantization).model  # fmt: skip
+    ppl = perplexity(model, english_ids, kv_cache_dtype)
+    assert 5 < bf16_perplexity < 40  # a real English text under a real model
+    assert abs(ppl / bf16_perplexity - 1) <= within, (ppl, bf16_perplexity)
+
+
+@pytest.mark.slow
+def test_gguf_packed_blocks_give_the_dequantized_models_greedy_tokens(smollm2_gguf, smollm2, bf16):
+    packed = load_model(str(smollm2_gguf), dtype="bfloat16", with_tokenizer=False,
+                        quantization="gguf").model  # fmt: skip
+    assert packed.layers.wq[...].dtype.name == "uint8"  # kept packed: Q4_1 rows
+    prompts = [smollm2.tokenizer(p)["input_ids"] for p in PROMPTS]
+    want = greedy_generate(bf16, prompts, 12)
+    assert greedy_generate(packed, prompts, 12) == want

@@ -1,0 +1,17 @@
+"""Quantized weights, activations and KV cache (see docs/quantization.md).
+
+`quantization=` on EngineArgs names how the decoder's projection matmuls run
+(`QUANTIZATION_METHODS`); `kv_cache_dtype=` how the paged KV cache is stored
+(`KV_CACHE_DTYPES`). The model code sees one hook: `models/layers.linear` hands a
+`QuantizedWeight` its own matmul (`linear.py`); the weights are rewritten once at load
+(`model.py`).
+"""
+
+from xlaserve.quantization.config import (
+    KV_CACHE_DTYPES,
+    QUANTIZATION_METHODS,
+    check_kv_cache_dtype,
+    check_quantization,
+)
+
+__all__ = ["KV_CACHE_DTYPES", "QUANTIZATION_METHODS", "check_kv_cache_dtype", "check_quantization"]

@@ -1,0 +1,45 @@
+"""Symmetric 8-bit quantization: int8 per output channel (weights), per token (activations),
+and float8_e4m3fn per output channel.
+
+A weight w [in, out] becomes q [in, out] and scale f32[out] with w ~= q * scale; an activation
+x [T, in] becomes q [T, in] and scale f32[T, 1]. Rounding is to nearest, so every element is
+within scale / 2 of its original (int8), and all-zero channels get scale 1 (q = 0).
+"""
+
+import jax
+import jax.numpy as jnp
+
+INT8_MAX = 127.0
+FP8_DTYPE = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8_DTYPE).max)  # 448
+
+
+def _absmax_scale(x: jax.Array, axis: int, qmax: float) -> jax.Array:
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axis, keepdims=True)
+    return jnp.where(amax > 0, amax / qmax, 1.0)
+
+
+def quantize_per_channel(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """w [..., in, out] -> (int8 [..., in, out], f32 scale [..., out]); w ~= q * scale."""
+    scale = _absmax_scale(w, -2, INT8_MAX)  # [..., 1, out]
+    q = jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -INT8_MAX, INT8_MAX)
+    return q.astype(jnp.int8), scale[..., 0, :]
+
+
+def quantize_per_channel_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """w [..., in, out] -> (float8_e4m3fn [..., in, out], f32 scale [..., out])."""
+    scale = _absmax_scale(w, -2, FP8_MAX)
+    q = jnp.clip(w.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX)
+    return q.astype(FP8_DTYPE), scale[..., 0, :]
+
+
+def dequantize_per_channel(q: jax.Array, scale: jax.Array) -> jax.Array:
+    """f32 [..., in, out] from q [..., in, out] and scale [..., out]."""
+    return q.astype(jnp.float32) * scale[..., None, :]
+
+
+def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [T, in] -> (int8 [T, in], f32 scale [T, 1]), one scale per row (token)."""
+    scale = _absmax_scale(x, -1, INT8_MAX)  # [T, 1]
+    q = jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -INT8_MAX, INT8_MAX)
+    return q.astype(jnp.int8), scale

@@ -1,0 +1,117 @@
+"""The quantized-linear hook: `QuantizedWeight` carries its values, scales and kind, and
+`models/layers.linear` hands it the matmul.
+
+Weights are stored as plain arrays in the model's parameters (so sharding rules, the layer
+scan and the per-layer layout treat them like any weight): the projection `name` holds the
+quantized values and, for int8/w8a8/fp8, `name + "_scale"` holds f32[out]. `bind_quantized`
+turns one layer's parameter dict into the view the layer math uses.
+"""
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+
+from xlaserve.quantization.gguf_blocks import dequantize_rows
+from xlaserve.quantization.int8 import quantize_per_token
+
+# The decoder's projection matmuls (and their fused forms in the per-layer layout).
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+SCALE_SUFFIX = "_scale"
+# w8a8 keeps these projections' activations in the model dtype (int8 weights, w8a16): the
+# input of the down projection (the SwiGLU product) spans the widest range within a token,
+# and one int8 scale per token for it cost SmolLM2 2.3% -> 3.8% perplexity (measured on
+# tests/quantization/data/english.txt against bfloat16: 2.3% with it weight-only).
+W8A8_WEIGHT_ONLY = ("w_down",)
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How a model's projections are stored (a static, hashable part of the model).
+
+    method: "int8" | "w8a8" | "fp8" | "gguf". gguf_types: (name, GGML type) of each projection
+    kept packed (fused names included); projections not listed hold plain weights.
+    """
+
+    method: str
+    gguf_types: tuple[tuple[str, int], ...] = ()
+
+    def gguf_type(self, name: str) -> int | None:
+        return dict(self.gguf_types).get(name)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """values: int8 / float8 [in, out] with scale f32[out], or GGUF packed rows
+    uint8 [row_bytes, out] (one column per output channel) with scale None."""
+
+    values: jax.Array
+    scale: jax.Array | None
+    method: str = field(metadata=dict(static=True))
+    gguf_type: int | None = field(default=None, metadata=dict(static=True))
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        """x [M, in] @ self -> [M, out] in x's dtype, accumulated in f32 (int32 for w8a8)."""
+        rows = jnp.concatenate([x, x]) if x.shape[0] == 1 else x  # see layers.at_least_two_rows
+        if self.method == "w8a8":
+            xq, x_scale = quantize_per_token(rows)  # int8 [M, in], f32 [M, 1]
+            acc = jax.lax.dot_general(
+                xq, self.values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+            )  # [M, out]
+            out = acc.astype(jnp.float32) * x_scale * self.scale
+        elif self.method == "gguf":
+            # Rows of blocks dequantize to [out, in]; contracting `in` on both sides is the
+            # product XLA's CPU backend computes for a plain [in, out] weight, bit for bit
+            # (a transposed [in, out] copy is summed in another order).
+            w = dequantize_rows(self.values.T, self.gguf_type).astype(x.dtype)  # [out, in]
+            out = jax.lax.dot_general(
+                rows, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            )
+        else:  # int8 / fp8 weight-only: values widened to the activations' dtype
+            out = jnp.dot(rows, self.values.astype(x.dtype), preferred_element_type=jnp.float32)
+            out = out * self.scale
+        return out[: x.shape[0]].astype(x.dtype)
+
+
+def bind_quantized(p: dict[str, jax.Array], quant: WeightQuant | None) -> dict:
+    """One layer's parameters with each quantized projection as a `QuantizedWeight`."""
+    if quant is None:
+        return p
+    out = dict(p)
+    for name in (*PROJECTIONS, *FUSED):
+        if name not in p:
+            continue
+        if quant.method == "gguf":
+            qtype = quant.gguf_type(name)
+            if qtype is not None:
+                out[name] = QuantizedWeight(p[name], None, "gguf", int(qtype))
+        else:
+            method = "int8" if quant.method == "w8a8" and name in W8A8_WEIGHT_ONLY else quant.method
+            out[name] = QuantizedWeight(p[name], out.pop(name + SCALE_SUFFIX), method)
+    return out
+
+
+def fuse_quantized(
+    fused: dict[str, tuple[str, ...]], quant: WeightQuant | None
+) -> tuple[dict[str, tuple[str, ...]], WeightQuant | None]:
+    """The per-layer layout's fusions (name -> parts, concatenated on the output axis) with
+    each quantized part's scale fused alongside, and the quantization spec naming the fused
+    weights. GGUF parts of different block types cannot share one packed array: they stay
+    separate."""
+    if quant is None:
+        return fused, quant
+    plan, types = {}, list(quant.gguf_types)
+    for name, parts in fused.items():
+        if quant.method == "gguf":
+            kinds = {quant.gguf_type(part) for part in parts}
+            if len(kinds) != 1:
+                continue
+            kind = kinds.pop()
+            if kind is not None:
+                types.append((name, kind))
+        elif parts[0] in PROJECTIONS:
+            plan[name + SCALE_SUFFIX] = tuple(part + SCALE_SUFFIX for part in parts)
+        plan[name] = parts
+    return plan, WeightQuant(quant.method, tuple(types))

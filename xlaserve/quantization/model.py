@@ -1,0 +1,122 @@
+"""Rewrites a loaded decoder's projection weights into their quantized form, once, at load.
+
+int8 / w8a8 / fp8 quantize the model's own weights (per output channel); gguf replaces them
+with the GGUF file's packed blocks. The embedding, the LM head and the norms stay in the
+model dtype (see docs/quantization.md for why). With a mesh, the values and their scales
+land in the shards of the weight they came from (scales follow the weight's output axis).
+"""
+
+import logging
+from pathlib import Path
+
+import gguf
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from xlaserve.models.transformer import DecoderLayers, Transformer, layer_param_specs
+from xlaserve.quantization.gguf_blocks import PACKED_TYPES, block_shape
+from xlaserve.quantization.int8 import quantize_per_channel, quantize_per_channel_fp8
+from xlaserve.quantization.linear import PROJECTIONS, SCALE_SUFFIX, WeightQuant
+from xlaserve.sharding.mesh import MODEL
+from xlaserve.sharding.rules import logical_rules, spec_for
+
+logger = logging.getLogger(__name__)
+
+# Our projection name -> the GGUF tensor of layer i.
+GGUF_NAMES = {
+    "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
+    "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down",
+}  # fmt: skip
+
+
+def quantize_model(model: Transformer, method: str, *, mesh=None, source: str = "") -> None:
+    """Quantizes `model`'s projections in place (stacked layout, before any per-layer split)."""
+    layers = model.layers
+    if not isinstance(layers, DecoderLayers):
+        raise ValueError("quantize_model expects the stacked layer layout")
+    for name in PROJECTIONS:  # a NaN/inf weight (or GGUF block scale) would corrupt the scales
+        if not bool(jax.jit(lambda w: jax.numpy.isfinite(w).all())(getattr(layers, name)[...])):
+            raise ValueError(f"{source}: projection {name!r} holds NaN or infinite values; "
+                             f"cannot quantize it ({method})")  # fmt: skip
+    if method == "gguf":
+        packed = _gguf_packed(model, source)
+        model.quant = WeightQuant("gguf", tuple((n, t) for n, (_, t) in packed.items()))
+        for name, (raw, _) in packed.items():
+            axes = _axes(layers, name)  # ("layers", in, out)
+            _replace(layers, name, raw, ("layers", None, axes[2]), model, mesh)
+        return
+    fn = quantize_per_channel_fp8 if method == "fp8" else quantize_per_channel
+    for name in PROJECTIONS:
+        axes = _axes(layers, name)
+        scale_axes = (axes[0], axes[2])
+        weight = getattr(layers, name)[...]
+        shardings = None
+        if mesh is not None:
+            shardings = (_sharding(model, mesh, axes), _sharding(model, mesh, scale_axes))
+        values, scale = jax.jit(fn, out_shardings=shardings)(weight)
+        _replace(layers, name, values, axes, model, None)
+        _replace(layers, name + SCALE_SUFFIX, scale, scale_axes, model, None)
+    model.quant = WeightQuant(method)
+
+
+def _axes(layers: DecoderLayers, name: str) -> tuple:
+    return getattr(layers, name).get_metadata()["logical_axes"]
+
+
+def _sharding(model: Transformer, mesh, axes: tuple) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(axes, logical_rules(model.config, mesh.shape[MODEL])))
+
+
+def _replace(layers: DecoderLayers, name: str, value, axes: tuple, model, mesh) -> None:
+    if mesh is not None:
+        value = jax.device_put(value, _sharding(model, mesh, axes))
+    elif not isinstance(value, jax.Array):
+        value = jax.numpy.asarray(value)
+    setattr(layers, name, nnx.Param(value, logical_axes=axes))
+    if name not in layers.names:
+        layers.names = (*layers.names, name)
+
+
+def _gguf_packed(model: Transformer, source: str) -> dict[str, tuple[np.ndarray, int]]:
+    """name -> (packed rows uint8 [L, row_bytes, out], GGML type) for every projection whose
+    blocks can stay packed; others keep the dequantized weights the loader gave them."""
+    path = Path(source)
+    if path.suffix != ".gguf" or not path.is_file():
+        raise ValueError(f"quantization 'gguf' keeps a GGUF file's blocks packed; model "
+                         f"{source!r} is not a .gguf file (use int8, w8a8 or fp8)")  # fmt: skip
+    reader = gguf.GGUFReader(path, "r")
+    by_name = {t.name: t for t in reader.tensors}
+    arch = reader.fields["general.architecture"].contents()
+    c = model.config
+    specs = layer_param_specs(c)
+    packed = {}
+    for name, gguf_name in GGUF_NAMES.items():
+        tensors = [by_name[f"blk.{i}.{gguf_name}.weight"] for i in range(c.num_layers)]
+        types = {int(t.tensor_type) for t in tensors}
+        if len(types) != 1 or next(iter(types)) not in PACKED_TYPES:
+            kinds = sorted(gguf.GGMLQuantizationType(t).name for t in types)
+            logger.warning("gguf: %s is %s; kept dequantized in the model dtype", name, kinds)
+            continue
+        qtype = types.pop()
+        in_dim, out_dim = specs[name][1]
+        values, nbytes = block_shape(qtype)
+        rows = []
+        for t in tensors:
+            raw = np.asarray(t.data)
+            if raw.shape != (out_dim, in_dim // values * nbytes):
+                raise ValueError(f"{path}: tensor {t.name!r} holds {raw.shape} packed bytes, "
+                                 f"expected {(out_dim, in_dim // values * nbytes)}")  # fmt: skip
+            if arch == "llama" and name in ("wq", "wk"):
+                heads = c.num_heads if name == "wq" else c.num_kv_heads
+                raw = _unpermute_rows(raw, heads)
+            rows.append(raw.T)  # [row_bytes, out]
+        packed[name] = (np.ascontiguousarray(np.stack(rows)), qtype)
+    return packed
+
+
+def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp stores q/k rows [h, d/2, 2] for its rope; HF (and we) use [h, 2, d/2]."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
