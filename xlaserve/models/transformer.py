@@ -22,6 +22,7 @@ from xlaserve.models.layers import (
     at_least_two_rows,
     fused_swiglu,
     linear,
+    mrope_cos_sin,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
@@ -49,6 +50,8 @@ class TransformerConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # M-RoPE (Qwen2.5-VL): rope frequency bands per position row; positions are then i32[3, T].
+    mrope_section: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -58,6 +61,9 @@ class TransformerConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.mrope_section and sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 = "
+                             f"{self.head_dim // 2}")  # fmt: skip
 
 
 # Stacked per-layer parameters: name -> (HF name under model.layers.{i}., shape fn, logical axes).
@@ -167,7 +173,7 @@ class Transformer(nnx.Module):
         aux_layers: tuple[int, ...] = (),
         embeds_override: tuple[jax.Array, jax.Array] | None = None,
     ):
-        """input_ids, positions: i32[T]; kv_cache: [L, P, page_size, 2K, H].
+        """input_ids, positions: i32[T] (i32[3, T] with M-RoPE); kv_cache: [L, P, page_size, 2K, H].
 
         embeds_override (multimodal): (embeddings f32[T, D], mask bool[T]); rows where the mask
         is set take those embeddings instead of the token's (image features at placeholders).
@@ -186,7 +192,10 @@ class Transformer(nnx.Module):
             embeds, mask = embeds_override
             x = jnp.where(mask[:, None], embeds.astype(x.dtype), x)  # [T, D]
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)  # host constant
-        cos, sin = rope_cos_sin(positions, inv_freq)  # [T, H/2]
+        if c.mrope_section:  # positions i32[3, T] (temporal, height, width)
+            cos, sin = mrope_cos_sin(positions, inv_freq, c.mrope_section)
+        else:
+            cos, sin = rope_cos_sin(positions, inv_freq)  # [T, H/2]
 
         layer_fn = partial(decoder_layer, config=c, backend=self.attention_backend)
         aux = []
