@@ -173,7 +173,7 @@ def vision_rows(vision, repeats: int) -> list[dict]:
         compile_s = time.perf_counter() - lowered_at
         call()
         step_s = timed(call, repeats)
-        rows.append(dict(kind="vision tiles", bucket=b, compile_s=compile_s, step_s=step_s,
+        rows.append(dict(kind=vision.bucket_kind, bucket=b, compile_s=compile_s, step_s=step_s,
                          tokens_per_s=vision.bucket_features(b) / step_s,
                          memory_bytes=memory_bytes(compiled)))  # fmt: skip
     return rows

@@ -34,6 +34,8 @@ def tile_buckets(max_tiles: int) -> tuple[int, ...]:
 class VisionEncoder:
     """Vision tower parameters, its bucketed graphs and the encoder cache (host features)."""
 
+    bucket_kind = "vision tiles"  # what a bucket counts (the bucket sweep's rows)
+
     def __init__(self, config: VisionConfig, params: dict, dtype, *, max_tiles: int,
                  cache_features: int = 1 << 16):  # fmt: skip
         self.config = config

@@ -29,6 +29,8 @@ def patch_buckets(min_patches: int, max_patches: int, merge_unit: int) -> tuple[
 class QwenVisionEncoder(VisionEncoder):
     """The vision tower's patch-bucket graphs; the cache and merge are VisionEncoder's."""
 
+    bucket_kind = "vision patches"
+
     def __init__(self, config: QwenVisionConfig, params: dict, dtype, *, min_patches: int,
                  max_patches: int, cache_features: int = 1 << 16):  # fmt: skip
         self.config = config
