@@ -124,3 +124,26 @@ def test_bucket_sweep_lists_the_patch_buckets(qwen):
     # A bucket of P patches makes P / 4 features (the 2x2 merger).
     assert all(r["step_s"] > 0 and r["tokens_per_s"] * r["step_s"] == pytest.approx(
         r["bucket"] / 4) for r in rows)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (prompt(f"two {PLACEHOLDER} {PLACEHOLDER}", image(30, 30, 0)),
+         r"2 <\|image_pad\|> placeholder\(s\) for 1 image"),
+        (prompt("none here", image(30, 30, 0)), r"0 <\|image_pad\|> placeholder"),
+        (prompt(PLACEHOLDER * 3, *[image(30, 30, i) for i in range(3)]),
+         "3 images in one prompt; the limit is 2"),
+        (prompt(PLACEHOLDER, b"\x89PNG\r\n\x1a\n-truncated"), "image 0 cannot be decoded"),
+        (prompt(PLACEHOLDER, image(1001, 1000, 0)), "1001000 pixels"),
+    ],
+)  # fmt: skip
+def test_bad_images_are_refused_and_the_engine_keeps_serving(qwen, bad, match):
+    from xlaserve.errors import InvalidRequestError
+
+    llm, _, _ = qwen
+    with pytest.raises(InvalidRequestError, match=match) as e:
+        llm.generate(bad, GREEDY, use_tqdm=False)
+    assert e.value.param == "multi_modal_data"
+    out = llm.generate(prompt(PLACEHOLDER, image(40, 40, 5)), GREEDY, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == NEW_TOKENS
