@@ -147,3 +147,21 @@ def test_bad_images_are_refused_and_the_engine_keeps_serving(qwen, bad, match):
     assert e.value.param == "multi_modal_data"
     out = llm.generate(prompt(PLACEHOLDER, image(40, 40, 5)), GREEDY, use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == NEW_TOKENS
+
+
+@pytest.mark.slow
+def test_ngram_speculative_decoding_keeps_greedy_tokens(qwen, tmp_path):
+    """Drafts continue the M-RoPE positions past the prompt (position + the image shift)."""
+    from xlaserve import LLM
+
+    llm, hf_model, tokenizer = qwen
+    folder = tmp_path / "qwen-vl"
+    save_qwen_vl(folder, hf_model, tokenizer)
+    spec = LLM(str(folder), dtype="float32", max_model_len=256, max_num_seqs=4,
+               max_num_batched_tokens=32, compilation_cache_dir=None,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 3})  # fmt: skip
+    cases = [(t, [image(w, h, i) for i, (w, h) in enumerate(sizes)]) for t, sizes in PROMPTS]
+    outs = spec.generate([prompt(t, *ims) for t, ims in cases], GREEDY, use_tqdm=False)
+    for (text, images), out in zip(cases, outs, strict=True):
+        assert list(out.outputs[0].token_ids) == hf_greedy(hf_model, tokenizer, text, images)
+    assert spec.engine.runner.stats().compiles_after_warmup == 0
