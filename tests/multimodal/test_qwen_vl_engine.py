@@ -1,7 +1,7 @@
 """A tiny Qwen2.5-VL through `LLM`: greedy tokens equal transformers' generate with M-RoPE
 positions carried through chunked prefill and decode (the rope delta), prompts batched
 together, the prefix cache keyed by image content, no compile after warm-up across image
-sizes, and chat with an image part."""
+sizes, chat with an image part, and the openai client with a data URL."""
 
 import pytest
 import torch
@@ -165,3 +165,38 @@ def test_ngram_speculative_decoding_keeps_greedy_tokens(qwen, tmp_path):
     for (text, images), out in zip(cases, outs, strict=True):
         assert list(out.outputs[0].token_ids) == hf_greedy(hf_model, tokenizer, text, images)
     assert spec.engine.runner.stats().compiles_after_warmup == 0
+
+
+def test_openai_chat_with_a_data_url_gives_the_offline_tokens(qwen):
+    """Last in this module: the server's thread owns the engine from here on."""
+    import base64
+    import io
+
+    import openai
+
+    from xlaserve.engine.async_engine import AsyncEngine
+    from xlaserve.serving.server import ServerConfig, ServerThread
+
+    llm, _, _ = qwen
+    img = image(70, 50, 31)
+    question = {"type": "text", "text": "What is shown?"}
+    offline = [{"role": "user", "content": [{"type": "image", "image": img}, question]}]
+    expected = llm.chat(offline, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")  # lossless: the server decodes the same pixels
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    server = ServerThread(AsyncEngine(llm.engine), ServerConfig(grpc_port=0, http_port=0))
+    server.start()
+    try:
+        client = openai.OpenAI(base_url=server.endpoints.http_url + "/v1", api_key="-",
+                               max_retries=0)  # fmt: skip
+        response = client.chat.completions.create(
+            model=str(llm.engine.model_name), max_tokens=NEW_TOKENS, temperature=0,
+            messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, question]}],
+            extra_body={"return_tokens_as_token_ids": True}, logprobs=True,
+        )  # fmt: skip
+        served = [int(t.token.split(":")[1]) for t in response.choices[0].logprobs.content]
+        assert served == list(expected)
+    finally:
+        assert server.stop() == 0
