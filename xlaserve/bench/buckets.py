@@ -164,17 +164,17 @@ def sweep(args: EngineArgs, *, repeats: int = 5, context: int = 128) -> dict:
 
 
 def vision_rows(vision, repeats: int) -> list[dict]:
-    """The vision encoder's tile buckets (multimodal/encoder.py): compile and step time."""
+    """The vision encoder's buckets (tiles, or patches for Qwen2.5-VL; multimodal/encoder.py):
+    compile and step time."""
     rows = []
     for (_, call), b in zip(vision.warmup_graphs(), vision.buckets, strict=True):
-        tiles = call.args[0]
         lowered_at = time.perf_counter()
-        compiled = vision.graph.lower(vision.params, tiles).compile()
+        compiled = vision.graph.lower(vision.params, *call.args).compile()
         compile_s = time.perf_counter() - lowered_at
         call()
         step_s = timed(call, repeats)
-        rows.append(dict(kind="vision tiles", bucket=b, compile_s=compile_s, step_s=step_s,
-                         tokens_per_s=b * vision.config.tokens_per_tile / step_s,
+        rows.append(dict(kind=vision.bucket_kind, bucket=b, compile_s=compile_s, step_s=step_s,
+                         tokens_per_s=vision.bucket_features(b) / step_s,
                          memory_bytes=memory_bytes(compiled)))  # fmt: skip
     return rows
 

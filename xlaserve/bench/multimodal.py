@@ -1,14 +1,15 @@
-"""Vision-language serving on a SmolVLM checkpoint assembled from the bundled SmolLM2 text
-weights and a seeded vision tower (`xlaserve.multimodal.synthetic`; --model to use a real
-SmolVLM / Idefics3 folder instead):
+"""Vision-language serving on a SmolVLM or Qwen2.5-VL checkpoint (--family) assembled from the
+bundled SmolLM2 text weights and a seeded vision tower (`xlaserve.multimodal.synthetic`;
+--model to use a real SmolVLM / Idefics3 / Qwen2.5-VL folder instead):
 
 - time to first token for one image + a short prompt, with the image new (encoder cache miss)
   and the same image again (encoder cache hit; prefix caching off so the prompt is
   recomputed), against the same prompt without an image;
 - requests/s and output tokens/s for a mixed load (half the requests with a distinct image);
-- compiles after warm-up over all of it (the encoder's tile buckets cover every size).
+- compiles after warm-up over all of it (the encoder's tile or patch buckets cover every
+  size).
 
-    xlaserve bench multimodal --vision small --num-requests 16
+    xlaserve bench multimodal --family qwen2.5-vl --vision small --num-requests 16
 """
 
 from __future__ import annotations
@@ -27,14 +28,29 @@ from xlaserve.bench.roofline import device_name
 from xlaserve.cli_args import add_engine_args, engine_args_from
 
 PROMPT = "Describe this picture in one sentence."
+BUILDERS = {"smolvlm": "build_smolvlm", "qwen2.5-vl": "build_qwen_vl"}
+MODEL_NAMES = {
+    "smolvlm": "SmolVLM (SmolLM2-135M text + seeded vision tower)",
+    "qwen2.5-vl": "Qwen2.5-VL (SmolLM2-135M weights in its decoder + seeded vision tower)",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_args(p, defaults=dict(model=None, dtype="float32", max_model_len=1024,
                                      max_num_seqs=8, max_num_batched_tokens=512,
                                      enable_prefix_caching=False))  # fmt: skip
-    p.add_argument("--vision", default="small", help="vision tower preset of the assembled "
-                   "checkpoint: small or smolvlm-256m (ignored with --model)")  # fmt: skip
+    p.add_argument(
+        "--family",
+        default="smolvlm",
+        choices=sorted(BUILDERS),
+        help="the assembled checkpoint's family (ignored with --model)",
+    )
+    p.add_argument(
+        "--vision",
+        default="small",
+        help="vision tower preset of the assembled "
+        "checkpoint: small, or smolvlm-256m / qwen2.5-vl-3b (ignored with --model)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="TTFT rounds (median)")
     p.add_argument("--num-requests", type=int, default=16, help="mixed-load requests")
     p.add_argument("--output-len", type=int, default=32, help="mixed-load output tokens")
@@ -78,14 +94,15 @@ def ttft(llm, messages) -> float:
 
 def run(a: argparse.Namespace) -> int:
     from xlaserve import LLM, SamplingParams
-    from xlaserve.multimodal.synthetic import build_smolvlm
+    from xlaserve.multimodal import synthetic
 
     args = engine_args_from(a)
     tmp = None
     if args.model is None:
         tmp = tempfile.TemporaryDirectory()
         build_s = time.perf_counter()
-        args = dataclasses.replace(args, model=str(build_smolvlm(tmp.name, a.vision)))
+        build = getattr(synthetic, BUILDERS[a.family])
+        args = dataclasses.replace(args, model=str(build(tmp.name, a.vision)))
         build_s = time.perf_counter() - build_s
     size = tuple(int(x) for x in a.image_size.split("x"))
     start = time.perf_counter()
@@ -115,15 +132,16 @@ def run(a: argparse.Namespace) -> int:
     med = statistics.median
     result = {
         "benchmark": "multimodal",
-        "model": "SmolVLM (SmolLM2-135M text + seeded vision tower)" if tmp else args.model,
+        "model": MODEL_NAMES[a.family] if tmp else args.model,
         "vision": a.vision if tmp else "checkpoint",
         "device": device_name(),
         "date": today(),
         "dtype": args.dtype,
         "image_size": a.image_size,
-        "tiles_per_image": tiles.num_tiles,
+        "image_layout": layout(tiles),
         "image_tokens": tiles.num_features,
-        "encoder_tile_buckets": list(vision.buckets),
+        "encoder_buckets": list(vision.buckets),
+        "encoder_bucket_kind": vision.bucket_kind,
         "ttft_s": {
             "image_encoder_miss": med(miss),
             "image_encoder_hit": med(hit),
@@ -158,7 +176,8 @@ def run(a: argparse.Namespace) -> int:
         },  # fmt: skip
         "note": a.note,
     }
-    stem = f"multimodal-smolvlm-{a.vision}-{slug(result['device'])}-{today()}"
+    family = a.family if tmp else "checkpoint"
+    stem = f"multimodal-{family}-{a.vision}-{slug(result['device'])}-{today()}"
     path = write_results(a.out, stem, result, markdown(result))
     print(json.dumps(result, indent=2))
     print(f"wrote {path.with_suffix('')}.{{json,md}}")
@@ -167,13 +186,22 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
+def layout(item) -> str:
+    """An image's processed form: SmolVLM tiles, or Qwen2.5-VL's merged patch grid."""
+    if item.grid is None:
+        return f"{item.num_tiles} tile(s)"
+    t, h, w = item.grid
+    return f"{h} x {w} merged patches ({4 * t * h * w} patches)"
+
+
 def markdown(r: dict) -> str:
     t, m = {k: f"{1e3 * v:.0f}" for k, v in r["ttft_s"].items()}, r["mixed"]
     return "\n".join([
         f"# Multimodal: {r['model']}, vision {r['vision']}, on {r['device']}, {r['date']}",
         "",
-        f"{r['dtype']}; images {r['image_size']} -> {r['tiles_per_image']} tile(s), "
-        f"{r['image_tokens']} image tokens; encoder tile buckets {r['encoder_tile_buckets']}; "
+        f"{r['dtype']}; images {r['image_size']} -> {r['image_layout']}, "
+        f"{r['image_tokens']} image tokens; encoder buckets ({r['encoder_bucket_kind']}) "
+        f"{r['encoder_buckets']}; "
         f"engine {r['engine']}. {r['note']}.",
         "",
         "| time to first token (median) | ms |",

@@ -24,6 +24,7 @@ from xlaserve.engine.request import PENDING_TOKEN
 from xlaserve.engine.sampling_params import SamplingParams
 from xlaserve.engine.scheduler_output import SchedulerOutput
 from xlaserve.lora.slots import SlotManager
+from xlaserve.multimodal.mrope import step_mrope_positions
 from xlaserve.multimodal.placement import image_placements
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (the samplers use the same bound)
@@ -42,7 +43,7 @@ class StepInputs(NamedTuple):
     """One step's forward inputs. A NamedTuple, so it is a pytree as is."""
 
     input_ids: np.ndarray  # i32[T]
-    positions: np.ndarray  # i32[T]
+    positions: np.ndarray  # i32[T] (M-RoPE models: i32[3, T])
     slot_mapping: np.ndarray  # i32[T] page * page_size + offset, -1 for padding
     cu_q_lens: np.ndarray  # i32[R + 1] cumulative new tokens per sequence
     kv_lens: np.ndarray  # i32[R] tokens in the cache per sequence after the step
@@ -302,8 +303,10 @@ class InputBatch:
         num_speculative_tokens: int = 0,
         max_loras: int = 0,
         multimodal: bool = False,
+        mrope: bool = False,
     ) -> None:
         self.multimodal = multimodal  # place image features (a vision-language model)
+        self.mrope = mrope  # positions i32[3, T] (Qwen2.5-VL's M-RoPE; multimodal/mrope.py)
         self.max_num_seqs = max_num_seqs
         self.pages_per_seq = pages_per_seq
         self.page_size = page_size
@@ -425,6 +428,9 @@ class InputBatch:
         if self.multimodal:
             placed = image_placements(chunks, lambda seq_id: self._seqs[seq_id].mm_items)
             step = dataclasses.replace(step, image_placements=placed)
+        if self.mrope:
+            wide = step_mrope_positions(chunks, num_tokens, lambda i: self._seqs[i].mm_items)
+            step = dataclasses.replace(step, inputs=inputs._replace(positions=wide))
         return self.with_sampling(step, out) if sampling else step
 
     def _lora_slots(self, chunks: list[Chunk]) -> tuple[list[int] | None, list]:

@@ -50,7 +50,7 @@ from xlaserve.models.attention import AttentionMetadata
 from xlaserve.models.transformer import DecoderLayers, Transformer
 from xlaserve.sharding import distributed, rules
 from xlaserve.spec_decode import rejection
-from xlaserve.spec_decode.proposer import Proposer
+from xlaserve.spec_decode.proposer import NgramProposer, Proposer
 
 logger = logging.getLogger(__name__)
 LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
@@ -285,6 +285,9 @@ class ModelRunner:
             raise ValueError("vision-language models run on one device: tensor/data parallel "
                              "meshes are not supported with images yet")  # fmt: skip
         self.proposer = proposer
+        if model.config.mrope_section and not isinstance(proposer, NgramProposer | None):
+            raise ValueError("M-RoPE models (Qwen2.5-VL) support speculative_config method "
+                             "'ngram' only: draft and EAGLE models read 1D positions")  # fmt: skip
         if config.num_speculative_tokens and jax.process_count() > 1:
             raise ValueError("speculative decoding runs on one host: speculative_config is not "
                              "supported with multi-host meshes yet")  # fmt: skip
@@ -308,6 +311,7 @@ class ModelRunner:
             num_speculative_tokens=config.num_speculative_tokens,
             max_loras=config.max_loras,
             multimodal=vision is not None,
+            mrope=bool(model.config.mrope_section),
         )
         self.compiles = CompileCounter()
         self.compiles_at_warmup: int | None = None
@@ -444,8 +448,11 @@ class ModelRunner:
     # ---- empty inputs (warm-up, followers, the bucket sweep) --------------------------------
     def empty_step_inputs(self, num_tokens: int) -> StepInputs:
         c = self.config
-        return pack_tokens([], num_tokens, c.max_num_seqs, c.pages_per_seq, c.page_size,
-                           1 + c.num_speculative_tokens)  # fmt: skip
+        inputs = pack_tokens([], num_tokens, c.max_num_seqs, c.pages_per_seq, c.page_size,
+                             1 + c.num_speculative_tokens)  # fmt: skip
+        if self.batch.mrope:  # M-RoPE: positions i32[3, T]
+            inputs = inputs._replace(positions=np.zeros((3, num_tokens), np.int32))
+        return inputs
 
     def empty_drafts(self, num_rows: int) -> DraftRows:
         k = self.config.num_speculative_tokens

@@ -63,11 +63,11 @@ class PagedModelRunner:
         return kv_cache, model.compute_logits(hidden[rows])
 
     def step(
-        self, new_tokens: list[list[int]], all_logits: bool = False, images=None
+        self, new_tokens: list[list[int]], all_logits: bool = False, images=None, positions=None
     ) -> StepOutput:
         """Appends new_tokens[s] to sequence s (all sequences, possibly empty lists).
         images (multimodal): (embeddings f32[n, D], mask bool[n]) over the step's n new
-        tokens in order, merged at the masked rows."""
+        tokens in order, merged at the masked rows. positions (M-RoPE): i32[3, n]."""
         assert len(new_tokens) == self.num_seqs
         q_lens = np.array([len(t) for t in new_tokens], np.int32)
         if np.any(self.lens + q_lens > self.pages_per_seq * self.page_size):
@@ -82,6 +82,10 @@ class PagedModelRunner:
             chunks, padded, self.num_seqs, self.pages_per_seq, self.page_size
         )  # the engine's own packer
         self.lens += q_lens
+        if positions is not None:
+            wide = np.zeros((3, padded), np.int32)
+            wide[:, :num_tokens] = positions
+            inputs = inputs._replace(positions=wide)
         last = inputs.logits_indices
         rows = np.arange(padded, dtype=np.int32) if all_logits else last
         if images is not None:

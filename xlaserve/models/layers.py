@@ -72,6 +72,18 @@ def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array,
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def mrope_cos_sin(
+    positions: jax.Array, inv_freq: np.ndarray, section: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """Multi-section rope (Qwen2.5-VL's M-RoPE): cos, sin f32[T, H // 2] for positions i32[3, T]
+    (temporal, height, width); frequency band i of `section` (sizes summing to H // 2) turns
+    with positions[i % 3]."""
+    axis = np.repeat(np.arange(len(section)) % 3, section)  # [H/2] which position row
+    pos = positions.astype(jnp.float32)[axis, :].T  # [T, H/2]
+    angles = pos * jnp.asarray(inv_freq)[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Half-split rotation (HF `rotate_half` convention) of x [T, heads, H]."""
     half = x.shape[-1] // 2

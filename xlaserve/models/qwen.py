@@ -36,6 +36,8 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         attention_bias=is_qwen2 or bool(hf.get("attention_bias", False)),
         qk_norm=not is_qwen2,
         sliding_window=None,
+        # Qwen2.5-VL's decoder (multimodal/qwen_loader.py): multi-section rope.
+        mrope_section=tuple((hf.get("rope_parameters") or {}).get("mrope_section") or ()),
     )
 
 

@@ -22,6 +22,7 @@ from xlaserve.models.layers import (
     at_least_two_rows,
     fused_swiglu,
     linear,
+    mrope_cos_sin,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
@@ -68,6 +69,8 @@ class TransformerConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    # M-RoPE (Qwen2.5-VL): rope frequency bands per position row; positions are then i32[3, T].
+    mrope_section: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -88,6 +91,9 @@ class TransformerConfig:
             raise ValueError("layer_types name sliding layers but sliding_window is not set")
         if self.hidden_act not in GATED_ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {GATED_ACTIVATIONS}")
+        if self.mrope_section and sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 = "
+                             f"{self.head_dim // 2}")  # fmt: skip
 
     def layer_kind(self, layer: int) -> str:
         """'sliding' (attends within sliding_window) or 'full' for layer `layer`."""
@@ -244,7 +250,7 @@ class Transformer(nnx.Module):
         aux_layers: tuple[int, ...] = (),
         embeds_override: tuple[jax.Array, jax.Array] | None = None,
     ):
-        """input_ids, positions: i32[T]; kv_cache: [L, P, page_size, 2K, H].
+        """input_ids, positions: i32[T] (i32[3, T] with M-RoPE); kv_cache: [L, P, page_size, 2K, H].
 
         embeds_override (multimodal): (embeddings f32[T, D], mask bool[T]); rows where the mask
         is set take those embeddings instead of the token's (image features at placeholders).
@@ -265,8 +271,14 @@ class Transformer(nnx.Module):
             embeds, mask = embeds_override
             x = jnp.where(mask[:, None], embeds.astype(x.dtype), x)  # [T, D]
         kinds = c.layer_kinds
-        rope = {kind: rope_cos_sin(positions, rope_inv_freq(c.head_dim, *c.rope(kind)))
-                for kind in set(kinds)}  # fmt: skip  # kind -> (cos, sin) [T, H/2]
+
+        def cos_sin(kind: str) -> tuple[jax.Array, jax.Array]:  # [T, H/2] each
+            inv_freq = rope_inv_freq(c.head_dim, *c.rope(kind))  # host constant
+            if c.mrope_section:  # positions i32[3, T] (temporal, height, width)
+                return mrope_cos_sin(positions, inv_freq, c.mrope_section)
+            return rope_cos_sin(positions, inv_freq)
+
+        rope = {kind: cos_sin(kind) for kind in set(kinds)}  # kind -> (cos, sin)
 
         layer_fn = partial(
             decoder_layer,

@@ -34,16 +34,21 @@ def tile_buckets(max_tiles: int) -> tuple[int, ...]:
 class VisionEncoder:
     """Vision tower parameters, its bucketed graphs and the encoder cache (host features)."""
 
+    bucket_kind = "vision tiles"  # what a bucket counts (the bucket sweep's rows)
+
     def __init__(self, config: VisionConfig, params: dict, dtype, *, max_tiles: int,
                  cache_features: int = 1 << 16):  # fmt: skip
         self.config = config
         self.params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
         self.buckets = tile_buckets(max_tiles)
+        self.graph = jax.jit(partial(encode_tiles, c=config))
+        self._start_cache(cache_features)
+
+    def _start_cache(self, cache_features: int) -> None:
         self.cache_features = cache_features  # feature rows the cache keeps at most
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._cached_rows = 0
         self.hits = self.misses = 0
-        self.graph = jax.jit(partial(encode_tiles, c=config))
 
     @property
     def width(self) -> int:
@@ -58,8 +63,8 @@ class VisionEncoder:
             for b in self.buckets
         ]  # fmt: skip
 
-    def _run(self, tiles: np.ndarray) -> jax.Array:
-        return self.graph(self.params, tiles)
+    def _run(self, *inputs: np.ndarray) -> jax.Array:
+        return self.graph(self.params, *inputs)
 
     def features(self, item: ImageItem) -> np.ndarray:
         """f32[F, D] the image's features (from the cache, or encoded now)."""
@@ -69,13 +74,20 @@ class VisionEncoder:
             self._cache.move_to_end(item.key)
             return found
         self.misses += 1
-        out = self.encode(item.pixels)
+        out = self.encode_item(item)
         self._cache[item.key] = out
         self._cached_rows += len(out)
         while self._cached_rows > self.cache_features and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
             self._cached_rows -= len(old)
         return out
+
+    def bucket_features(self, bucket: int) -> int:
+        """Feature rows a graph of `bucket` makes (the bucket sweep's throughput)."""
+        return bucket * self.config.tokens_per_tile
+
+    def encode_item(self, item: ImageItem) -> np.ndarray:
+        return self.encode(item.pixels)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """Features f32[tiles * tokens_per_tile, D] of tiles f32[tiles, ch, S, S]."""

@@ -20,8 +20,11 @@ class ImageItem:
 
     key: bytes
     positions: np.ndarray  # i32[F] prompt positions of the placeholder tokens
-    pixels: np.ndarray  # f32[B, ch, S, S] the processor's tiles
+    pixels: np.ndarray  # f32[B, ch, S, S] the processor's tiles (Qwen2.5-VL: f32[P, patch])
     num_tiles: int
+    # Qwen2.5-VL: (frames, rows, columns) of the merged patch grid, one placeholder each
+    # (M-RoPE positions; the encoder's patch grid is this times the merge size).
+    grid: tuple[int, int, int] | None = None
 
     @property
     def num_features(self) -> int:

@@ -1,5 +1,6 @@
 """Loads an HF Idefics3 / SmolVLM folder: the text decoder (our Llama `Transformer`), the
-vision tower and connector (`models/siglip.py`), and the model's image processor.
+vision tower and connector (`models/siglip.py`), and the model's image processor; or a
+Qwen2.5-VL folder (`qwen_loader`: a Qwen2 decoder with M-RoPE, `models/qwen_vit.py`).
 
 Every tensor is accounted for: the text tensors (`model.text_model.*`, `lm_head`) are checked
 by the decoder's loader, the vision ones against `siglip.expected_hf_tensors`.
@@ -14,7 +15,8 @@ import numpy as np
 
 from xlaserve.models import siglip
 
-ARCHITECTURES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+IDEFICS3_ARCHITECTURES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+ARCHITECTURES = (*IDEFICS3_ARCHITECTURES, "Qwen2_5_VLForConditionalGeneration")
 VISION_PREFIXES = ("model.vision_model.", "model.connector.")
 
 
@@ -26,7 +28,7 @@ def is_multimodal(hf_config: dict) -> bool:
 class VisionParts:
     """What a vision-language checkpoint adds to its text decoder."""
 
-    config: siglip.VisionConfig
+    config: siglip.VisionConfig  # (Qwen2.5-VL: models/qwen_vit.QwenVisionConfig)
     params: dict  # numpy tree (models/siglip.params_from_hf_tensors)
     image_token_id: int
     architecture: str
@@ -52,6 +54,10 @@ def split_tensors(
     """(text config dict, text tensors under decoder names, vision parts); check_tensors
     (expected shapes, tensors, source) refuses missing, unexpected or mis-shaped ones."""
     arch = next(a for a in hf_config["architectures"] if a in ARCHITECTURES)
+    if arch not in IDEFICS3_ARCHITECTURES:
+        from xlaserve.multimodal.qwen_loader import split_qwen_tensors
+
+        return split_qwen_tensors(hf_config, tensors, folder, check_tensors, VisionParts)
     config = siglip.VisionConfig.from_hf(hf_config)
     vision = {k: v for k, v in tensors.items() if k.startswith(VISION_PREFIXES)}
     check_tensors(siglip.expected_hf_tensors(config), vision, str(folder))

@@ -59,6 +59,18 @@ def load_image(image: object, index: int, limits: ImageLimits) -> PIL.Image.Imag
     return image.convert("RGB")
 
 
+def check_counts(text: str, images: Sequence[object], image_token: str,
+                 limits: ImageLimits) -> None:  # fmt: skip
+    """Refuses more images than the limit, or a placeholder count that does not match."""
+    if len(images) > limits.max_images:
+        raise InvalidRequestError(PARAM, f"{len(images)} images in one prompt; the limit "
+                                  f"is {limits.max_images} (limit_mm_per_prompt)")  # fmt: skip
+    found = text.count(image_token)
+    if found != len(images):
+        raise InvalidRequestError(PARAM, f"the prompt has {found} {image_token} "
+                                  f"placeholder(s) for {len(images)} image(s)")  # fmt: skip
+
+
 def check_pixels(size: tuple[int, int], index: int, limits: ImageLimits) -> None:
     w, h = size
     if w < 1 or h < 1 or w * h > limits.max_pixels:
@@ -93,13 +105,7 @@ class ImageProcessor:
     ) -> tuple[list[int], tuple[ImageItem, ...]]:
         """(token ids, images) of a prompt whose text holds one `<image>` per image."""
         limits = self.limits
-        if len(images) > limits.max_images:
-            raise InvalidRequestError(PARAM, f"{len(images)} images in one prompt; the limit "
-                                      f"is {limits.max_images} (limit_mm_per_prompt)")  # fmt: skip
-        found = text.count(self.image_token)
-        if found != len(images):
-            raise InvalidRequestError(PARAM, f"the prompt has {found} {self.image_token} "
-                                      f"placeholder(s) for {len(images)} image(s)")  # fmt: skip
+        check_counts(text, images, self.image_token, limits)
         if not images:
             ids = self.processor.tokenizer(text, add_special_tokens=add_special_tokens)
             return list(ids["input_ids"]), ()
