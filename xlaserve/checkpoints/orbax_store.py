@@ -40,6 +40,7 @@ def config_from_json(data: dict) -> TransformerConfig:
             "rope_scaling": RopeScaling(**data["rope_scaling"]),
             "eos_token_ids": tuple(data["eos_token_ids"]),
             "layer_types": tuple(data.get("layer_types", ())),
+            "mrope_section": tuple(data.get("mrope_section", ())),
         }
     )
 
