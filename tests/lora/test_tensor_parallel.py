@@ -1,15 +1,12 @@
 """LoRA under tensor parallel 2 and 4 (and data parallel 2 x tensor parallel 2) on fake CPU
 devices equals one device and peft: adapters are split like the base weights they attach to."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.device_check_script import run_check_script
 from tests.lora.tp_check import LAYOUTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,13 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def results():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tests/lora/tp_check.py")],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
+    return run_check_script("tests/lora/tp_check.py")
 
 
 @pytest.mark.slow

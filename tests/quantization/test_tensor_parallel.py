@@ -1,14 +1,11 @@
 """Quantized modes under tensor parallel 2 and 4 on fake CPU devices give the one-device
 greedy tokens; LoRA adapters on an int8 base serve through the engine (tp_check.py)."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.device_check_script import run_check_script
 from tests.quantization.tp_check import MODES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,13 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def results():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tests/quantization/tp_check.py")],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
+    return run_check_script("tests/quantization/tp_check.py")
 
 
 @pytest.mark.slow

@@ -2,14 +2,11 @@
 expert weights, straight from the checkpoint; sizes that cannot work are refused. Gemma 3
 under tensor parallel equals one device too."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.device_check_script import run_check_script
 from xlaserve.models.registry import preset_config
 from xlaserve.sharding.rules import check_expert_parallel
 
@@ -18,13 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def ep_results():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tests/sharding/ep_check.py")],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
+    return run_check_script("tests/sharding/ep_check.py")
 
 
 @pytest.mark.slow

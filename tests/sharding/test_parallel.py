@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.device_check_script import run_check_script
 from xlaserve.engine.runner_api import KVCacheSpec
 from xlaserve.models.registry import preset_config
 from xlaserve.sharding.mesh import make_mesh
@@ -26,13 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def parallel_results():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tests/sharding/tp_dp_check.py")],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
+    return run_check_script("tests/sharding/tp_dp_check.py")
 
 
 @pytest.mark.slow
