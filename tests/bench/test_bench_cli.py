@@ -79,6 +79,9 @@ def flag_values() -> tuple[list[str], dict]:
         if f.name == "kv_cache_memory":
             argv += [flag, "0.25"]
             expected[f.name] = 0.25
+        elif f.name == "quantization":  # a name from its fixed set
+            argv += [flag, "int8"]
+            expected[f.name] = "int8"
         elif f.name == "speculative_config":
             argv += [flag, '{"method": "ngram", "num_speculative_tokens": 2}']
             expected[f.name] = {"method": "ngram", "num_speculative_tokens": 2}

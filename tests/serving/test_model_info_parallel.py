@@ -36,7 +36,7 @@ COMMON = {"max_model_len": 128, "vocab_size": 160, "dtype": "float32", "platform
 def test_tensor_parallel_4_reports_four_devices_on_the_model_axis(answers):
     info = answers["tp4"]["info"]
     assert info["num_devices"] == 4
-    assert info["mesh_shape"] == {"data": 1, "model": 4}
+    assert info["mesh_shape"] == {"data": 1, "expert": 1, "model": 4}
     assert {k: info[k] for k in COMMON} == COMMON
     assert info["model_name"] == answers["folder"]
     # One replica: max_num_seqs as given; the CPU KV budget is max_num_seqs sequences of
@@ -48,7 +48,7 @@ def test_tensor_parallel_4_reports_four_devices_on_the_model_axis(answers):
 def test_data_parallel_2_by_tensor_parallel_2_reports_both_axes(answers):
     info = answers["dp2xtp2"]["info"]
     assert info["num_devices"] == 4
-    assert info["mesh_shape"] == {"data": 2, "model": 2}
+    assert info["mesh_shape"] == {"data": 2, "expert": 1, "model": 2}
     assert {k: info[k] for k in COMMON} == COMMON
     # Totals over both replicas: sequences in flight and KV pages.
     assert (info["max_num_seqs"], info["num_kv_pages"]) == (2 * 4, 2 * 32)

@@ -534,9 +534,10 @@ class LLMEngine:
             "num_waiting": self.scheduler.num_waiting,
             "steps": self.num_steps,
             "step_seconds": self.step_seconds,
-            # From the first dispatch of a step to its sampled tokens on the host; the rest of
-            # step_seconds is host work (scheduling, packing, detokenizing) the device waits on.
-            "device_seconds": stats.device_seconds,
+            # The part of step_seconds spent waiting for the device's sampled tokens; the rest
+            # is host work (scheduling, packing, detokenizing). With async scheduling the host
+            # works while the device computes, so this is what the device adds to a step.
+            "device_seconds": stats.wait_seconds,
             **self._grammar_metrics(),
             **self._spec_decode_metrics(stats),
         }

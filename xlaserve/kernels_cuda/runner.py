@@ -76,7 +76,9 @@ class TorchModelRunner:
         )
 
     def stats(self) -> RunnerStats:
-        return RunnerStats(0, 0, self.warmup_seconds, self.device_seconds)  # eager: no graphs
+        # Eager (no graphs), steps one at a time: the host waits for the whole device time.
+        return RunnerStats(0, 0, self.warmup_seconds, self.device_seconds,
+                           wait_seconds=self.device_seconds)  # fmt: skip
 
     def shutdown(self) -> None:
         pass

@@ -178,7 +178,9 @@ class PoolingRunner:
         after = 0 if self.compiles_at_warmup is None else (
             self.compiles.count - self.compiles_at_warmup
         )  # fmt: skip
-        return RunnerStats(self.compiles.count, after, self.warmup_seconds, self.device_seconds)
+        # Steps run one at a time: the host waits for the whole device time.
+        return RunnerStats(self.compiles.count, after, self.warmup_seconds, self.device_seconds,
+                           wait_seconds=self.device_seconds)  # fmt: skip
 
     def shutdown(self) -> None:
         pass

@@ -187,14 +187,14 @@ class _EngineCollector(Collector):
         if "spec_decode_num_drafts" in m:
             yield from self._spec_decode(m, counter, gauge)
         # The engine's own step counters (LLMEngine.get_metrics): steps that ran a batch, their
-        # wall time, and the part from dispatch until the sampled tokens reached the host; the
-        # rest of step_seconds is host work per step (scheduling, packing, postprocessing).
+        # wall time, and the part spent waiting for the device's sampled tokens; the rest of
+        # step_seconds is host work per step (scheduling, packing, postprocessing).
         yield counter("engine_steps", "Engine steps that ran a batch",
                       m.get("steps", m.get("num_steps", 0)))  # fmt: skip
         yield counter("engine_step_seconds", "Wall time inside engine steps, host and device",
                       m.get("step_seconds", 0.0))  # fmt: skip
         yield counter("engine_device_seconds",
-                      "Time from each step's dispatch until its sampled tokens reached the host",
+                      "Time inside engine steps spent waiting for the device's sampled tokens",
                       m.get("device_seconds", 0.0))  # fmt: skip
 
     def _spec_decode(self, m: dict, counter, gauge):
