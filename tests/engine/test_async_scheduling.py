@@ -13,19 +13,11 @@ import pytest
 
 from tests.conftest import ENGINE_KWARGS
 from tests.engine.mock_runner import mock_engine, reference_output
+from tests.engine.test_llm_engine_mock import run
 from xlaserve import LLM, SamplingParams
 from xlaserve.engine.request import RequestStatus
 
 FINISH = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length"}
-
-
-def run(engine):
-    finished = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-    return finished
 
 
 def random_requests(seed: int, count: int, long: bool):

@@ -9,19 +9,10 @@ import torch
 
 from xlaserve.checkpoints.presets import resolve_bundled
 from xlaserve.checkpoints.tokenizer import load_tokenizer
+from xlaserve.multimodal.synthetic import CHAT_TEMPLATE, IMAGE_TOKENS
 
-IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
-    f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)
-]
-# SmolVLM's chat template: image parts become <image>, which the processor expands.
-CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'] is string %}{{': ' + message['content']}}{% else %}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+# SmolVLM's image tokens and chat template (image parts become <image>, which the processor
+# expands) are the ones the benchmark checkpoints use.
 TILE = 32  # pixels per tile side (max_image_size); images up to 2 x 2 tiles + the global one
 
 
