@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlaserve.kernels_cpu.skinny import PackedWeight
 from xlaserve.quantization.linear import QuantizedWeight
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -107,7 +108,7 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     CPU backend converts both operands to float32 first); accelerators accumulate in float32
     either way. A quantized weight (xlaserve/quantization) runs its own matmul.
     """
-    if isinstance(w, QuantizedWeight):
+    if isinstance(w, (QuantizedWeight, PackedWeight)):
         return w.matmul(x)
     rows = at_least_two_rows(x.astype(w.dtype))
     out = jnp.dot(rows, w, preferred_element_type=jnp.float32)

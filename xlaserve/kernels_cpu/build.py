@@ -1,0 +1,101 @@
+"""Compiles and loads the CPU kernels, and registers them with XLA as FFI targets.
+
+The shared library is built with `-march=native` for the CPU it runs on, into a cache keyed
+by the source, the jaxlib version (whose FFI headers it compiles against), the compiler and
+the CPU's model and flags, so every later process loads it in milliseconds. Each build writes
+a temporary file and renames it into place, so concurrent processes never load half a file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jaxlib
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("skinny_matmul.cc")
+CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+CACHE_DIR = CACHE_HOME / "xlaserve" / "kernels_cpu"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+# FFI target names (see the handler symbols at the end of skinny_matmul.cc).
+SKINNY_MATMUL_BF16 = "xlaserve_skinny_matmul_bf16"
+
+
+def disabled_by_env() -> bool:
+    """XLASERVE_CPU_KERNELS=0 keeps XLA's own matmuls (to compare, or to rule the kernels out)."""
+    return os.environ.get("XLASERVE_CPU_KERNELS", "1").strip().lower() in ("0", "false", "off")
+
+
+def _cpu_signature() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _library_path(compiler: str) -> Path:
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
+                 " ".join(FLAGS).encode(), _cpu_signature().encode()):  # fmt: skip
+        key.update(part)
+        key.update(b"\0")
+    return CACHE_DIR / f"skinny_matmul-{key.hexdigest()[:16]}.so"
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library with its FFI targets registered for the CPU, or None (logged
+    once) where it cannot be built: no x86-64/AArch64 Linux, no compiler, a failed build."""
+    if disabled_by_env():
+        return None
+    if platform.system() != "Linux":
+        log.info("CPU kernels are built on Linux only; using XLA's matmuls")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C++ compiler (g++/c++, or $CXX) found; the CPU keeps XLA's matmuls, "
+                    "which decode at a fraction of memory bandwidth")  # fmt: skip
+        return None
+    path = _library_path(compiler)
+    if not path.exists():
+        try:
+            _compile(compiler, path)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            detail = getattr(exc, "stderr", "") or str(exc)
+            log.warning("building the CPU kernels failed; using XLA's matmuls:\n%s", detail)
+            return None
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    jax.ffi.register_ffi_target(
+        SKINNY_MATMUL_BF16, jax.ffi.pycapsule(lib.XlaserveSkinnyMatmulBf16), platform="cpu"
+    )
+    return lib

@@ -1,0 +1,183 @@
+// Skinny matmuls for the CPU: y f32[M, N] = x f32[M, K] @ W for M <= 8 rows (decode steps),
+// streaming the weights once at memory bandwidth.
+//
+// W is pre-packed into column panels of kPanel outputs, each panel contiguous over K
+// (bf16[N / kPanel, K, kPanel]): one panel's weights are read as one sequential stream, and
+// its M x kPanel partial sums stay in registers. Panels are shared out over XLA's intra-op
+// thread pool (the calling thread works too, so the call completes even when the pool is busy).
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 16;  // outputs per panel: one 512-bit vector of f32
+constexpr int kMaxRows = 8;
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline f32x16 widen_bf16(const uint16_t* p) {
+  u16x16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  u32x16 wide = __builtin_convertvector(raw, u32x16) << 16;
+  f32x16 out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+
+// One panel: y[m, n0:n0+16] = sum_k x[m, k] * panel[k, :].
+template <int M>
+void panel_rows(const float* x, int64_t K, const uint16_t* panel, float* y, int64_t N) {
+  f32x16 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = f32x16{};
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    __builtin_prefetch(panel + (k + 32) * kPanel);
+    const f32x16 w0 = widen_bf16(panel + k * kPanel);
+    const f32x16 w1 = widen_bf16(panel + (k + 1) * kPanel);
+    for (int m = 0; m < M; ++m) acc[m] += x[m * K + k] * w0 + x[m * K + k + 1] * w1;
+  }
+  for (; k < K; ++k) {
+    const f32x16 w0 = widen_bf16(panel + k * kPanel);
+    for (int m = 0; m < M; ++m) acc[m] += x[m * K + k] * w0;
+  }
+  for (int m = 0; m < M; ++m) std::memcpy(y + m * N, &acc[m], sizeof(f32x16));
+}
+
+#if defined(__AVX512BF16__)
+// With AVX512-BF16 the panel interleaves pairs of rows (bf16[K / 2, kPanel, 2]) and one
+// vdpbf16ps adds two rows' products for 16 outputs; xp holds x as bf16 pairs [M, K / 2].
+template <int M>
+void panel_rows_dp(const uint32_t* xp, int64_t K, const uint16_t* panel, float* y, int64_t N) {
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    __builtin_prefetch(panel + (kp + 16) * 2 * kPanel);
+    const __m512bh w = (__m512bh)_mm512_loadu_si512(panel + kp * 2 * kPanel);
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(xp[m * pairs + kp]);
+      acc[m] = _mm512_dpbf16_ps(acc[m], w, xb);
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N, acc[m]);
+}
+#endif
+
+#if defined(__AVX512BF16__)
+constexpr int kPairRows = 2;
+using XRow = uint32_t;  // x as bf16 pairs
+#define PANEL_FN panel_rows_dp
+#else
+constexpr int kPairRows = 1;
+using XRow = float;  // x widened to f32
+#define PANEL_FN panel_rows
+#endif
+
+using PanelFn = void (*)(const XRow*, int64_t, const uint16_t*, float*, int64_t);
+constexpr PanelFn kPanelFns[kMaxRows + 1] = {
+    nullptr,       PANEL_FN<1>, PANEL_FN<2>, PANEL_FN<3>, PANEL_FN<4>,
+    PANEL_FN<5>, PANEL_FN<6>, PANEL_FN<7>, PANEL_FN<8>};
+
+struct Job {
+  const XRow* x;
+  const uint16_t* w;
+  float* y;
+  int64_t M, K, N, panels, chunk;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void work() {
+    for (;;) {
+      const int64_t start = next.fetch_add(chunk);
+      if (start >= panels) return;
+      const int64_t stop = std::min(panels, start + chunk);
+      for (int64_t p = start; p < stop; ++p) {
+        // Row groups of up to kMaxRows reuse the panel from cache after the first.
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+          const int rows = int(std::min<int64_t>(kMaxRows, M - m0));
+          kPanelFns[rows](x + m0 * (K / kPairRows), K, w + p * K * kPanel,
+                          y + m0 * N + p * kPanel, N);
+        }
+      }
+      done.fetch_add(stop - start, std::memory_order_release);
+    }
+  }
+};
+
+// x bf16[M, K], w bf16[N / 16, K / kPairRows, 16 * kPairRows] -> y f32[M, N].
+ffi::Error SkinnyMatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                            ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel * kPairRows ||
+      wd[1] * kPairRows != xd[1]) {
+    return ffi::Error::InvalidArgument("skinny_matmul: x[M, K] and w do not match the packing");
+  }
+  const int64_t M = xd[0], K = xd[1], panels = wd[0], N = panels * kPanel;
+  auto job = std::make_shared<Job>();
+  const uint16_t* xbits = reinterpret_cast<const uint16_t*>(x.typed_data());
+#if defined(__AVX512BF16__)
+  job->x = reinterpret_cast<const XRow*>(xbits);
+#else
+  auto widened = std::make_unique<float[]>(M * K);
+  for (int64_t i = 0; i < M * K; ++i) {
+    const uint32_t bits = uint32_t(xbits[i]) << 16;
+    std::memcpy(&widened[i], &bits, sizeof(float));
+  }
+  job->x = widened.get();
+#endif
+  job->M = M;
+  job->w = reinterpret_cast<const uint16_t*>(w.typed_data());
+  job->y = y->typed_data();
+  job->K = K;
+  job->N = N;
+  job->panels = panels;
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads()) + 1;
+  // About four chunks per worker balance the load; a chunk of panels is one contiguous stream.
+  job->chunk = std::max<int64_t>(1, panels / (4 * workers));
+  const int64_t chunks = (panels + job->chunk - 1) / job->chunk;
+  for (int64_t i = 1; i < std::min(workers, chunks); ++i) pool.Schedule([job] { job->work(); });
+  job->work();
+  while (job->done.load(std::memory_order_acquire) < panels) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Rows of W interleaved per panel row: 2 with AVX512-BF16 (see panel_rows_dp), else 1.
+extern "C" int XlaserveSkinnyPairRows() { return kPairRows; }
+
+// The widest vector the build targets: the packed path pays off with 512-bit vectors.
+extern "C" int XlaserveSkinnyVectorBits() {
+#if defined(__AVX512F__)
+  return 512;
+#elif defined(__AVX2__)
+  return 256;
+#else
+  return 128;
+#endif
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveSkinnyMatmulBf16, SkinnyMatmulBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
