@@ -297,6 +297,7 @@ class ModelRunner:
         aux_layers = () if proposer is None else proposer.target_aux_layers
         self.vision = vision
         self.steps = DeviceSteps(model, config, kv_cache_spec, mesh, aux_layers, vision)
+        self.weight_copies = model.weight_copies  # not counted in the parameter sizes
         self.leader = jax.process_count() > 1 and jax.process_index() == 0
         if self.leader:
             self.steps = distributed.BroadcastSteps(self.steps)  # followers replay each step
@@ -326,7 +327,8 @@ class ModelRunner:
     # ---- the Runner contract --------------------------------------------------------------
     def device_info(self) -> DeviceInfo:
         devices = jax.devices()[:1] if self.mesh is None else list(self.mesh.devices.flat)
-        leaves = jax.tree.leaves(self.steps.params)
+        params = {k: v for k, v in self.steps.params.items() if k not in self.weight_copies}
+        leaves = jax.tree.leaves(params)
         return DeviceInfo(
             platform=devices[0].platform,
             num_devices=len(devices),

@@ -387,7 +387,7 @@ class Transformer(nnx.Module):
         for layer in self.layers:
             for name in names:
                 param = getattr(layer, name)
-                param.value = skinny.pack(param[...])
+                param.set_value(skinny.pack(param[...]))
         self.packed = names
         head = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
         head_in_out = head.T if self.config.tie_word_embeddings else head
@@ -395,6 +395,13 @@ class Transformer(nnx.Module):
             self.lm_head_panels = nnx.Param(skinny.pack(head_in_out), logical_axes=(None,) * 3)
             if not self.config.tie_word_embeddings:
                 del self.lm_head  # the packed copy is the only one read
+
+    @property
+    def weight_copies(self) -> tuple[str, ...]:
+        """Top-level parameters that hold another one's values in another layout (the packed
+        LM head of a tied embedding): counted once in parameter sizes and bytes read."""
+        tied_copy = self.lm_head_panels is not None and self.config.tie_word_embeddings
+        return ("lm_head_panels",) if tied_copy else ()
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Logits f32[S, V] for the selected hidden rows [S, D]."""
