@@ -24,12 +24,15 @@ import jaxlib
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("skinny_matmul.cc")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("skinny_matmul.cc", "gguf_matmul.cc"))
 CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 CACHE_DIR = CACHE_HOME / "xlaserve" / "kernels_cpu"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+# -ffp-contract=off: no fused multiply-adds, so GGUF blocks dequantize with the rounding of
+# xlaserve/quantization/gguf_blocks.py.
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
 # FFI target names (see the handler symbols at the end of skinny_matmul.cc).
 SKINNY_MATMUL_BF16 = "xlaserve_skinny_matmul_bf16"
+GGUF_MATMUL = "xlaserve_gguf_matmul"
 
 
 def disabled_by_env() -> bool:
@@ -52,11 +55,13 @@ def _compiler() -> str | None:
 
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
-                 " ".join(FLAGS).encode(), _cpu_signature().encode()):  # fmt: skip
+    parts = [source.read_bytes() for source in SOURCES]
+    parts += [jaxlib.__version__, compiler, " ".join(FLAGS), _cpu_signature()]
+    for part in parts:
+        part = part if isinstance(part, bytes) else part.encode()
         key.update(part)
         key.update(b"\0")
-    return CACHE_DIR / f"skinny_matmul-{key.hexdigest()[:16]}.so"
+    return CACHE_DIR / f"xlaserve_cpu_kernels-{key.hexdigest()[:16]}.so"
 
 
 def _compile(compiler: str, target: Path) -> None:
@@ -64,7 +69,7 @@ def _compile(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
@@ -95,7 +100,7 @@ def library() -> ctypes.CDLL | None:
             log.warning("building the CPU kernels failed; using XLA's matmuls:\n%s", detail)
             return None
     lib = ctypes.cdll.LoadLibrary(str(path))
-    jax.ffi.register_ffi_target(
-        SKINNY_MATMUL_BF16, jax.ffi.pycapsule(lib.XlaserveSkinnyMatmulBf16), platform="cpu"
-    )
+    for name, symbol in ((SKINNY_MATMUL_BF16, lib.XlaserveSkinnyMatmulBf16),
+                         (GGUF_MATMUL, lib.XlaserveGgufMatmul)):  # fmt: skip
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib

@@ -6,6 +6,7 @@ Axis letters (docs/glossary.md): T tokens, D model, F mlp, V vocab, N q heads, K
 H head dim, L layers.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xlaserve.kernels_cpu import gguf as gguf_kernel
 from xlaserve.kernels_cpu import skinny
 from xlaserve.kernels_pallas.lora import lora_delta
 from xlaserve.models.attention import AttentionMetadata, resolve_backend, write_and_attend
@@ -370,18 +372,19 @@ class Transformer(nnx.Module):
         self.pack_for_cpu_kernel()
 
     def pack_for_cpu_kernel(self) -> None:
-        """Stores the unquantized bfloat16 projections, and a copy of the LM head, in the CPU
-        kernel's panel layout (xlaserve/kernels_cpu) where it runs: it streams them at close
-        to memory bandwidth where XLA's CPU matmul reaches 20-40% at decode batch sizes."""
+        """Lays the projections out for the CPU kernels (xlaserve/kernels_cpu) where they run:
+        unquantized bfloat16 ones (and a copy of the LM head) in the skinny matmul's panels,
+        GGUF-packed ones as the GGUF file's own rows. XLA's CPU matmuls reach 20-40% of memory
+        bandwidth at decode batch sizes; the kernels stream the weights close to it."""
         if not skinny.available():
             return
-        quantized = {name for name, _ in self.quant.gguf_types} if self.quant else set()
         if self.quant is not None and self.quant.method != "gguf":
             return  # every projection is quantized and runs its own matmul
         first = self.layers[0]
+        gguf_names = dict(self.quant.gguf_types) if self.quant else {}
         names = tuple(
             name for name in (*PROJECTIONS, *FUSED)
-            if name in first.names and name not in quantized
+            if name in first.names and name not in gguf_names
             and skinny.packable(getattr(first, name)[...])
         )  # fmt: skip
         for layer in self.layers:
@@ -389,6 +392,13 @@ class Transformer(nnx.Module):
                 param = getattr(layer, name)
                 param.set_value(skinny.pack(param[...]))
         self.packed = names
+        if gguf_names and all(gguf_kernel.supports(t) for t in gguf_names.values()):
+            for layer in self.layers:
+                for name in gguf_names:
+                    if name in layer.names:
+                        param = getattr(layer, name)
+                        param.set_value(param[...].T)  # [row_bytes, out] -> [out, row_bytes]
+            self.quant = dataclasses.replace(self.quant, gguf_rows=True)
         head = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
         head_in_out = head.T if self.config.tie_word_embeddings else head
         if skinny.packable(head_in_out):

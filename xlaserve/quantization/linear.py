@@ -7,11 +7,13 @@ quantized values and, for int8/w8a8/fp8, `name + "_scale"` holds f32[out]. `bind
 turns one layer's parameter dict into the view the layer math uses.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 
+from xlaserve.kernels_cpu import gguf as gguf_kernel
 from xlaserve.quantization.gguf_blocks import dequantize_rows
 from xlaserve.quantization.int8 import quantize_per_token
 
@@ -32,10 +34,13 @@ class WeightQuant:
 
     method: "int8" | "w8a8" | "fp8" | "gguf". gguf_types: (name, GGML type) of each projection
     kept packed (fused names included); projections not listed hold plain weights.
+    gguf_rows: the packed projections hold GGUF rows uint8[out, row_bytes] for the CPU kernel
+    (xlaserve/kernels_cpu/gguf.py) instead of uint8[row_bytes, out].
     """
 
     method: str
     gguf_types: tuple[tuple[str, int], ...] = ()
+    gguf_rows: bool = False
 
     def gguf_type(self, name: str) -> int | None:
         return dict(self.gguf_types).get(name)
@@ -51,9 +56,12 @@ class QuantizedWeight:
     scale: jax.Array | None
     method: str = field(metadata=dict(static=True))
     gguf_type: int | None = field(default=None, metadata=dict(static=True))
+    gguf_rows: bool = field(default=False, metadata=dict(static=True))  # see WeightQuant
 
     def matmul(self, x: jax.Array) -> jax.Array:
         """x [M, in] @ self -> [M, out] in x's dtype, accumulated in f32 (int32 for w8a8)."""
+        if self.gguf_rows:
+            return gguf_kernel.matmul(x, self.values, self.gguf_type).astype(x.dtype)
         rows = jnp.concatenate([x, x]) if x.shape[0] == 1 else x  # see layers.at_least_two_rows
         if self.method == "w8a8":
             xq, x_scale = quantize_per_token(rows)  # int8 [M, in], f32 [M, 1]
@@ -86,7 +94,7 @@ def bind_quantized(p: dict[str, jax.Array], quant: WeightQuant | None) -> dict:
         if quant.method == "gguf":
             qtype = quant.gguf_type(name)
             if qtype is not None:
-                out[name] = QuantizedWeight(p[name], None, "gguf", int(qtype))
+                out[name] = QuantizedWeight(p[name], None, "gguf", int(qtype), quant.gguf_rows)
         else:
             method = "int8" if quant.method == "w8a8" and name in W8A8_WEIGHT_ONLY else quant.method
             out[name] = QuantizedWeight(p[name], out.pop(name + SCALE_SUFFIX), method)
@@ -114,4 +122,4 @@ def fuse_quantized(
         elif parts[0] in PROJECTIONS:
             plan[name + SCALE_SUFFIX] = tuple(part + SCALE_SUFFIX for part in parts)
         plan[name] = parts
-    return plan, WeightQuant(quant.method, tuple(types))
+    return plan, dataclasses.replace(quant, gguf_types=tuple(types))

@@ -1,0 +1,29 @@
+"""The GGUF block matmul on the CPU kernel (gguf_matmul.cc), for quantization="gguf".
+
+The kernel reads a GGUF tensor's own rows (uint8[out, row_bytes]); `Transformer.
+pack_for_cpu_kernel` turns the packed projections into that layout where the kernel runs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xlaserve.kernels_cpu.build import GGUF_MATMUL
+from xlaserve.kernels_cpu.skinny import available
+
+# ggml type ids the kernel dequantizes (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
+KERNEL_TYPES = (8, 2, 3, 12, 14)
+
+
+def supports(qtype: int) -> bool:
+    return available() and int(qtype) in KERNEL_TYPES
+
+
+def matmul(x: jax.Array, rows: jax.Array, qtype: int) -> jax.Array:
+    """x [M, in] @ the GGUF rows uint8[out, row_bytes] -> f32 [M, out] (x rounded to
+    bfloat16, dequantized weights rounded to bfloat16, products summed in float32)."""
+    return jax.ffi.ffi_call(
+        GGUF_MATMUL, jax.ShapeDtypeStruct((x.shape[0], rows.shape[0]), jnp.float32)
+    )(x.astype(jnp.bfloat16), rows, qtype=np.int32(qtype))

@@ -1,0 +1,248 @@
+// GGUF block matmuls for the CPU: y f32[M, N] = x bf16[M, K] @ W^T, where W holds a GGUF
+// tensor's own rows (uint8[N, row_bytes]: one output channel per row, blocks along K).
+//
+// Each output row is dequantized once into a bfloat16 scratch row, value for value as
+// xlaserve/quantization/gguf_blocks.py does it (float32 operations in the same order, no
+// fused multiply-adds: built with -ffp-contract=off; rounded to bfloat16 to nearest even, as
+// `astype` does), so the product equals the dequantized model's up to summation order. The
+// scratch row then meets every row of x (vdpbf16ps with AVX512-BF16). Output rows are shared
+// out over XLA's intra-op thread pool.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512BF16__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ggml type ids (gguf.GGMLQuantizationType)
+enum : int32_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
+
+inline float f16_to_f32(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalize
+    exp = 113;
+    while (!(man & 0x400)) {
+      man <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+inline uint16_t bf16_rne(float f) {  // round to nearest even, as jnp's astype(bfloat16)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+inline void store_bf16(const float* v, int n, uint16_t* out) {
+  for (int i = 0; i < n; ++i) out[i] = bf16_rne(v[i]);
+}
+
+struct Format {
+  int32_t values, bytes;  // per block
+};
+
+inline Format format_of(int32_t qtype) {
+  switch (qtype) {
+    case kQ8_0: return {32, 34};
+    case kQ4_0: return {32, 18};
+    case kQ4_1: return {32, 20};
+    case kQ4_K: return {256, 144};
+    case kQ6_K: return {256, 210};
+    default: return {0, 0};
+  }
+}
+
+void dequant_block(int32_t qtype, const uint8_t* b, uint16_t* out) {
+  float v[256];
+  switch (qtype) {
+    case kQ8_0: {
+      const float d = f16_to_f32(b);
+      for (int i = 0; i < 32; ++i) v[i] = float(int8_t(b[2 + i])) * d;
+      return store_bf16(v, 32, out);
+    }
+    case kQ4_0: {
+      const float d = f16_to_f32(b);
+      for (int i = 0; i < 16; ++i) {
+        v[i] = d * float(int(b[2 + i] & 0x0F) - 8);
+        v[16 + i] = d * float(int(b[2 + i] >> 4) - 8);
+      }
+      return store_bf16(v, 32, out);
+    }
+    case kQ4_1: {
+      const float d = f16_to_f32(b), m = f16_to_f32(b + 2);
+      for (int i = 0; i < 16; ++i) {
+        v[i] = d * float(b[4 + i] & 0x0F) + m;
+        v[16 + i] = d * float(b[4 + i] >> 4) + m;
+      }
+      return store_bf16(v, 32, out);
+    }
+    case kQ4_K: {
+      const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
+      const uint8_t* s = b + 4;  // 12 bytes of 6-bit scales and mins
+      const uint8_t* qs = b + 16;
+      for (int j = 0; j < 8; ++j) {
+        const int sc = j < 4 ? (s[j] & 0x3F) : ((s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30));
+        const int mn = j < 4 ? (s[j + 4] & 0x3F) : ((s[j + 4] >> 4) | ((s[j] >> 2) & 0x30));
+        const float dj = d * float(sc), mj = dmin * float(mn);
+        const uint8_t* q = qs + 32 * (j / 2);
+        const int shift = 4 * (j % 2);
+        for (int i = 0; i < 32; ++i) v[32 * j + i] = dj * float((q[i] >> shift) & 0x0F) - mj;
+      }
+      return store_bf16(v, 256, out);
+    }
+    case kQ6_K: {
+      const uint8_t *ql = b, *qh = b + 128;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = f16_to_f32(b + 208);
+      for (int half = 0; half < 2; ++half) {
+        for (int r = 0; r < 4; ++r) {  // four runs of 32 values per half
+          for (int i = 0; i < 32; ++i) {
+            const int low = (ql[64 * half + 32 * (r % 2) + i] >> (4 * (r / 2))) & 0x0F;
+            const int high = (qh[32 * half + i] >> (2 * r)) & 0x03;
+            const int idx = 128 * half + 32 * r + i;
+            v[idx] = (d * float(sc[idx / 16])) * float(int8_t((low | (high << 4)) - 32));
+          }
+        }
+      }
+      return store_bf16(v, 256, out);
+    }
+  }
+}
+
+constexpr int kTile = 8;  // rows of x per pass over a scratch row
+
+// y[m, n] for rows m0..m0+rows of one dequantized weight row w (bf16[K]).
+inline void dot_rows(const uint16_t* x, int64_t K, const uint16_t* w, int rows, float* y,
+                     int64_t N) {
+#if defined(__AVX512BF16__)
+  __m512 acc[kTile];
+  for (int m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
+    for (int m = 0; m < rows; ++m) {
+      acc[m] = _mm512_dpbf16_ps(acc[m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k));
+    }
+  }
+  for (int m = 0; m < rows; ++m) y[m * N] = _mm512_reduce_add_ps(acc[m]);
+#else
+  for (int m = 0; m < rows; ++m) {
+    float acc[16] = {};
+    for (int64_t k = 0; k < K; k += 16) {
+      for (int i = 0; i < 16; ++i) {
+        uint32_t a = uint32_t(w[k + i]) << 16, b = uint32_t(x[m * K + k + i]) << 16;
+        float fa, fb;
+        std::memcpy(&fa, &a, 4);
+        std::memcpy(&fb, &b, 4);
+        acc[i] += fa * fb;
+      }
+    }
+    float sum = 0;
+    for (int i = 0; i < 16; ++i) sum += acc[i];
+    y[m * N] = sum;
+  }
+#endif
+}
+
+struct Job {
+  const uint16_t* x;
+  const uint8_t* w;
+  float* y;
+  int64_t M, K, N, row_bytes, chunk;
+  int32_t qtype;
+  Format fmt;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void work() {
+    std::vector<uint16_t> scratch(K);
+    for (;;) {
+      const int64_t start = next.fetch_add(chunk);
+      if (start >= N) return;
+      const int64_t stop = std::min(N, start + chunk);
+      for (int64_t n = start; n < stop; ++n) {
+        const uint8_t* row = w + n * row_bytes;
+        for (int64_t b = 0; b < K / fmt.values; ++b) {
+          dequant_block(qtype, row + b * fmt.bytes, scratch.data() + b * fmt.values);
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+          dot_rows(x + m0 * K, K, scratch.data(), int(std::min<int64_t>(kTile, M - m0)),
+                   y + m0 * N + n, N);
+        }
+      }
+      done.fetch_add(stop - start, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error GgufMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> w,
+                      ffi::ResultBuffer<ffi::F32> y, int32_t qtype) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const Format fmt = format_of(qtype);
+  if (fmt.values == 0) return ffi::Error::InvalidArgument("gguf_matmul: unsupported GGUF type");
+  if (xd.size() != 2 || wd.size() != 2 || wd[1] % fmt.bytes != 0 ||
+      wd[1] / fmt.bytes * fmt.values != xd[1] || xd[1] % 32 != 0) {
+    return ffi::Error::InvalidArgument("gguf_matmul: x[M, K] and w[N, row_bytes] do not match");
+  }
+  auto job = std::make_shared<Job>();
+  job->x = reinterpret_cast<const uint16_t*>(x.typed_data());
+  job->w = w.typed_data();
+  job->y = y->typed_data();
+  job->M = xd[0];
+  job->K = xd[1];
+  job->N = wd[0];
+  job->row_bytes = wd[1];
+  job->qtype = qtype;
+  job->fmt = fmt;
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads()) + 1;
+  job->chunk = std::max<int64_t>(1, job->N / (8 * workers));
+  const int64_t chunks = (job->N + job->chunk - 1) / job->chunk;
+  for (int64_t i = 1; i < std::min(workers, chunks); ++i) pool.Schedule([job] { job->work(); });
+  job->work();
+  while (job->done.load(std::memory_order_acquire) < job->N) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveGgufMatmul, GgufMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("qtype"));
