@@ -139,23 +139,133 @@ void dequant_block(int32_t qtype, const uint8_t* b, uint16_t* out) {
   }
 }
 
+
+#if defined(__AVX512BF16__)
+// Vectorized dequantization: each call yields 32 consecutive weights as bfloat16, computed
+// with the same float32 operations as dequant_block (so the same bits).
+inline __m512bh pack32(__m512 lo, __m512 hi) { return _mm512_cvtne2ps_pbh(hi, lo); }
+
+inline __m512 nib_lo(__m128i bytes) {
+  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_cvtepu8_epi32(bytes), _mm512_set1_epi32(15)));
+}
+inline __m512 nib_hi(__m128i bytes) {
+  return _mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_cvtepu8_epi32(bytes), 4));
+}
+
+// Calls emit(v, j) with v the j-th run of 32 weights of the block at b.
+template <typename Emit>
+inline void dequant_block_vec(int32_t qtype, const uint8_t* b, Emit&& emit) {
+  switch (qtype) {
+    case kQ8_0: {
+      const __m512 d = _mm512_set1_ps(f16_to_f32(b));
+      const __m128i q0 = _mm_loadu_si128((const __m128i*)(b + 2));
+      const __m128i q1 = _mm_loadu_si128((const __m128i*)(b + 18));
+      emit(pack32(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d),
+                  _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d)), 0);
+      return;
+    }
+    case kQ4_0: {
+      const __m512 d = _mm512_set1_ps(f16_to_f32(b));
+      const __m128i q = _mm_loadu_si128((const __m128i*)(b + 2));
+      const __m512 eight = _mm512_set1_ps(8.0f);
+      emit(pack32(_mm512_mul_ps(d, _mm512_sub_ps(nib_lo(q), eight)),
+                  _mm512_mul_ps(d, _mm512_sub_ps(nib_hi(q), eight))), 0);
+      return;
+    }
+    case kQ4_1: {
+      const __m512 d = _mm512_set1_ps(f16_to_f32(b)), m = _mm512_set1_ps(f16_to_f32(b + 2));
+      const __m128i q = _mm_loadu_si128((const __m128i*)(b + 4));
+      emit(pack32(_mm512_add_ps(_mm512_mul_ps(d, nib_lo(q)), m),
+                  _mm512_add_ps(_mm512_mul_ps(d, nib_hi(q)), m)), 0);
+      return;
+    }
+    case kQ4_K: {
+      const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
+      const uint8_t* s = b + 4;
+      for (int j = 0; j < 8; ++j) {
+        const int sc = j < 4 ? (s[j] & 0x3F) : ((s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30));
+        const int mn = j < 4 ? (s[j + 4] & 0x3F) : ((s[j + 4] >> 4) | ((s[j] >> 2) & 0x30));
+        const __m512 dj = _mm512_set1_ps(d * float(sc)), mj = _mm512_set1_ps(dmin * float(mn));
+        const uint8_t* q = b + 16 + 32 * (j / 2);
+        const __m128i q0 = _mm_loadu_si128((const __m128i*)q);
+        const __m128i q1 = _mm_loadu_si128((const __m128i*)(q + 16));
+        const __m512 v0 = j % 2 ? nib_hi(q0) : nib_lo(q0);
+        const __m512 v1 = j % 2 ? nib_hi(q1) : nib_lo(q1);
+        emit(pack32(_mm512_sub_ps(_mm512_mul_ps(dj, v0), mj),
+                    _mm512_sub_ps(_mm512_mul_ps(dj, v1), mj)), j);
+      }
+      return;
+    }
+    case kQ6_K: {
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = f16_to_f32(b + 208);
+      const __m512i mask4 = _mm512_set1_epi32(15), mask2 = _mm512_set1_epi32(3);
+      const __m512i bias = _mm512_set1_epi32(32);
+      for (int half = 0; half < 2; ++half) {
+        for (int r = 0; r < 4; ++r) {
+          __m512 v[2];
+          for (int h = 0; h < 2; ++h) {  // 16 values each, one scale each
+            const int i0 = 16 * h;
+            const __m512i ql = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128((const __m128i*)(b + 64 * half + 32 * (r % 2) + i0)));
+            const __m512i qh = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128((const __m128i*)(b + 128 + 32 * half + i0)));
+            const __m512i low = _mm512_and_si512(_mm512_srli_epi32(ql, 4 * (r / 2)), mask4);
+            const __m512i high = _mm512_and_si512(_mm512_srli_epi32(qh, 2 * r), mask2);
+            const __m512i q = _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)),
+                                               bias);
+            const int idx = 128 * half + 32 * r + i0;
+            v[h] = _mm512_mul_ps(_mm512_set1_ps(d * float(sc[idx / 16])), _mm512_cvtepi32_ps(q));
+          }
+          emit(pack32(v[0], v[1]), 4 * half + r);
+        }
+      }
+      return;
+    }
+  }
+}
+
+// One output row n against rows m0.. of x: the block's weights meet every row in registers.
+template <int Rows>
+inline void row_dot_vec(int32_t qtype, const uint8_t* row, int64_t nblocks, int32_t values,
+                        int32_t bytes, const uint16_t* x, int64_t K, float* y, int64_t N) {
+  __m512 acc[Rows];
+  for (int m = 0; m < Rows; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const uint16_t* xb = x + blk * values;
+    dequant_block_vec(qtype, row + blk * bytes, [&](__m512bh w, int j) {
+      for (int m = 0; m < Rows; ++m) {
+        acc[m] = _mm512_dpbf16_ps(acc[m], w, (__m512bh)_mm512_loadu_si512(xb + m * K + 32 * j));
+      }
+    });
+  }
+  for (int m = 0; m < Rows; ++m) y[m * N] = _mm512_reduce_add_ps(acc[m]);
+}
+
+using RowDotFn = void (*)(int32_t, const uint8_t*, int64_t, int32_t, int32_t, const uint16_t*,
+                          int64_t, float*, int64_t);
+constexpr RowDotFn kRowDots[9] = {nullptr,         row_dot_vec<1>, row_dot_vec<2>,
+                                  row_dot_vec<3>, row_dot_vec<4>, row_dot_vec<5>,
+                                  row_dot_vec<6>, row_dot_vec<7>, row_dot_vec<8>};
+#endif
+
 constexpr int kTile = 8;  // rows of x per pass over a scratch row
 
-// y[m, n] for rows m0..m0+rows of one dequantized weight row w (bf16[K]).
-inline void dot_rows(const uint16_t* x, int64_t K, const uint16_t* w, int rows, float* y,
-                     int64_t N) {
+// y[m, n] for Rows rows of x against one dequantized weight row w (bf16[K]).
+template <int Rows>
+void dot_rows(const uint16_t* x, int64_t K, const uint16_t* w, float* y, int64_t N) {
 #if defined(__AVX512BF16__)
-  __m512 acc[kTile];
-  for (int m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
+  __m512 acc[Rows];
+  for (int m = 0; m < Rows; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
     const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
-    for (int m = 0; m < rows; ++m) {
+    for (int m = 0; m < Rows; ++m) {
       acc[m] = _mm512_dpbf16_ps(acc[m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k));
     }
   }
-  for (int m = 0; m < rows; ++m) y[m * N] = _mm512_reduce_add_ps(acc[m]);
+  for (int m = 0; m < Rows; ++m) y[m * N] = _mm512_reduce_add_ps(acc[m]);
 #else
-  for (int m = 0; m < rows; ++m) {
+  for (int m = 0; m < Rows; ++m) {
     float acc[16] = {};
     for (int64_t k = 0; k < K; k += 16) {
       for (int i = 0; i < 16; ++i) {
@@ -172,6 +282,11 @@ inline void dot_rows(const uint16_t* x, int64_t K, const uint16_t* w, int rows, 
   }
 #endif
 }
+
+using DotRowsFn = void (*)(const uint16_t*, int64_t, const uint16_t*, float*, int64_t);
+constexpr DotRowsFn kDotRows[kTile + 1] = {nullptr,     dot_rows<1>, dot_rows<2>,
+                                           dot_rows<3>, dot_rows<4>, dot_rows<5>,
+                                           dot_rows<6>, dot_rows<7>, dot_rows<8>};
 
 struct Job {
   const uint16_t* x;
@@ -191,12 +306,29 @@ struct Job {
       const int64_t stop = std::min(N, start + chunk);
       for (int64_t n = start; n < stop; ++n) {
         const uint8_t* row = w + n * row_bytes;
+#if defined(__AVX512BF16__)
+        if (M <= kTile) {  // one row group: dequantize in registers, once
+          for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+            kRowDots[std::min<int64_t>(kTile, M - m0)](qtype, row, K / fmt.values, fmt.values,
+                                                      fmt.bytes, x + m0 * K, K,
+                                                      y + m0 * N + n, N);
+          }
+          continue;
+        }
+#endif
         for (int64_t b = 0; b < K / fmt.values; ++b) {
+#if defined(__AVX512BF16__)
+          uint16_t* out = scratch.data() + b * fmt.values;
+          dequant_block_vec(qtype, row + b * fmt.bytes, [&](__m512bh v, int j) {
+            _mm512_storeu_si512(out + 32 * j, (__m512i)v);
+          });
+#else
           dequant_block(qtype, row + b * fmt.bytes, scratch.data() + b * fmt.values);
+#endif
         }
         for (int64_t m0 = 0; m0 < M; m0 += kTile) {
-          dot_rows(x + m0 * K, K, scratch.data(), int(std::min<int64_t>(kTile, M - m0)),
-                   y + m0 * N + n, N);
+          kDotRows[std::min<int64_t>(kTile, M - m0)](x + m0 * K, K, scratch.data(),
+                                                     y + m0 * N + n, N);
         }
       }
       done.fetch_add(stop - start, std::memory_order_release);
