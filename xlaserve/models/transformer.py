@@ -37,6 +37,7 @@ from xlaserve.quantization.linear import (
     WeightQuant,
     bind_quantized,
     fuse_quantized,
+    packed_rows_matmul,
 )
 
 
@@ -251,6 +252,9 @@ class Transformer(nnx.Module):
         # packed copy (an nnx.Param) when it has one.
         self.packed: tuple[str, ...] = ()
         self.lm_head_panels = nnx.data(None)
+        # The GGUF file's LM head kept in packed rows (quantization="gguf", see
+        # quantization/model.py), of type quant.lm_head_type.
+        self.lm_head_rows = nnx.data(None)
 
     def __call__(
         self,
@@ -399,6 +403,8 @@ class Transformer(nnx.Module):
                         param = getattr(layer, name)
                         param.set_value(param[...].T)  # [row_bytes, out] -> [out, row_bytes]
             self.quant = dataclasses.replace(self.quant, gguf_rows=True)
+        if self.lm_head_rows is not None:
+            return  # the GGUF head's packed rows already feed the kernel
         head = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
         head_in_out = head.T if self.config.tie_word_embeddings else head
         if skinny.packable(head_in_out):
@@ -410,14 +416,22 @@ class Transformer(nnx.Module):
     def weight_copies(self) -> tuple[str, ...]:
         """Top-level parameters that hold another one's values in another layout (the packed
         LM head of a tied embedding): counted once in parameter sizes and bytes read."""
-        tied_copy = self.lm_head_panels is not None and self.config.tie_word_embeddings
-        return ("lm_head_panels",) if tied_copy else ()
+        if not self.config.tie_word_embeddings:
+            return ()
+        return tuple(
+            name for name in ("lm_head_panels", "lm_head_rows") if getattr(self, name) is not None
+        )
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Logits f32[S, V] for the selected hidden rows [S, D]."""
         if self.lm_head_panels is not None:
             logits = skinny.PackedWeight(self.lm_head_panels[...]).matmul(hidden)
             return self._soft_cap(logits.astype(jnp.float32))
+        if self.lm_head_rows is not None:
+            rows, qtype = self.lm_head_rows[...], self.quant.lm_head_type
+            kernel = self.quant.gguf_rows and gguf_kernel.supports(qtype)
+            logits = packed_rows_matmul(hidden.astype(self.embed[...].dtype), rows, qtype, kernel)
+            return self._soft_cap(logits)
         weight = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
         rows = at_least_two_rows(hidden.astype(weight.dtype))
         # The tied embedding is [V, D]: contract its D axis directly, without a transpose.

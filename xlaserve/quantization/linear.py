@@ -36,11 +36,14 @@ class WeightQuant:
     kept packed (fused names included); projections not listed hold plain weights.
     gguf_rows: the packed projections hold GGUF rows uint8[out, row_bytes] for the CPU kernel
     (xlaserve/kernels_cpu/gguf.py) instead of uint8[row_bytes, out].
+    lm_head_type: the GGML type of the LM head's packed rows (`Transformer.lm_head_rows`,
+    uint8[V, row_bytes]) when the GGUF file's head stays packed; None otherwise.
     """
 
     method: str
     gguf_types: tuple[tuple[str, int], ...] = ()
     gguf_rows: bool = False
+    lm_head_type: int | None = None
 
     def gguf_type(self, name: str) -> int | None:
         return dict(self.gguf_types).get(name)
@@ -81,6 +84,21 @@ class QuantizedWeight:
             out = jnp.dot(rows, self.values.astype(x.dtype), preferred_element_type=jnp.float32)
             out = out * self.scale
         return out[: x.shape[0]].astype(x.dtype)
+
+
+def packed_rows_matmul(x: jax.Array, rows: jax.Array, qtype: int, kernel: bool) -> jax.Array:
+    """x [M, in] @ GGUF rows uint8[out, row_bytes] -> f32 [M, out]: on the CPU kernel, or
+    dequantized to x's dtype and contracted on `in` (rows already lie [out, in])."""
+    if kernel:
+        return gguf_kernel.matmul(x, rows, qtype)
+    w = dequantize_rows(rows, qtype).astype(x.dtype)  # [out, in]
+    return jax.lax.dot_general(
+        at_least_two_rows(x), w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )[: x.shape[0]]
+
+
+def at_least_two_rows(x: jax.Array) -> jax.Array:  # see models/layers.at_least_two_rows
+    return jnp.concatenate([x, x]) if x.shape[0] == 1 else x
 
 
 def bind_quantized(p: dict[str, jax.Array], quant: WeightQuant | None) -> dict:

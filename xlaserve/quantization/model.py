@@ -6,6 +6,7 @@ model dtype (see docs/quantization.md for why). With a mesh, the values and thei
 land in the shards of the weight they came from (scales follow the weight's output axis).
 """
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def quantize_model(model: Transformer, method: str, *, mesh=None, source: str = 
         for name, (raw, _) in packed.items():
             axes = _axes(layers, name)  # ("layers", in, out)
             _replace(layers, name, raw, ("layers", None, axes[2]), model, mesh)
+        _keep_lm_head_packed(model, source, mesh)
         return
     fn = quantize_per_channel_fp8 if method == "fp8" else quantize_per_channel
     for name in PROJECTIONS:
@@ -114,6 +116,28 @@ def _gguf_packed(model: Transformer, source: str) -> dict[str, tuple[np.ndarray,
             rows.append(raw.T)  # [row_bytes, out]
         packed[name] = (np.ascontiguousarray(np.stack(rows)), qtype)
     return packed
+
+
+def _keep_lm_head_packed(model: Transformer, source: str, mesh) -> None:
+    """Keeps the GGUF file's LM head (its output tensor, or the tied token embedding) in its
+    packed rows when their type is one we read packed: a decode step then reads those bytes
+    (Q8_0: 34 per 32 weights) for the logits instead of the model-dtype head. A tied
+    embedding stays in the model dtype for the token lookup (a few rows per step)."""
+    reader = gguf.GGUFReader(Path(source), "r")
+    by_name = {t.name: t for t in reader.tensors}
+    tensor = by_name.get("output.weight") or by_name["token_embd.weight"]
+    qtype = int(tensor.tensor_type)
+    if qtype not in PACKED_TYPES:
+        return
+    rows = np.asarray(tensor.data)  # [V, row_bytes]
+    if mesh is not None:
+        value = jax.device_put(rows, _sharding(model, mesh, ("vocab", None)))
+    else:
+        value = jax.numpy.asarray(rows)
+    model.lm_head_rows = nnx.Param(value, logical_axes=("vocab", None))
+    model.quant = dataclasses.replace(model.quant, lm_head_type=qtype)
+    if not model.config.tie_word_embeddings:
+        del model.lm_head  # the packed rows are the only head read
 
 
 def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
