@@ -37,10 +37,16 @@ def smollm2_hf(smollm2_gguf):
     return model.eval()
 
 
+# Token buckets of the test engines: 1, then 16 up to the token budget (always added). The
+# generation default (1, 2, 4, ...) adds two to four forward graphs to every engine built; a
+# lone decode keeps its one-token graph. All small buckets are tested where they are the subject
+# (tests/engine/test_async_scheduling.py).
+TEST_TOKEN_BUCKETS = (1, 16, 32, 64, 128)
 # One engine configuration shared by the engine tests (compiles once per session).
 ENGINE_KWARGS = dict(
-    dtype="float32", max_model_len=512, max_num_seqs=16, max_num_batched_tokens=256
-)
+    dtype="float32", max_model_len=512, max_num_seqs=16, max_num_batched_tokens=256,
+    token_buckets=TEST_TOKEN_BUCKETS,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

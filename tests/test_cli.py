@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from tests.conftest import ENGINE_KWARGS, TEST_TOKEN_BUCKETS
 from tests.models.tiny_configs import save_tiny_model
 from xlaserve.checkpoints.loader import load_model
 from xlaserve.cli import main
@@ -31,7 +32,12 @@ def test_bad_dtype_exits_2_naming_it(capsys):
 
 
 def test_generate_on_the_bundled_model(capsys):
+    # The shared test engine's shapes: its compiled graphs come from the persistent cache.
+    shapes = {"--max-model-len": ENGINE_KWARGS["max_model_len"],
+              "--max-num-seqs": ENGINE_KWARGS["max_num_seqs"],
+              "--max-num-batched-tokens": ENGINE_KWARGS["max_num_batched_tokens"],
+              "--token-buckets": ",".join(map(str, TEST_TOKEN_BUCKETS))}  # fmt: skip
     argv = ["generate", "--prompt", "The capital of France is", "--max-tokens", "3",
-            "--dtype", "float32"]  # fmt: skip
+            "--dtype", "float32", *(str(x) for kv in shapes.items() for x in kv)]  # fmt: skip
     assert main(argv) == 0
     assert capsys.readouterr().out.startswith("The capital of France is Paris")

@@ -4,7 +4,9 @@ conditions, preemptions, aborts and freed pages are exactly those of one step at
 The mock runner (tests/engine/mock_runner.py) computes each step at dispatch and hands its
 tokens over at collect; a pending token in a chunk stands for the token it sampled last, as
 the device's copy does. Its checks of every chunk against the scheduler's state run in both
-modes. The real-model tests compare SmolLM2's outputs with async scheduling on and off.
+modes. The real-model test compares SmolLM2's outputs under the generation defaults (async
+scheduling, token buckets 1, 2, 4, 8, 16, ...) with those of one step at a time in the test
+engines' buckets (1, 16, 32, ...).
 """
 
 import random
@@ -114,8 +116,12 @@ PROMPTS = [
 
 
 @pytest.mark.slow
-def test_smollm2_outputs_are_the_same_with_async_scheduling_off(smollm2_llm):
-    assert smollm2_llm.engine.async_scheduling  # the default
+def test_smollm2_outputs_are_the_same_with_async_scheduling_off():
+    # The defaults: async scheduling and every power-of-two bucket from 1, so small batches run
+    # in buckets of 2, 4 and 8 (the shared test engines pad them to 16).
+    on_llm = LLM("smollm2-135m-instruct", **{**ENGINE_KWARGS, "token_buckets": None})
+    assert on_llm.engine.async_scheduling
+    assert on_llm.engine.runner.config.token_buckets == (1, 2, 4, 8, 16, 32, 64, 128, 256)
     params = [
         SamplingParams(temperature=0.0, max_tokens=24, stop=["."]),
         SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=20),
@@ -130,16 +136,17 @@ def test_smollm2_outputs_are_the_same_with_async_scheduling_off(smollm2_llm):
         SamplingParams(temperature=1.0, seed=3, max_tokens=16, n=2, min_tokens=4),
         SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[28]),
     ]
-    on = smollm2_llm.generate(PROMPTS, params, use_tqdm=False)
+    on = on_llm.generate(PROMPTS, params, use_tqdm=False)
     off_llm = LLM("smollm2-135m-instruct", async_scheduling=False, **ENGINE_KWARGS)
     assert not off_llm.engine.async_scheduling
+    assert off_llm.engine.runner.config.token_buckets == (1, 16, 32, 64, 128, 256)
     off = off_llm.generate(PROMPTS, params, use_tqdm=False)
     for a, b in zip(on, off, strict=True):
         for x, y in zip(a.outputs, b.outputs, strict=True):
             assert (x.token_ids, x.text, x.finish_reason) == (y.token_ids, y.text, y.finish_reason)
             if x.logprobs is not None:
                 assert [sorted(p) for p in x.logprobs] == [sorted(p) for p in y.logprobs]
-    for llm in (smollm2_llm, off_llm):
+    for llm in (on_llm, off_llm):
         m = llm.get_metrics()
         assert m["compiles_after_warmup"] == 0
         assert m["kv_pages_free"] == m["kv_pages_total"]

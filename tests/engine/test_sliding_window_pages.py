@@ -3,6 +3,7 @@
 
 import numpy as np
 
+from tests.conftest import TEST_TOKEN_BUCKETS
 from tests.engine.test_block_manager import compute, seq
 from tests.models.tiny_configs import save_tiny_model
 from xlaserve import LLM, SamplingParams
@@ -54,7 +55,8 @@ def test_mistral_engine_with_released_pages_equals_the_model_loop(tmp_path):
     assert windowed_kv(loaded.config) == 12
     expected = greedy_generate(loaded.model, prompts, 24, stop_token_ids=())
     llm = LLM(str(tmp_path), dtype="float32", max_model_len=128, max_num_seqs=4,
-              max_num_batched_tokens=32, page_size=8)  # fmt: skip
+              max_num_batched_tokens=32, page_size=8,
+              token_buckets=TEST_TOKEN_BUCKETS)  # fmt: skip
     scheduler = llm.engine.scheduler
     assert scheduler.config.kv_window == 12
     released = []

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 
+from tests.conftest import TEST_TOKEN_BUCKETS
 from tests.lora.peft_adapters import ATTN, MLP, AdapterSpec, hf_greedy, make_adapters
 
 PROMPTS = [
@@ -19,10 +20,12 @@ SPECS = {
     ),
     "attn8-other": AdapterSpec(r=8, alpha=16, targets=ATTN, seed=5),  # attn8's shape, new weights
 }
-# One engine configuration for the SmolLM2 LoRA tests (compiled once per session).
+# One engine configuration for the SmolLM2 LoRA tests (compiled once per session); token
+# buckets as in tests/conftest.py.
 LORA_ENGINE_KWARGS = dict(
     dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
     enable_lora=True, max_loras=4, max_lora_rank=16, max_cpu_loras=4,
+    token_buckets=TEST_TOKEN_BUCKETS,
 )  # fmt: skip
 
 

@@ -50,7 +50,7 @@ def main() -> None:
         llm = LLM(str(folder / "base"), dtype="float32", max_model_len=128, max_num_seqs=4,
                   max_num_batched_tokens=32, tensor_parallel_size=tp, data_parallel_size=dp,
                   enable_lora=True, max_loras=2, max_lora_rank=8,
-                  compilation_cache_dir=None)  # fmt: skip
+                  compilation_cache_dir=None, min_token_bucket=16)  # fmt: skip
         prompts = [{"prompt_token_ids": p} for p in PROMPTS]
         outs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
         m = llm.get_metrics()

@@ -5,6 +5,7 @@ refuses them at start-up."""
 import numpy as np
 import pytest
 
+from tests.conftest import TEST_TOKEN_BUCKETS
 from tests.models.tiny_configs import save_tiny_model
 from xlaserve import LLM, SamplingParams
 from xlaserve.checkpoints.loader import load_model
@@ -30,6 +31,7 @@ def test_engine_greedy_equals_model_loop_with_prefix_caching_and_chunks(tiny_fol
     llm = LLM(
         str(tiny_folder), dtype="float32", max_model_len=128, max_num_seqs=4,
         max_num_batched_tokens=16, enable_prefix_caching=True, enable_chunked_prefill=True,
+        token_buckets=TEST_TOKEN_BUCKETS,
     )  # fmt: skip
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     for _ in range(2):  # the second round hits the prefix cache

@@ -7,6 +7,7 @@ import PIL.Image
 import pytest
 import torch
 
+from tests.conftest import TEST_TOKEN_BUCKETS
 from xlaserve.checkpoints.presets import resolve_bundled
 from xlaserve.checkpoints.tokenizer import load_tokenizer
 from xlaserve.multimodal.synthetic import CHAT_TEMPLATE, IMAGE_TOKENS
@@ -96,6 +97,7 @@ def tiny_llm(smolvlm_folder, tmp_path_factory):
     llm = LLM(str(folder), dtype="float32", max_model_len=256, max_num_seqs=4,
               max_num_batched_tokens=32, max_encoder_features_per_step=24,
               compilation_cache_dir=None, limit_mm_per_prompt=2, max_image_pixels=10**6,
-              allowed_local_media_path=str(media))  # fmt: skip
+              allowed_local_media_path=str(media),
+              token_buckets=TEST_TOKEN_BUCKETS)  # fmt: skip
     llm.media_folder = media
     return llm

@@ -14,6 +14,7 @@ from qwen_tiny import (
     tiny_qwen_vl,
 )
 
+from tests.conftest import TEST_TOKEN_BUCKETS
 from xlaserve import SamplingParams
 
 NEW_TOKENS = 16
@@ -36,7 +37,7 @@ def qwen(tmp_path_factory):
     save_qwen_vl(folder, hf_model, tokenizer)
     llm = LLM(str(folder), dtype="float32", max_model_len=256, max_num_seqs=4,
               max_num_batched_tokens=16, compilation_cache_dir=None, limit_mm_per_prompt=2,
-              max_image_pixels=10**6)  # fmt: skip
+              max_image_pixels=10**6, token_buckets=TEST_TOKEN_BUCKETS)  # fmt: skip
     return llm, hf_model, tokenizer
 
 
@@ -159,6 +160,7 @@ def test_ngram_speculative_decoding_keeps_greedy_tokens(qwen, tmp_path):
     save_qwen_vl(folder, hf_model, tokenizer)
     spec = LLM(str(folder), dtype="float32", max_model_len=256, max_num_seqs=4,
                max_num_batched_tokens=32, compilation_cache_dir=None,
+               token_buckets=TEST_TOKEN_BUCKETS,
                speculative_config={"method": "ngram", "num_speculative_tokens": 3})  # fmt: skip
     cases = [(t, [image(w, h, i) for i, (w, h) in enumerate(sizes)]) for t, sizes in PROMPTS]
     outs = spec.generate([prompt(t, *ims) for t, ims in cases], GREEDY, use_tqdm=False)

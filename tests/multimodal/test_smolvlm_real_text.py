@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import image, save_vlm, tiny_vlm
 
+from tests.conftest import TEST_TOKEN_BUCKETS
 from xlaserve import LLM, SamplingParams
 
 ARCH = "SmolVLMForConditionalGeneration"
@@ -38,7 +39,8 @@ def test_greedy_tokens_equal_transformers(smolvlm_real, vlm_tokenizer):
 
     folder, hf_model = smolvlm_real
     llm = LLM(str(folder), dtype="float32", max_model_len=512, max_num_seqs=4,
-              max_num_batched_tokens=64, compilation_cache_dir=None)  # fmt: skip
+              max_num_batched_tokens=64, compilation_cache_dir=None,
+              token_buckets=TEST_TOKEN_BUCKETS)  # fmt: skip
     chat = vlm_tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in "
                                       "this picture?"}]}],

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import image, image_processor
 
+from tests.conftest import TEST_TOKEN_BUCKETS
 from xlaserve import SamplingParams
 from xlaserve.errors import InvalidRequestError
 
@@ -153,6 +154,7 @@ def test_ngram_speculative_decoding_with_images_keeps_greedy_tokens(smolvlm_fold
     folder, hf_model = smolvlm_folder
     llm = LLM(str(folder), dtype="float32", max_model_len=256, max_num_seqs=4,
               max_num_batched_tokens=32, compilation_cache_dir=None,
+              token_buckets=TEST_TOKEN_BUCKETS,
               speculative_config={"method": "ngram", "num_speculative_tokens": 3})  # fmt: skip
     params = SamplingParams(max_tokens=16, temperature=0.0)
     outs = llm.generate([prompt(t, *ims) for t, ims in PROMPTS], params, use_tqdm=False)

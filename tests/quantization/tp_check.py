@@ -123,7 +123,7 @@ def main() -> None:
         llm = LLM(str(folder / "base"), dtype="float32", max_model_len=128, max_num_seqs=4,
                   max_num_batched_tokens=32, tensor_parallel_size=tp, enable_lora=True,
                   max_loras=1, max_lora_rank=8, quantization="int8", kv_cache_dtype="int8",
-                  compilation_cache_dir=None)  # fmt: skip
+                  compilation_cache_dir=None, min_token_bucket=16)  # fmt: skip
         prompts = [{"prompt_token_ids": p} for p in PROMPTS]
         lora = LoRARequest("all4", 1, made["all4"].path)
         with_lora = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)

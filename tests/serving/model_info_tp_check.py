@@ -26,7 +26,8 @@ LAYOUTS = {"tp4": (4, 1), "dp2xtp2": (2, 2)}  # name -> (tensor, data)
 def serve_and_ask(folder: str, tp: int, dp: int) -> dict:
     args = EngineArgs(model=folder, dtype="float32", max_model_len=128, max_num_seqs=4,
                       max_num_batched_tokens=64, tensor_parallel_size=tp,
-                      data_parallel_size=dp, compilation_cache_dir=None)  # fmt: skip
+                      data_parallel_size=dp, compilation_cache_dir=None,
+                      min_token_bucket=16)  # fmt: skip
     server = ServerThread(
         AsyncEngine(build_engine(args)), ServerConfig(grpc_port=0, http_port=None)
     )

@@ -13,11 +13,13 @@ import grpc
 import httpx
 import pytest
 
+from tests.conftest import TEST_TOKEN_BUCKETS
 from tests.models.tiny_configs import save_tiny_model
 from xlaserve import LLM, SamplingParams
 from xlaserve.serving.client import XlaServeClient
 
-ENGINE = dict(dtype="float32", max_model_len=64, max_num_seqs=4)
+ENGINE = dict(dtype="float32", max_model_len=64, max_num_seqs=4,
+              token_buckets=TEST_TOKEN_BUCKETS)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -26,6 +28,7 @@ def test_serve_subprocess_answers_and_exits_zero_on_sigterm(tmp_path):
     model = str(tmp_path / "hf")
     argv = [sys.executable, "-m", "xlaserve.cli", "serve", "--model", model,
             "--dtype", "float32", "--max-model-len", "64", "--max-num-seqs", "4",
+            "--token-buckets", ",".join(map(str, TEST_TOKEN_BUCKETS)),
             "--grpc-port", "0", "--http-port", "0", "--api-key", "sesame"]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     with open(tmp_path / "stderr.txt", "w") as stderr:

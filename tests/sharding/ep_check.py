@@ -45,7 +45,8 @@ def main() -> None:
         for ep, tp in LAYOUTS if name != "gemma3" else [(1, 1), (1, 2)]:
             llm = LLM(folder, dtype="float32", max_model_len=128, max_num_seqs=4,
                       max_num_batched_tokens=64, tensor_parallel_size=tp,
-                      expert_parallel_size=ep, compilation_cache_dir=None)  # fmt: skip
+                      expert_parallel_size=ep, compilation_cache_dir=None,
+                      min_token_bucket=16)  # fmt: skip
             outs = llm.generate(prompts, params, use_tqdm=False)
             results[f"{name}/ep{ep}/tp{tp}"] = {
                 "tokens": [list(o.outputs[0].token_ids) for o in outs],

@@ -24,7 +24,7 @@ def main() -> None:
 
     args = EngineArgs(model=model_dir, dtype="float32", max_model_len=128, max_num_seqs=4,
                       max_num_batched_tokens=64, tensor_parallel_size=8,
-                      compilation_cache_dir=None)  # fmt: skip
+                      compilation_cache_dir=None, min_token_bucket=16)  # fmt: skip
     if process_id != 0:
         from xlaserve.engine.builder import run_follower
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.conftest import TEST_TOKEN_BUCKETS
 from tests.device_check_script import run_check_script
 from xlaserve.engine.runner_api import KVCacheSpec
 from xlaserve.models.registry import preset_config
@@ -93,7 +94,8 @@ def test_two_processes_tensor_parallel_equal_one_device(tmp_path):
 
     save("llama", str(tmp_path))
     alone = LLM(str(tmp_path), dtype="float32", max_model_len=128, max_num_seqs=4,
-                max_num_batched_tokens=64, compilation_cache_dir=None)  # fmt: skip
+                max_num_batched_tokens=64, compilation_cache_dir=None,
+                token_buckets=TEST_TOKEN_BUCKETS)  # fmt: skip
     expected = [o.outputs[0].token_ids for o in alone.generate(
         PROMPTS, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)]  # fmt: skip
     coordinator = f"127.0.0.1:{free_port()}"

@@ -29,7 +29,8 @@ def main() -> None:
                                ("dp2", 1, 2, SPEC)):  # fmt: skip
         llm = LLM(folder, dtype="float32", max_model_len=128, max_num_seqs=4,
                   max_num_batched_tokens=64, tensor_parallel_size=tp, data_parallel_size=dp,
-                  compilation_cache_dir=None, speculative_config=spec)  # fmt: skip
+                  compilation_cache_dir=None, speculative_config=spec,
+                  min_token_bucket=16)  # fmt: skip
         outs = llm.generate(prompts, params, use_tqdm=False)
         m = llm.get_metrics()
         results[name] = {
