@@ -353,9 +353,16 @@ def one_line(b: dict) -> str:
             f"{b['output_tokens_per_s']:.1f} output tok/s")  # fmt: skip
 
 
+def weights_note(r: dict) -> str:
+    """The title's note on quantized weights (", quantization gguf"), empty without."""
+    quantization = r.get("engine", {}).get("quantization")
+    return f", quantization {quantization}" if quantization else ""
+
+
 def markdown(r: dict) -> str:
     lines = [
-        f"# Latency: {r['model']} ({r['dtype']}, {r['load_format']}) on {r['device']}, "
+        f"# Latency: {r['model']} ({r['dtype']}{weights_note(r)}, {r['load_format']}) on "
+        f"{r['device']}, "
         f"{r['date']}", "",
         f"Prompts of {r['input_len']} random tokens, exactly {r['output_len']} output tokens "
         f"each (greedy, ignore_eos), the batch submitted together; {r['num_iters']} measured "
