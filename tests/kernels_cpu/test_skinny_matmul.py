@@ -36,7 +36,6 @@ def test_pack_unpack_round_trip_and_layout():
     np.testing.assert_array_equal(
         np.asarray(packed[1, 3]).reshape(16, pairs).T, np.asarray(w[3 * pairs : 4 * pairs, 16:32])
     )
-    np.testing.assert_array_equal(np.asarray(skinny.pack_transposed(w.T)), np.asarray(packed))
 
 
 def test_packable_shapes_and_dtypes():

@@ -1,7 +1,7 @@
 """The GGUF block matmul on the CPU kernel (gguf_matmul.cc), for quantization="gguf".
 
-The kernel reads a GGUF tensor's own rows (uint8[out, row_bytes]); `Transformer.
-pack_for_cpu_kernel` turns the packed projections into that layout where the kernel runs.
+The kernel reads a GGUF tensor's own rows (uint8[out, row_bytes]); `pack.pack_for_cpu_kernel`
+turns the packed projections into that layout where the kernel runs.
 """
 
 from __future__ import annotations

@@ -55,11 +55,6 @@ def pack(w: jax.Array) -> jax.Array:
     return panels.reshape(n // PANEL, k // pairs, PANEL * pairs)
 
 
-def pack_transposed(w: jax.Array) -> jax.Array:
-    """pack(w.T) for a weight stored [out, in] (a tied embedding used as the LM head)."""
-    return pack(w.T)
-
-
 def unpack(packed: jax.Array) -> jax.Array:
     """The [in, out] weight back from its panels (for checks and conversions)."""
     panels, rows, width = packed.shape

@@ -6,7 +6,6 @@ Axis letters (docs/glossary.md): T tokens, D model, F mlp, V vocab, N q heads, K
 H head dim, L layers.
 """
 
-import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -17,6 +16,7 @@ from flax import nnx
 
 from xlaserve.kernels_cpu import gguf as gguf_kernel
 from xlaserve.kernels_cpu import skinny
+from xlaserve.kernels_cpu.pack import pack_for_cpu_kernel
 from xlaserve.kernels_pallas.lora import lora_delta
 from xlaserve.models.attention import AttentionMetadata, resolve_backend, write_and_attend
 from xlaserve.models.layers import (
@@ -32,8 +32,6 @@ from xlaserve.models.layers import (
     swiglu,
 )
 from xlaserve.quantization.linear import (
-    FUSED,
-    PROJECTIONS,
     WeightQuant,
     bind_quantized,
     fuse_quantized,
@@ -373,44 +371,7 @@ class Transformer(nnx.Module):
             DecoderLayer({name: array[i] for name, array in values.items()}, axes)
             for i in range(self.config.num_layers)
         )
-        self.pack_for_cpu_kernel()
-
-    def pack_for_cpu_kernel(self) -> None:
-        """Lays the projections out for the CPU kernels (xlaserve/kernels_cpu) where they run:
-        unquantized bfloat16 ones (and a copy of the LM head) in the skinny matmul's panels,
-        GGUF-packed ones as the GGUF file's own rows. XLA's CPU matmuls reach 20-40% of memory
-        bandwidth at decode batch sizes; the kernels stream the weights close to it."""
-        if not skinny.available():
-            return
-        if self.quant is not None and self.quant.method != "gguf":
-            return  # every projection is quantized and runs its own matmul
-        first = self.layers[0]
-        gguf_names = dict(self.quant.gguf_types) if self.quant else {}
-        names = tuple(
-            name for name in (*PROJECTIONS, *FUSED)
-            if name in first.names and name not in gguf_names
-            and skinny.packable(getattr(first, name)[...])
-        )  # fmt: skip
-        for layer in self.layers:
-            for name in names:
-                param = getattr(layer, name)
-                param.set_value(skinny.pack(param[...]))
-        self.packed = names
-        if gguf_names and all(gguf_kernel.supports(t) for t in gguf_names.values()):
-            for layer in self.layers:
-                for name in gguf_names:
-                    if name in layer.names:
-                        param = getattr(layer, name)
-                        param.set_value(param[...].T)  # [row_bytes, out] -> [out, row_bytes]
-            self.quant = dataclasses.replace(self.quant, gguf_rows=True)
-        if self.lm_head_rows is not None:
-            return  # the GGUF head's packed rows already feed the kernel
-        head = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
-        head_in_out = head.T if self.config.tie_word_embeddings else head
-        if skinny.packable(head_in_out):
-            self.lm_head_panels = nnx.Param(skinny.pack(head_in_out), logical_axes=(None,) * 3)
-            if not self.config.tie_word_embeddings:
-                del self.lm_head  # the packed copy is the only one read
+        pack_for_cpu_kernel(self)
 
     @property
     def weight_copies(self) -> tuple[str, ...]:
