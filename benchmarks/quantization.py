@@ -65,7 +65,9 @@ def markdown(result: dict) -> str:
         f"# Quantization: {result['model']} on {result['device']} ({result['date']})", "",
         "One process, one engine per mode, modes measured one after another; the CPU is shared "
         "with other jobs while measuring, so compare ratios within this run. Weights bfloat16 "
-        "unless quantized; embedding and LM head stay bfloat16 in every mode. KV cache: float32 "
+        "unless quantized; int8/w8a8/fp8 quantize the embedding and LM head per vocabulary row, "
+        "gguf keeps the file's packed LM head (a tied one serves the lookup too); weight MB "
+        "counts what the model holds. KV cache: float32 "
         "(the CPU engine's default) unless int8/fp8. "
         f"Prompts {result['input_len']} tokens, {result['output_len']} generated; only steps "
         "in which every row decodes are timed (median).",

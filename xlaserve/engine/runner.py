@@ -139,7 +139,7 @@ class DeviceSteps:
                 model.config,
                 max_loras=config.max_loras,
                 max_rank=config.max_lora_rank,
-                dtype=model.embed[...].dtype,
+                dtype=model.dtype,
                 per_layer=not isinstance(model.layers, DecoderLayers),
                 mesh=mesh,
             )

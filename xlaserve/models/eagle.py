@@ -14,6 +14,7 @@ page tables. Axis letters: T tokens, D hidden, V vocab.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jax
@@ -57,7 +58,7 @@ class EagleConfig:
 def forward(
     params: dict,
     config: EagleConfig,
-    embed: jax.Array,
+    embed: Callable[[jax.Array], jax.Array],
     tokens: jax.Array,
     feature: jax.Array,
     positions: jax.Array,
@@ -67,9 +68,9 @@ def forward(
 ) -> tuple[jax.Array, jax.Array]:
     """(kv_cache, out [T, D]): the head's hidden state after the token at each position.
     `feature` is the target's feature [T, 3D or D] (EAGLE-3) / [T, D], or the head's own
-    previous output [T, D]."""
+    previous output [T, D]. embed: token ids [T] -> their embedding rows [T, D]."""
     c = config
-    emb = embed[tokens].astype(jnp.float32)
+    emb = embed(tokens).astype(jnp.float32)
     feature = feature.astype(jnp.float32)
     if c.method == "eagle":
         x = linear(jnp.concatenate([emb, feature], axis=-1), params["fc"])

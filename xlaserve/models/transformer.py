@@ -31,11 +31,14 @@ from xlaserve.models.layers import (
     rope_inv_freq,
     swiglu,
 )
+from xlaserve.quantization.gguf_blocks import dequantize_rows
+from xlaserve.quantization.int8 import dequantize_per_row
 from xlaserve.quantization.linear import (
     WeightQuant,
     bind_quantized,
     fuse_quantized,
     packed_rows_matmul,
+    quantized_rows_matmul,
 )
 
 
@@ -235,6 +238,9 @@ class Transformer(nnx.Module):
         attention_backend: str = "auto",
     ):
         self.config = config
+        # The activations' (and unquantized weights') dtype: the one source for callers, since
+        # a quantized model's embedding table holds int8 / float8 values (quantization/model.py).
+        self.dtype = jnp.dtype(dtype)
         self.attention_backend = attention_backend
         self.expert_mesh = None  # a mesh with an expert axis: experts split over it (moe.py)
         for name, (_, shape, axes) in top_param_specs(config).items():
@@ -251,8 +257,14 @@ class Transformer(nnx.Module):
         self.packed: tuple[str, ...] = ()
         self.lm_head_panels = nnx.data(None)
         # The GGUF file's LM head kept in packed rows (quantization="gguf", see
-        # quantization/model.py), of type quant.lm_head_type.
+        # quantization/model.py), of type quant.lm_head_type. A tied model holding them has no
+        # `embed` table: its token lookup dequantizes these rows.
         self.lm_head_rows = nnx.data(None)
+        # int8 / w8a8 / fp8: one f32 scale per vocabulary row of the quantized `embed` table
+        # [V, D] and of an untied `lm_head`, then stored as rows [V, D] too. (Not to be confused
+        # with config.embed_scale, Gemma's constant multiplier of the embeddings.)
+        self.embed_scale = nnx.data(None)
+        self.lm_head_scale = nnx.data(None)
 
     def __call__(
         self,
@@ -279,7 +291,7 @@ class Transformer(nnx.Module):
         the inputs of those layers concatenated [T, len(aux_layers) * D] (EAGLE-3 features).
         """
         c = self.config
-        x = self.embed[...][input_ids]  # [T, D]
+        x = self.embedding_rows(input_ids)  # [T, D]
         if c.embed_scale != 1.0:  # Gemma: the scale rounded to the weights' dtype, as HF does
             x = x * jnp.asarray(c.embed_scale, x.dtype)
         if embeds_override is not None:
@@ -373,15 +385,25 @@ class Transformer(nnx.Module):
         )
         pack_for_cpu_kernel(self)
 
+    def embedding_rows(self, input_ids: jax.Array) -> jax.Array:
+        """The embedding table's rows [T, D] of the tokens, in the model dtype (before Gemma's
+        constant scale): gathered first, so a quantized table dequantizes T rows, not V."""
+        if self.embed_scale is not None:  # int8 / fp8 rows with one scale per row
+            return dequantize_per_row(
+                self.embed[...][input_ids], self.embed_scale[...][input_ids], self.dtype
+            )
+        if self.config.tie_word_embeddings and self.lm_head_rows is not None:  # GGUF blocks
+            rows = self.lm_head_rows[...][input_ids]  # uint8 [T, row_bytes]
+            return dequantize_rows(rows, self.quant.lm_head_type).astype(self.dtype)
+        return self.embed[...][input_ids]
+
     @property
     def weight_copies(self) -> tuple[str, ...]:
         """Top-level parameters that hold another one's values in another layout (the packed
         LM head of a tied embedding): counted once in parameter sizes and bytes read."""
-        if not self.config.tie_word_embeddings:
-            return ()
-        return tuple(
-            name for name in ("lm_head_panels", "lm_head_rows") if getattr(self, name) is not None
-        )
+        if self.config.tie_word_embeddings and self.lm_head_panels is not None:
+            return ("lm_head_panels",)
+        return ()
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Logits f32[S, V] for the selected hidden rows [S, D]."""
@@ -391,7 +413,15 @@ class Transformer(nnx.Module):
         if self.lm_head_rows is not None:
             rows, qtype = self.lm_head_rows[...], self.quant.lm_head_type
             kernel = self.quant.gguf_rows and gguf_kernel.supports(qtype)
-            logits = packed_rows_matmul(hidden.astype(self.embed[...].dtype), rows, qtype, kernel)
+            logits = packed_rows_matmul(hidden.astype(self.dtype), rows, qtype, kernel)
+            return self._soft_cap(logits)
+        tied = self.config.tie_word_embeddings
+        scale = self.embed_scale if tied else self.lm_head_scale
+        if scale is not None:  # int8 / fp8 rows [V, D], one scale per row (= output channel)
+            rows = self.embed[...] if tied else self.lm_head[...]
+            logits = quantized_rows_matmul(
+                hidden.astype(self.dtype), rows, scale[...], self.quant.method
+            )
             return self._soft_cap(logits)
         weight = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
         rows = at_least_two_rows(hidden.astype(weight.dtype))

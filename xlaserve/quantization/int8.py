@@ -1,9 +1,11 @@
 """Symmetric 8-bit quantization: int8 per output channel (weights), per token (activations),
-and float8_e4m3fn per output channel.
+per row (the embedding table and LM head, one scale per vocabulary row), and float8_e4m3fn
+per output channel or row.
 
-A weight w [in, out] becomes q [in, out] and scale f32[out] with w ~= q * scale; an activation
-x [T, in] becomes q [T, in] and scale f32[T, 1]. Rounding is to nearest, so every element is
-within scale / 2 of its original (int8), and all-zero channels get scale 1 (q = 0).
+A weight w [in, out] becomes q [in, out] and scale f32[out] with w ~= q * scale; a table
+[V, D] becomes q [V, D] and scale f32[V]; an activation x [T, in] becomes q [T, in] and scale
+f32[T, 1]. Rounding is to nearest, so every element is within scale / 2 of its original
+(int8), and all-zero channels or rows get scale 1 (q = 0).
 """
 
 import jax
@@ -36,6 +38,25 @@ def quantize_per_channel_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
 def dequantize_per_channel(q: jax.Array, scale: jax.Array) -> jax.Array:
     """f32 [..., in, out] from q [..., in, out] and scale [..., out]."""
     return q.astype(jnp.float32) * scale[..., None, :]
+
+
+def quantize_per_row(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """w [R, C] -> (int8 [R, C], f32 scale [R]); w ~= q * scale[:, None]."""
+    scale = _absmax_scale(w, -1, INT8_MAX)  # [R, 1]
+    q = jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -INT8_MAX, INT8_MAX)
+    return q.astype(jnp.int8), scale[:, 0]
+
+
+def quantize_per_row_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """w [R, C] -> (float8_e4m3fn [R, C], f32 scale [R])."""
+    scale = _absmax_scale(w, -1, FP8_MAX)
+    q = jnp.clip(w.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX)
+    return q.astype(FP8_DTYPE), scale[:, 0]
+
+
+def dequantize_per_row(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """Rows [R, C] in `dtype` from q [R, C] and scale [R] (computed in f32, then rounded)."""
+    return (q.astype(jnp.float32) * scale[:, None]).astype(dtype)
 
 
 def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:

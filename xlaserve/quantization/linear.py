@@ -97,6 +97,23 @@ def packed_rows_matmul(x: jax.Array, rows: jax.Array, qtype: int, kernel: bool) 
     )[: x.shape[0]]
 
 
+def quantized_rows_matmul(
+    x: jax.Array, rows: jax.Array, scale: jax.Array, method: str
+) -> jax.Array:
+    """x [M, D] @ rows.T * scale -> f32 [M, V]: the LM head of an int8 / w8a8 / fp8 model,
+    whose rows [V, D] (int8 or float8_e4m3fn) carry one scale f32[V] per vocabulary row.
+
+    method is the model's quantization; the head is weight-only in every mode (w8a8 too: the
+    logits are the most precision-sensitive product). The rows are widened to x's dtype
+    (exact: 8-bit values fit bfloat16) and contracted on D directly, without a transpose."""
+    del method  # one XLA product for all three; a CPU kernel may pick its own per method
+    out = jax.lax.dot_general(
+        at_least_two_rows(x), rows.astype(x.dtype), (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
+    return out[: x.shape[0]] * scale
+
+
 def at_least_two_rows(x: jax.Array) -> jax.Array:  # see models/layers.at_least_two_rows
     return jnp.concatenate([x, x]) if x.shape[0] == 1 else x
 

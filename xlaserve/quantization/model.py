@@ -1,9 +1,11 @@
-"""Rewrites a loaded decoder's projection weights into their quantized form, once, at load.
+"""Rewrites a loaded decoder's weights into their quantized form, once, at load.
 
-int8 / w8a8 / fp8 quantize the model's own weights (per output channel); gguf replaces them
-with the GGUF file's packed blocks. The embedding, the LM head and the norms stay in the
-model dtype (see docs/quantization.md for why). With a mesh, the values and their scales
-land in the shards of the weight they came from (scales follow the weight's output axis).
+int8 / w8a8 / fp8 quantize the model's own projections (per output channel) and its
+embedding table and LM head (per vocabulary row: int8 for int8 and w8a8, float8_e4m3fn for
+fp8); gguf replaces the projections with the GGUF file's packed blocks and keeps the file's
+LM head packed, a tied one serving the token lookup too. The norms stay in the model dtype
+(see docs/quantization.md). With a mesh, the values and their scales land in the shards of
+the weight they came from (scales follow the weight's output or vocabulary axis).
 """
 
 import dataclasses
@@ -18,7 +20,12 @@ from jax.sharding import NamedSharding
 
 from xlaserve.models.transformer import DecoderLayers, Transformer, layer_param_specs
 from xlaserve.quantization.gguf_blocks import PACKED_TYPES, block_shape
-from xlaserve.quantization.int8 import quantize_per_channel, quantize_per_channel_fp8
+from xlaserve.quantization.int8 import (
+    quantize_per_channel,
+    quantize_per_channel_fp8,
+    quantize_per_row,
+    quantize_per_row_fp8,
+)
 from xlaserve.quantization.linear import PROJECTIONS, SCALE_SUFFIX, WeightQuant
 from xlaserve.sharding.mesh import MODEL
 from xlaserve.sharding.rules import logical_rules, spec_for
@@ -38,9 +45,7 @@ def quantize_model(model: Transformer, method: str, *, mesh=None, source: str = 
     if not isinstance(layers, DecoderLayers):
         raise ValueError("quantize_model expects the stacked layer layout")
     for name in PROJECTIONS:  # a NaN/inf weight (or GGUF block scale) would corrupt the scales
-        if not bool(jax.jit(lambda w: jax.numpy.isfinite(w).all())(getattr(layers, name)[...])):
-            raise ValueError(f"{source}: projection {name!r} holds NaN or infinite values; "
-                             f"cannot quantize it ({method})")  # fmt: skip
+        _check_finite(f"projection {name!r}", getattr(layers, name)[...], method, source)
     if method == "gguf":
         packed = _gguf_packed(model, source)
         model.quant = WeightQuant("gguf", tuple((n, t) for n, (_, t) in packed.items()))
@@ -60,7 +65,35 @@ def quantize_model(model: Transformer, method: str, *, mesh=None, source: str = 
         values, scale = jax.jit(fn, out_shardings=shardings)(weight)
         _replace(layers, name, values, axes, model, None)
         _replace(layers, name + SCALE_SUFFIX, scale, scale_axes, model, None)
+    _quantize_vocab_rows(model, method, mesh, source)
     model.quant = WeightQuant(method)
+
+
+def _quantize_vocab_rows(model: Transformer, method: str, mesh, source: str) -> None:
+    """The embedding table [V, D] (and an untied LM head, turned from [D, V] into rows [V, D])
+    as 8-bit rows with one f32 scale per vocabulary row: the lookup dequantizes the rows it
+    gathers, the head scales each logit by its row's scale (quantization/linear.py)."""
+    fn = quantize_per_row_fp8 if method == "fp8" else quantize_per_row
+    tables = [("embed", "embed_scale")]  # the table is [V, D] already
+    if not model.config.tie_word_embeddings:
+        tables.append(("lm_head", "lm_head_scale"))  # [D, V]
+    axes, scale_axes = ("vocab", "embed"), ("vocab",)
+    shardings = None
+    if mesh is not None:
+        shardings = (_sharding(model, mesh, axes), _sharding(model, mesh, scale_axes))
+    for name, scale_name in tables:
+        table = getattr(model, name)[...]
+        _check_finite(name, table, method, source)
+        rows = table if name == "embed" else table.T
+        values, scale = jax.jit(fn, out_shardings=shardings)(rows)
+        setattr(model, name, nnx.Param(values, logical_axes=axes))
+        setattr(model, scale_name, nnx.Param(scale, logical_axes=scale_axes))
+
+
+def _check_finite(what: str, weight: jax.Array, method: str, source: str) -> None:
+    if not bool(jax.jit(lambda w: jax.numpy.isfinite(w).all())(weight)):
+        raise ValueError(f"{source}: {what} holds NaN or infinite values; cannot quantize it "
+                         f"({method})")  # fmt: skip
 
 
 def _axes(layers: DecoderLayers, name: str) -> tuple:
@@ -121,8 +154,9 @@ def _gguf_packed(model: Transformer, source: str) -> dict[str, tuple[np.ndarray,
 def _keep_lm_head_packed(model: Transformer, source: str, mesh) -> None:
     """Keeps the GGUF file's LM head (its output tensor, or the tied token embedding) in its
     packed rows when their type is one we read packed: a decode step then reads those bytes
-    (Q8_0: 34 per 32 weights) for the logits instead of the model-dtype head. A tied
-    embedding stays in the model dtype for the token lookup (a few rows per step)."""
+    (Q8_0: 34 per 32 weights) for the logits instead of the model-dtype head. A tied model
+    then drops its model-dtype table: the token lookup dequantizes the rows it gathers, the
+    same values the loader's table held, so the model holds one packed copy."""
     reader = gguf.GGUFReader(Path(source), "r")
     by_name = {t.name: t for t in reader.tensors}
     tensor = by_name.get("output.weight") or by_name["token_embd.weight"]
@@ -136,7 +170,9 @@ def _keep_lm_head_packed(model: Transformer, source: str, mesh) -> None:
         value = jax.numpy.asarray(rows)
     model.lm_head_rows = nnx.Param(value, logical_axes=("vocab", None))
     model.quant = dataclasses.replace(model.quant, lm_head_type=qtype)
-    if not model.config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
+        del model.embed  # the packed rows serve the lookup (Transformer.embedding_rows)
+    else:
         del model.lm_head  # the packed rows are the only head read
 
 

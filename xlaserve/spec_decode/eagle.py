@@ -251,7 +251,8 @@ class EagleProposer:
                     positions, pages, limits, num_seqs):  # fmt: skip
         cfg, size = self.head.config, self.config.page_size
         target = nnx.merge(self._target.graphdef, target_params)
-        embed = params["embed"] if "embed" in params else target.embed[...]
+        # The head's own table, else the target's lookup (which dequantizes a quantized table).
+        embed = (lambda t: params["embed"][t]) if "embed" in params else target.embedding_rows
         metadata = AttentionMetadata(
             slot_mapping=inputs.slot_mapping, cu_q_lens=inputs.cu_q_lens,
             kv_lens=inputs.kv_lens, page_indices=inputs.page_indices, num_seqs=inputs.num_seqs,
