@@ -155,3 +155,10 @@ def test_gguf_lookup_from_packed_head_rows_equals_the_dequantized_table(qtype):
     assert packed.weight_copies == ()  # the packed rows are the only copy: counted
     bytes_held = held_bytes(packed)
     assert "embed" not in bytes_held and bytes_held["lm_head_rows"] == packed_rows.nbytes
+
+
+def test_a_non_finite_embedding_table_is_refused_by_name():
+    model = tiny_model("smollm2-135m")
+    model.embed.set_value(model.embed[...].at[3, 1].set(jnp.inf))
+    with pytest.raises(ValueError, match="src: embed holds NaN or infinite values.*int8"):
+        quantize_model(model, "int8", source="src")
