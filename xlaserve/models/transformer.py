@@ -390,7 +390,7 @@ class Transformer(nnx.Module):
             return self._soft_cap(logits.astype(jnp.float32))
         if self.lm_head_rows is not None:
             rows, qtype = self.lm_head_rows[...], self.quant.lm_head_type
-            kernel = self.quant.gguf_rows and gguf_kernel.supports(qtype)
+            kernel = self.quant.kernel_layout and gguf_kernel.supports(qtype)
             logits = packed_rows_matmul(hidden.astype(self.embed[...].dtype), rows, qtype, kernel)
             return self._soft_cap(logits)
         weight = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
