@@ -24,7 +24,8 @@ import jaxlib
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("skinny_matmul.cc", "gguf_matmul.cc", "int8_matmul.cc"))
+KERNELS = ("skinny_matmul.cc", "gguf_matmul.cc", "int8_matmul.cc")
+SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
 CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 CACHE_DIR = CACHE_HOME / "xlaserve" / "kernels_cpu"
 # -ffp-contract=off: no fused multiply-adds, so GGUF blocks dequantize with the rounding of
