@@ -24,7 +24,7 @@ import jaxlib
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("skinny_matmul.cc", "gguf_matmul.cc", "int8_matmul.cc")
+KERNELS = ("skinny_matmul.cc", "gguf_matmul.cc", "int8_matmul.cc", "attention.cc")
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
 CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 CACHE_DIR = CACHE_HOME / "xlaserve" / "kernels_cpu"
@@ -37,6 +37,7 @@ GGUF_MATMUL = "xlaserve_gguf_matmul"
 INT8_ROWS_W8A16 = "xlaserve_int8_rows_w8a16"
 INT8_PANELS_W8A16 = "xlaserve_int8_panels_w8a16"
 INT8_PANELS_W8A8 = "xlaserve_int8_panels_w8a8"
+PAGED_ATTENTION = "xlaserve_paged_attention"
 
 
 def disabled_by_env() -> bool:
@@ -108,6 +109,7 @@ def library() -> ctypes.CDLL | None:
                          (GGUF_MATMUL, lib.XlaserveGgufMatmul),
                          (INT8_ROWS_W8A16, lib.XlaserveInt8RowsW8A16),
                          (INT8_PANELS_W8A16, lib.XlaserveInt8PanelsW8A16),
-                         (INT8_PANELS_W8A8, lib.XlaserveInt8PanelsW8A8)):  # fmt: skip
+                         (INT8_PANELS_W8A8, lib.XlaserveInt8PanelsW8A8),
+                         (PAGED_ATTENTION, lib.XlaservePagedAttention)):  # fmt: skip
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib

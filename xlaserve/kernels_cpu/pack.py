@@ -4,6 +4,7 @@ import dataclasses
 
 from flax import nnx
 
+from xlaserve.kernels_cpu import attention as cpu_attention
 from xlaserve.kernels_cpu import gguf as gguf_kernel
 from xlaserve.kernels_cpu import int8 as int8_kernel
 from xlaserve.kernels_cpu import skinny
@@ -15,7 +16,10 @@ def pack_for_cpu_kernel(model) -> None:
     unquantized bfloat16 ones (and a copy of the LM head) in the skinny matmul's panels,
     GGUF-packed ones as the GGUF file's own rows, int8 ones in the int8 kernels' panels.
     XLA's CPU matmuls reach 20-40% of memory bandwidth at decode batch sizes; the kernels
-    stream the weights close to it."""
+    stream the weights close to it. "auto" attention becomes the CPU attention kernel, which
+    reads each KV page once per sequence instead of per query row."""
+    if model.attention_backend == "auto" and cpu_attention.supports(model.config.head_dim):
+        model.attention_backend = cpu_attention.BACKEND
     if not skinny.available():
         return
     quant = model.quant

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xlaserve.kernels_cpu import attention as cpu_attention
 from xlaserve.kernels_cpu import gguf as gguf_kernel
 from xlaserve.kernels_cpu import skinny
 from xlaserve.kernels_cpu.pack import pack_for_cpu_kernel
@@ -506,7 +507,7 @@ def add_lora(y, x, name: str, *, lora: dict | None, slots, backend: str) -> jax.
     """y [T, O] (the base projection of x [T, I]) plus each token's adapter delta."""
     if lora is None or name not in lora:
         return y
-    kernel = resolve_backend(backend) != "reference"
+    kernel = backend != cpu_attention.BACKEND and resolve_backend(backend) != "reference"
     delta = lora_delta(
         x, lora[name]["a"], lora[name]["b"], slots,
         impl="pallas" if kernel else "reference",
