@@ -1,16 +1,17 @@
-// Int8 matmuls for the CPU, on weights stored as rows (int8[N, K]: one output channel per
-// row, as the per-channel scales run), for quantization="int8" and "w8a8":
+// Int8 matmuls for the CPU, for quantization="int8" (weight-only) and "w8a8":
 //
-//   w8a16: y f32[M, N] = x bf16[M, K] @ W^T. Each run of 32 weights widens exactly to
-//          bfloat16 once, in registers, and meets every row of x (vdpbf16ps); products are
-//          exact in float32, so only the summation order differs from XLA's reference.
-//   w8a8:  y s32[M, N] = x s8[M, K] @ W^T, exact. vpdpbusd multiplies unsigned by signed
-//          bytes: x is offset by 128 into unsigned bytes, and 128 * sum(W[n]) (summed by the
-//          same instruction against ones) is taken back off.
+//   w8a16: y f32[M, N] = x bf16[M, K] @ W. Each run of weights widens exactly to bfloat16
+//          once, in registers, and meets every row of x (vdpbf16ps); products are exact in
+//          float32, so only the summation order differs from XLA's reference.
+//   w8a8:  y s32[M, N] = x s8[M, K] @ W, exact. vpdpbusd multiplies unsigned by signed
+//          bytes: x is offset by 128 into unsigned bytes, and 128 * the column sums of W
+//          (summed by the same instruction against ones) are taken back off.
 //
-// Four output rows go per pass (four weight streams), with their partial sums for up to
-// kMaxRows rows of x in registers; groups of four rows are shared out over XLA's intra-op
-// thread pool (the calling thread works too, so the call completes when the pool is busy).
+// Projections come packed in panels of 16 output channels (see the panel kernels below);
+// a quantized LM head keeps the embedding table's rows (int8[N, K]) and runs the row kernel,
+// four rows (weight streams) per pass with lane sums reduced at the end. Work is shared out
+// over XLA's intra-op thread pool; the calling thread works too, so a busy pool cannot
+// stall a call.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
