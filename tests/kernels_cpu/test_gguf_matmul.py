@@ -38,10 +38,10 @@ def test_kernel_equals_the_dequantized_weight(qtype, rows):
     assert np.all(np.abs(got - exact) <= 4 * k * 2**-24 * bound + 1e-30)
 
 
-def test_quantized_weight_in_gguf_rows_runs_the_kernel():
+def test_quantized_weight_in_the_kernel_layout_runs_the_kernel():
     raw = synthetic_rows(T.Q4_1, rows=32, blocks=2, seed=3)  # 32 outputs, in = 64
     x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 64)), jnp.bfloat16)
-    by_rows = QuantizedWeight(jnp.asarray(raw), None, "gguf", int(T.Q4_1), gguf_rows=True)
+    by_rows = QuantizedWeight(jnp.asarray(raw), None, "gguf", int(T.Q4_1), kernel_layout=True)
     by_columns = QuantizedWeight(jnp.asarray(raw.T), None, "gguf", int(T.Q4_1))
     got = np.asarray(jax.jit(lambda w: w.matmul(x))(by_rows), np.float32)
     want = np.asarray(jax.jit(lambda w: w.matmul(x))(by_columns), np.float32)

@@ -79,7 +79,7 @@ def test_quantized_rows_matmul_is_the_product_with_the_dequantized_rows(rows, fn
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(rows, D)), jnp.bfloat16)
     q, scale = fn(jnp.asarray(rng.normal(size=(V, D)) * 0.05, jnp.float32))
-    out = jax.jit(quantized_rows_matmul, static_argnums=3)(x, q, scale, "int8")
+    out = jax.jit(quantized_rows_matmul, static_argnums=3)(x, q, scale, False)
     assert out.shape == (rows, V) and out.dtype == jnp.float32
     x64, q64 = np.asarray(x, np.float64), np.asarray(q.astype(jnp.float32), np.float64)
     want = (x64 @ q64.T) * np.asarray(scale, np.float64)
@@ -117,7 +117,7 @@ def test_quantized_tables_look_up_and_project_dequantized_rows(preset, method):
     hidden = jnp.asarray(np.random.default_rng(3).normal(size=(3, D)), jnp.bfloat16)
     logits = np.asarray(nnx.jit(lambda m, h: m.compute_logits(h))(model, hidden))
     rows, scale = (model.embed, model.embed_scale) if tied else (model.lm_head, model.lm_head_scale)
-    want = np.asarray(quantized_rows_matmul(hidden, rows[...], scale[...], method))
+    want = np.asarray(quantized_rows_matmul(hidden, rows[...], scale[...], False))
     np.testing.assert_array_equal(logits, want)
     # ... within the rows' quantization error of the bfloat16 head's logits.
     exact = np.asarray(hidden, np.float64) @ head.T.astype(np.float64)

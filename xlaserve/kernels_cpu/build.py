@@ -24,15 +24,20 @@ import jaxlib
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("skinny_matmul.cc", "gguf_matmul.cc"))
+KERNELS = ("skinny_matmul.cc", "gguf_matmul.cc", "int8_matmul.cc", "attention.cc")
+SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
 CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 CACHE_DIR = CACHE_HOME / "xlaserve" / "kernels_cpu"
 # -ffp-contract=off: no fused multiply-adds, so GGUF blocks dequantize with the rounding of
 # xlaserve/quantization/gguf_blocks.py.
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
-# FFI target names (see the handler symbols at the end of skinny_matmul.cc).
+# FFI target names (see the handler symbols at the end of each .cc file).
 SKINNY_MATMUL_BF16 = "xlaserve_skinny_matmul_bf16"
 GGUF_MATMUL = "xlaserve_gguf_matmul"
+INT8_ROWS_W8A16 = "xlaserve_int8_rows_w8a16"
+INT8_PANELS_W8A16 = "xlaserve_int8_panels_w8a16"
+INT8_PANELS_W8A8 = "xlaserve_int8_panels_w8a8"
+PAGED_ATTENTION = "xlaserve_paged_attention"
 
 
 def disabled_by_env() -> bool:
@@ -101,6 +106,10 @@ def library() -> ctypes.CDLL | None:
             return None
     lib = ctypes.cdll.LoadLibrary(str(path))
     for name, symbol in ((SKINNY_MATMUL_BF16, lib.XlaserveSkinnyMatmulBf16),
-                         (GGUF_MATMUL, lib.XlaserveGgufMatmul)):  # fmt: skip
+                         (GGUF_MATMUL, lib.XlaserveGgufMatmul),
+                         (INT8_ROWS_W8A16, lib.XlaserveInt8RowsW8A16),
+                         (INT8_PANELS_W8A16, lib.XlaserveInt8PanelsW8A16),
+                         (INT8_PANELS_W8A8, lib.XlaserveInt8PanelsW8A8),
+                         (PAGED_ATTENTION, lib.XlaservePagedAttention)):  # fmt: skip
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from xlaserve.kernels_cpu import attention as cpu_attention
 from xlaserve.kernels_pallas.kv_cache_update import kv_cache_update
 from xlaserve.kernels_pallas.ragged_paged_attention import ragged_paged_attention, resolve_impl
 from xlaserve.quantization.kv_cache import is_quantized_kv, quantize_kv
@@ -70,10 +71,13 @@ def write_and_attend(
     """Writes layer `layer`'s new K/V, then attends over it.
 
     q: [T, N, H]; new_kv: [T, 2K, H]; kv_cache: [L, P, page_size, 2K, H]; layer: i32 scalar.
-    backend: one of ATTENTION_BACKENDS (see the module docstring).
+    backend: one of ATTENTION_BACKENDS (see the module docstring), or "cpu": the CPU kernel
+    (xlaserve/kernels_cpu/attention.py), which a model on one CPU device holds in place of
+    "auto"; caches it does not read (int8 / fp8) take the reference.
     Returns (kv_cache, out [T, N, H]).
     """
-    impl = resolve_backend(backend)
+    cpu_kernel = backend == cpu_attention.BACKEND and cpu_attention.reads(kv_cache.dtype)
+    impl = resolve_backend("reference" if backend == cpu_attention.BACKEND else backend)
     interpret = impl != "reference" and jax.default_backend() == "cpu"
     num_layers, num_pages, page_size = kv_cache.shape[:3]
     flat = kv_cache.reshape(num_layers * num_pages, *kv_cache.shape[2:])  # [L*P, ps, 2K, H]
@@ -88,17 +92,11 @@ def write_and_attend(
         new_kv = quantize_kv(new_kv, kv_cache.dtype)  # [T, 2K, H + 2]
     update_impl = "tpu" if impl == "tpu" else "reference"
     flat = kv_cache_update(new_kv, flat, slots, impl=update_impl, interpret=interpret)
-    out = ragged_paged_attention(
-        q,
-        flat,
-        metadata.kv_lens,
-        metadata.page_indices + first_page,
-        metadata.cu_q_lens,
-        metadata.num_seqs,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-        impl=impl,
-        interpret=interpret,
-    )
+    args = (q, flat, metadata.kv_lens, metadata.page_indices + first_page, metadata.cu_q_lens,
+            metadata.num_seqs)  # fmt: skip
+    options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if cpu_kernel:
+        out = cpu_attention.ragged_paged_attention(*args, **options)
+    else:
+        out = ragged_paged_attention(*args, **options, impl=impl, interpret=interpret)
     return flat.reshape(kv_cache.shape), out

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xlaserve.kernels_cpu import attention as cpu_attention
 from xlaserve.kernels_cpu import gguf as gguf_kernel
+from xlaserve.kernels_cpu import int8 as int8_kernel
 from xlaserve.kernels_cpu import skinny
 from xlaserve.kernels_cpu.pack import pack_for_cpu_kernel
 from xlaserve.kernels_pallas.lora import lora_delta
@@ -412,16 +414,15 @@ class Transformer(nnx.Module):
             return self._soft_cap(logits.astype(jnp.float32))
         if self.lm_head_rows is not None:
             rows, qtype = self.lm_head_rows[...], self.quant.lm_head_type
-            kernel = self.quant.gguf_rows and gguf_kernel.supports(qtype)
+            kernel = self.quant.kernel_layout and gguf_kernel.supports(qtype)
             logits = packed_rows_matmul(hidden.astype(self.dtype), rows, qtype, kernel)
             return self._soft_cap(logits)
         tied = self.config.tie_word_embeddings
         scale = self.embed_scale if tied else self.lm_head_scale
         if scale is not None:  # int8 / fp8 rows [V, D], one scale per row (= output channel)
             rows = self.embed[...] if tied else self.lm_head[...]
-            logits = quantized_rows_matmul(
-                hidden.astype(self.dtype), rows, scale[...], self.quant.method
-            )
+            kernel = self.quant.kernel_layout and int8_kernel.rows_supported(rows)
+            logits = quantized_rows_matmul(hidden.astype(self.dtype), rows, scale[...], kernel)
             return self._soft_cap(logits)
         weight = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
         rows = at_least_two_rows(hidden.astype(weight.dtype))
@@ -536,7 +537,7 @@ def add_lora(y, x, name: str, *, lora: dict | None, slots, backend: str) -> jax.
     """y [T, O] (the base projection of x [T, I]) plus each token's adapter delta."""
     if lora is None or name not in lora:
         return y
-    kernel = resolve_backend(backend) != "reference"
+    kernel = backend != cpu_attention.BACKEND and resolve_backend(backend) != "reference"
     delta = lora_delta(
         x, lora[name]["a"], lora[name]["b"], slots,
         impl="pallas" if kernel else "reference",

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from xlaserve.kernels_cpu import gguf as gguf_kernel
+from xlaserve.kernels_cpu import int8 as int8_kernel
 from xlaserve.quantization.gguf_blocks import dequantize_rows
 from xlaserve.quantization.int8 import quantize_per_token
 
@@ -34,15 +35,17 @@ class WeightQuant:
 
     method: "int8" | "w8a8" | "fp8" | "gguf". gguf_types: (name, GGML type) of each projection
     kept packed (fused names included); projections not listed hold plain weights.
-    gguf_rows: the packed projections hold GGUF rows uint8[out, row_bytes] for the CPU kernel
-    (xlaserve/kernels_cpu/gguf.py) instead of uint8[row_bytes, out].
+    kernel_layout: the quantized projections are laid out for the CPU kernels (see
+    xlaserve/kernels_cpu/pack.py): GGUF rows uint8[out, row_bytes] instead of
+    uint8[row_bytes, out]; int8 panels int8[out / 16, in / lanes, 16 * lanes] instead of
+    int8[in, out].
     lm_head_type: the GGML type of the LM head's packed rows (`Transformer.lm_head_rows`,
     uint8[V, row_bytes]) when the GGUF file's head stays packed; None otherwise.
     """
 
     method: str
     gguf_types: tuple[tuple[str, int], ...] = ()
-    gguf_rows: bool = False
+    kernel_layout: bool = False
     lm_head_type: int | None = None
 
     def gguf_type(self, name: str) -> int | None:
@@ -53,18 +56,19 @@ class WeightQuant:
 @dataclass(frozen=True)
 class QuantizedWeight:
     """values: int8 / float8 [in, out] with scale f32[out], or GGUF packed rows
-    uint8 [row_bytes, out] (one column per output channel) with scale None."""
+    uint8 [row_bytes, out] (one column per output channel) with scale None; in the CPU
+    kernels' layout where `kernel_layout` (see WeightQuant)."""
 
     values: jax.Array
     scale: jax.Array | None
     method: str = field(metadata=dict(static=True))
     gguf_type: int | None = field(default=None, metadata=dict(static=True))
-    gguf_rows: bool = field(default=False, metadata=dict(static=True))  # see WeightQuant
+    kernel_layout: bool = field(default=False, metadata=dict(static=True))
 
     def matmul(self, x: jax.Array) -> jax.Array:
         """x [M, in] @ self -> [M, out] in x's dtype, accumulated in f32 (int32 for w8a8)."""
-        if self.gguf_rows:
-            return gguf_kernel.matmul(x, self.values, self.gguf_type).astype(x.dtype)
+        if self.kernel_layout:
+            return self._kernel_matmul(x).astype(x.dtype)
         rows = jnp.concatenate([x, x]) if x.shape[0] == 1 else x  # see layers.at_least_two_rows
         if self.method == "w8a8":
             xq, x_scale = quantize_per_token(rows)  # int8 [M, in], f32 [M, 1]
@@ -85,6 +89,17 @@ class QuantizedWeight:
             out = out * self.scale
         return out[: x.shape[0]].astype(x.dtype)
 
+    def _kernel_matmul(self, x: jax.Array) -> jax.Array:
+        """The CPU kernels' product: the same scaling as the XLA path above, and for w8a8
+        the same int32 sums, bit for bit."""
+        if self.method == "gguf":
+            return gguf_kernel.matmul(x, self.values, self.gguf_type)
+        if self.method == "w8a8":
+            xq, x_scale = quantize_per_token(x)
+            acc = int8_kernel.panels_matmul(xq, self.values, "w8a8")
+            return acc.astype(jnp.float32) * x_scale * self.scale
+        return int8_kernel.panels_matmul(x, self.values, self.method) * self.scale
+
 
 def packed_rows_matmul(x: jax.Array, rows: jax.Array, qtype: int, kernel: bool) -> jax.Array:
     """x [M, in] @ GGUF rows uint8[out, row_bytes] -> f32 [M, out]: on the CPU kernel, or
@@ -98,15 +113,17 @@ def packed_rows_matmul(x: jax.Array, rows: jax.Array, qtype: int, kernel: bool) 
 
 
 def quantized_rows_matmul(
-    x: jax.Array, rows: jax.Array, scale: jax.Array, method: str
+    x: jax.Array, rows: jax.Array, scale: jax.Array, kernel: bool
 ) -> jax.Array:
     """x [M, D] @ rows.T * scale -> f32 [M, V]: the LM head of an int8 / w8a8 / fp8 model,
     whose rows [V, D] (int8 or float8_e4m3fn) carry one scale f32[V] per vocabulary row.
 
-    method is the model's quantization; the head is weight-only in every mode (w8a8 too: the
-    logits are the most precision-sensitive product). The rows are widened to x's dtype
-    (exact: 8-bit values fit bfloat16) and contracted on D directly, without a transpose."""
-    del method  # one XLA product for all three; a CPU kernel may pick its own per method
+    The head is weight-only in every mode (w8a8 too: the logits are the most
+    precision-sensitive product). The rows are widened to x's dtype (exact: 8-bit values fit
+    bfloat16) and contracted on D directly, without a transpose; on the CPU kernel (int8
+    rows, `kernel`) the same product with x rounded to bfloat16."""
+    if kernel:
+        return int8_kernel.rows_matmul(x, rows) * scale
     out = jax.lax.dot_general(
         at_least_two_rows(x), rows.astype(x.dtype), (((1,), (1,)), ((), ())),
         preferred_element_type=jnp.float32,
@@ -129,11 +146,19 @@ def bind_quantized(p: dict[str, jax.Array], quant: WeightQuant | None) -> dict:
         if quant.method == "gguf":
             qtype = quant.gguf_type(name)
             if qtype is not None:
-                out[name] = QuantizedWeight(p[name], None, "gguf", int(qtype), quant.gguf_rows)
+                out[name] = QuantizedWeight(
+                    p[name], None, "gguf", int(qtype), kernel_layout=quant.kernel_layout
+                )
         else:
-            method = "int8" if quant.method == "w8a8" and name in W8A8_WEIGHT_ONLY else quant.method
-            out[name] = QuantizedWeight(p[name], out.pop(name + SCALE_SUFFIX), method)
+            scale = out.pop(name + SCALE_SUFFIX)
+            method = projection_method(quant, name)
+            out[name] = QuantizedWeight(p[name], scale, method, kernel_layout=quant.kernel_layout)
     return out
+
+
+def projection_method(quant: WeightQuant, name: str) -> str:
+    """How projection `name` multiplies: w8a8 keeps W8A8_WEIGHT_ONLY ones weight-only."""
+    return "int8" if quant.method == "w8a8" and name in W8A8_WEIGHT_ONLY else quant.method
 
 
 def fuse_quantized(
