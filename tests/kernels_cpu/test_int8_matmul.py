@@ -95,11 +95,14 @@ def quantized(preset: str, method: str, kernels: bool, monkeypatch):
 @pytest.mark.parametrize("preset", ["smollm2-135m", "qwen2.5-0.5b", "gemma-3-270m"])
 def test_quantized_model_on_the_kernels_matches_xla(preset, method, monkeypatch):
     """Prefill and decode logits within bfloat16 rounding of the XLA path, the same greedy
-    tokens (q/k/v biases for Qwen, Gemma's norms and soft caps around the projections)."""
+    tokens (q/k/v biases for Qwen, Gemma's norms and soft caps around the projections); the
+    int8 LM head (tied: the embedding table's rows) runs on the row kernel."""
     plain = quantized(preset, method, False, monkeypatch)
     packed = quantized(preset, method, True, monkeypatch)
     assert packed.quant.kernel_layout and not plain.quant.kernel_layout
     assert packed.layers[0].wqkv[...].ndim == 3  # in the kernel's panels
+    head = packed.embed if packed.config.tie_word_embeddings else packed.lm_head
+    assert int8_kernel.rows_supported(head[...])
     assert param_bytes(packed) == param_bytes(plain)  # a new layout, not a copy
     runs = [PagedModelRunner(m, num_seqs=2, max_len=64) for m in (plain, packed)]
     new = [[5, 17, 42, 7, 99, 3], [200, 11]]
