@@ -18,6 +18,11 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -25,6 +30,7 @@ namespace {
 
 constexpr int kLanes = 16;
 constexpr int64_t kRowRun = 32;  // query rows per work item
+constexpr int64_t kInlineMacs = 1 << 20;  // below this, no pool threads (see PagedAttention)
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
@@ -45,9 +51,13 @@ inline f32x16 load(const uint16_t* p) {  // bfloat16 -> float32, exact
 }
 
 inline float hsum(f32x16 v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(__m512(v));
+#else
   float s = 0;
   for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
+#endif
 }
 
 struct Problem {
@@ -179,8 +189,10 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   job->bf16 = bf16;
   std::memset(p.out, 0, sizeof(float) * p.T * p.N * p.H);  // padding rows stay 0
   const int64_t seqs = std::min<int64_t>(num_seqs.typed_data()[0], kv_lens.dimensions()[0]);
+  int64_t macs = 0;  // query-key pairs times head dim, over all items (an upper bound)
   for (int64_t s = 0; s < seqs; ++s) {
     const int64_t r0 = p.cu_q_lens[s], r1 = std::min<int64_t>(p.cu_q_lens[s + 1], p.T);
+    macs += std::max<int64_t>(0, r1 - r0) * p.kv_lens[s] * p.N * p.H;
     for (int64_t head = 0; head < p.K; ++head) {
       for (int64_t r = r0; r < r1; r += kRowRun) {
         job->items.push_back({s, head, r, std::min(r1, r + kRowRun)});
@@ -188,14 +200,12 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
     }
   }
   const int64_t n = job->items.size();
-  const int64_t workers = std::max<int64_t>(1, pool.num_threads()) + 1;
+  // A small call (a few decode rows) runs on the calling thread alone: waking a pool thread
+  // costs more than the work.
+  const int64_t workers = macs < kInlineMacs ? 1 : xlaserve_cpu::workers_for(pool);
   for (int64_t i = 1; i < std::min(workers, n); ++i) pool.Schedule([job] { job->work(); });
   job->work();
-  while (job->done.load(std::memory_order_acquire) < n) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
+  xlaserve_cpu::wait_until(job->done, n);
   return ffi::Error::Success();
 }
 

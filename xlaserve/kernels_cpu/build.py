@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("skinny_matmul.cc", "gguf_matmul.cc", "int8_matmul.cc", "attention.cc")
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
+HEADERS = (Path(__file__).with_name("parallel.h"),)
 CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 CACHE_DIR = CACHE_HOME / "xlaserve" / "kernels_cpu"
 # -ffp-contract=off: no fused multiply-adds, so GGUF blocks dequantize with the rounding of
@@ -60,7 +61,7 @@ def _compiler() -> str | None:
 
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    parts = [source.read_bytes() for source in SOURCES]
+    parts = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
     parts += [jaxlib.__version__, compiler, " ".join(FLAGS), _cpu_signature()]
     for part in parts:
         part = part if isinstance(part, bytes) else part.encode()

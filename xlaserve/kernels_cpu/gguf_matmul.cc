@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 #if defined(__AVX512BF16__) || defined(__F16C__)
 #include <immintrin.h>
@@ -356,16 +357,12 @@ ffi::Error GgufMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
   job->row_bytes = wd[1];
   job->qtype = qtype;
   job->fmt = fmt;
-  const int64_t workers = std::max<int64_t>(1, pool.num_threads()) + 1;
+  const int64_t workers = xlaserve_cpu::workers_for(pool);
   job->chunk = std::max<int64_t>(1, job->N / (8 * workers));
   const int64_t chunks = (job->N + job->chunk - 1) / job->chunk;
   for (int64_t i = 1; i < std::min(workers, chunks); ++i) pool.Schedule([job] { job->work(); });
   job->work();
-  while (job->done.load(std::memory_order_acquire) < job->N) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
+  xlaserve_cpu::wait_until(job->done, job->N);
   return ffi::Error::Success();
 }
 

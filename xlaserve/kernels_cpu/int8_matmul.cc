@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -191,12 +192,12 @@ void run(ffi::ThreadPool& pool, int64_t units, std::function<void(int64_t)> unit
   auto job = std::make_shared<Job>();
   job->unit = std::move(unit);
   job->units = units;
-  const int64_t workers = std::max<int64_t>(1, pool.num_threads()) + 1;
+  const int64_t workers = xlaserve_cpu::workers_for(pool);
   job->chunk = std::max<int64_t>(1, units / (8 * workers));  // ~8 claims per worker
   const int64_t chunks = (units + job->chunk - 1) / job->chunk;
   for (int64_t i = 1; i < std::min(workers, chunks); ++i) pool.Schedule([job] { job->work(); });
   job->work();
-  while (job->done.load(std::memory_order_acquire) < units) __builtin_ia32_pause();
+  xlaserve_cpu::wait_until(job->done, units);
 }
 #endif
 

@@ -12,6 +12,7 @@
 #include <memory>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -182,17 +183,13 @@ ffi::Error SkinnyMatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   job->K = K;
   job->N = N;
   job->panels = panels;
-  const int64_t workers = std::max<int64_t>(1, pool.num_threads()) + 1;
+  const int64_t workers = xlaserve_cpu::workers_for(pool);
   // About four chunks per worker balance the load; a chunk of panels is one contiguous stream.
   job->chunk = std::max<int64_t>(2, (panels / (4 * workers)) & ~int64_t(1));  // whole pairs
   const int64_t chunks = (panels + job->chunk - 1) / job->chunk;
   for (int64_t i = 1; i < std::min(workers, chunks); ++i) pool.Schedule([job] { job->work(); });
   job->work();
-  while (job->done.load(std::memory_order_acquire) < panels) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
+  xlaserve_cpu::wait_until(job->done, panels);
   return ffi::Error::Success();
 }
 
