@@ -17,7 +17,7 @@ from xlaserve.quantization.linear import QuantizedWeight
 T = gguf.GGMLQuantizationType
 pytestmark = pytest.mark.skipif(
     not skinny.available(),
-    reason="the CPU kernels are not used on this machine (no C++ compiler, or no 512-bit vectors)",
+    reason="the CPU kernels are not used on this machine (no C++ compiler, or no AVX2)",
 )
 
 

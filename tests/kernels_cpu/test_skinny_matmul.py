@@ -18,7 +18,7 @@ from xlaserve.models.registry import preset_config
 
 pytestmark = pytest.mark.skipif(
     not skinny.available(),
-    reason="the CPU kernel is not used on this machine (no C++ compiler, or no 512-bit vectors)",
+    reason="the CPU kernel is not used on this machine (no C++ compiler, or no AVX2)",
 )
 
 
@@ -32,9 +32,13 @@ def test_pack_unpack_round_trip_and_layout():
     pairs = skinny.pair_rows()
     assert packed.shape == (48 // 16, 64 // pairs, 16 * pairs)
     np.testing.assert_array_equal(np.asarray(skinny.unpack(packed)), np.asarray(w))
-    # Panel p holds outputs 16p..16p+15; each row of it holds `pairs` consecutive inputs.
+    # Panel p holds outputs 16p..16p+15 (in output_order: 0, 8, 1, 9, ... on AVX2); each row
+    # of it holds `pairs` consecutive inputs.
+    order = skinny.output_order()
+    assert sorted(order.tolist()) == list(range(16))
     np.testing.assert_array_equal(
-        np.asarray(packed[1, 3]).reshape(16, pairs).T, np.asarray(w[3 * pairs : 4 * pairs, 16:32])
+        np.asarray(packed[1, 3]).reshape(16, pairs).T,
+        np.asarray(w[3 * pairs : 4 * pairs, 16:32])[:, order],
     )
 
 

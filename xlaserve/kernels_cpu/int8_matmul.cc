@@ -35,8 +35,9 @@ namespace {
 constexpr int kRowsPerPass = 4;  // output rows (weight streams) per pass
 constexpr int kMaxRows = 4;      // rows of x per pass: 4 x 4 accumulators stay in registers
 
-#if defined(XLASERVE_INT8_KERNELS)
 constexpr int64_t kPanel = 16;  // outputs per panel: one 512-bit vector of 32-bit sums
+
+#if defined(XLASERVE_INT8_KERNELS)
 
 // Sums of each of four vectors' 16 lanes, as the 4 lanes of one 128-bit vector.
 inline __m128i sum4_epi32(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {

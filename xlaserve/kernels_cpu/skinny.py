@@ -3,7 +3,8 @@
 `PackedWeight` is how a decoder projection is stored on one CPU device when the kernel is
 available (see `Transformer.unstack_layers`): the [in, out] weight regrouped into panels of
 16 outputs, each contiguous over `in` (with AVX512-BF16, rows interleaved in pairs for
-vdpbf16ps). `models/layers.linear` hands it the matmul, as it does a quantized weight.
+vdpbf16ps; with AVX2, each panel row's outputs in the order 0, 8, 1, 9, ..., so that one
+256-bit load widens to two vectors of eight float32 outputs with two integer ops). `models/layers.linear` hands it the matmul, as it does a quantized weight.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xlaserve.kernels_cpu.build import SKINNY_MATMUL_BF16, library
 
@@ -22,12 +24,20 @@ PANEL = 16  # outputs per panel (one 512-bit vector of f32 partial sums)
 @functools.cache
 def pair_rows() -> int | None:
     """Rows of W the kernel interleaves (2 with AVX512-BF16, else 1); None when the kernel
-    is not used here: not built, or built for vectors narrower than 512 bits, where XLA's
-    own matmul measured faster."""
+    is not used here: not built, or built for vectors narrower than 256 bits (no AVX2)."""
     lib = library()
-    if lib is None or lib.XlaserveSkinnyVectorBits() < 512:
+    if lib is None or lib.XlaserveSkinnyVectorBits() < 256:
         return None
     return int(lib.XlaserveSkinnyPairRows())
+
+
+@functools.cache
+def output_order() -> np.ndarray:
+    """The order of a panel row's 16 outputs in memory (interleaved halves on AVX2)."""
+    lib = library()
+    if lib is not None and lib.XlaserveSkinnyInterleavedOutputs():
+        return np.arange(PANEL).reshape(2, PANEL // 2).T.reshape(-1)  # 0, 8, 1, 9, ...
+    return np.arange(PANEL)
 
 
 def available() -> bool:
@@ -51,8 +61,8 @@ def pack(w: jax.Array) -> jax.Array:
     """bf16[in, out] -> bf16[out / 16, in / pairs, 16 * pairs] (see skinny_matmul.cc)."""
     k, n = w.shape
     pairs = pair_rows()
-    panels = w.reshape(k // pairs, pairs, n // PANEL, PANEL).transpose(2, 0, 3, 1)
-    return panels.reshape(n // PANEL, k // pairs, PANEL * pairs)
+    panels = w.reshape(k // pairs, pairs, n // PANEL, PANEL)[..., output_order()]
+    return panels.transpose(2, 0, 3, 1).reshape(n // PANEL, k // pairs, PANEL * pairs)
 
 
 def unpack(packed: jax.Array) -> jax.Array:
@@ -60,6 +70,7 @@ def unpack(packed: jax.Array) -> jax.Array:
     panels, rows, width = packed.shape
     pairs = width // PANEL
     w = packed.reshape(panels, rows, PANEL, pairs).transpose(1, 3, 0, 2)
+    w = w[..., np.argsort(output_order())]
     return w.reshape(rows * pairs, panels * PANEL)
 
 

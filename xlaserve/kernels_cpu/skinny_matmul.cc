@@ -14,8 +14,13 @@
 #include "xla/ffi/api/ffi.h"
 #include "parallel.h"
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+
+// The AVX2 path (no 512-bit vectors): see panel_rows_avx2.
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define XLASERVE_SKINNY_AVX2 1
 #endif
 
 namespace ffi = xla::ffi;
@@ -23,7 +28,11 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kPanel = 16;  // outputs per panel: one 512-bit vector of f32
+#if defined(XLASERVE_SKINNY_AVX2)
+constexpr int kMaxRows = 4;  // 8 accumulators of 8 outputs, with room for the loads
+#else
 constexpr int kMaxRows = 8;
+#endif
 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
@@ -102,10 +111,81 @@ void panel_pair_rows_dp(const uint32_t* xp, int64_t K, const uint16_t* panel, fl
 }
 #endif
 
+#if defined(XLASERVE_SKINNY_AVX2)
+// With 256-bit vectors each panel row holds its 16 outputs in the order 0, 8, 1, 9, ..., 7, 15:
+// one load gives outputs 0-7 as float32 (the low halves of its 32-bit lanes, shifted up) and
+// outputs 8-15 (the high halves, masked), so widening bfloat16 costs two integer ops per 16
+// weights. Explicit FMAs (the build turns off contraction for the GGUF kernel's rounding).
+template <int M>
+void panel_rows_avx2(const float* x, int64_t K, const uint16_t* panel, float* y, int64_t N) {
+  const __m256i high = _mm256_set1_epi32(int32_t(0xffff0000u));
+  // Outputs 0-7 and 8-15 of each row. Every loop over the accumulators is unrolled: GCC 12
+  // otherwise keeps a copy of the array on the stack, stored on every step of k.
+  __m256 acc[2 * M];
+#pragma GCC unroll 16
+  for (int j = 0; j < 2 * M; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __builtin_prefetch(panel + (k + 32) * kPanel);
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + k * kPanel));
+    const __m256 w_lo = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    const __m256 w_hi = _mm256_castsi256_ps(_mm256_and_si256(raw, high));
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m256 xb = _mm256_broadcast_ss(x + m * K + k);
+      acc[2 * m] = _mm256_fmadd_ps(xb, w_lo, acc[2 * m]);
+      acc[2 * m + 1] = _mm256_fmadd_ps(xb, w_hi, acc[2 * m + 1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    _mm256_storeu_ps(y + m * N, acc[2 * m]);
+    _mm256_storeu_ps(y + m * N + 8, acc[2 * m + 1]);
+  }
+}
+
+// Two adjacent panels at once (two weight streams, four accumulator chains per row), for up
+// to 3 rows: 4 x 3 accumulators and the loads fit the 16 registers.
+template <int M>
+void panel_pair_rows_avx2(const float* x, int64_t K, const uint16_t* panel, float* y,
+                          int64_t N) {
+  const __m256i high = _mm256_set1_epi32(int32_t(0xffff0000u));
+  const uint16_t* panel1 = panel + K * kPanel;
+  __m256 acc[M][4];
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __builtin_prefetch(panel + (k + 32) * kPanel);
+    __builtin_prefetch(panel1 + (k + 32) * kPanel);
+    const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + k * kPanel));
+    const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel1 + k * kPanel));
+    const __m256 w[4] = {_mm256_castsi256_ps(_mm256_slli_epi32(r0, 16)),
+                         _mm256_castsi256_ps(_mm256_and_si256(r0, high)),
+                         _mm256_castsi256_ps(_mm256_slli_epi32(r1, 16)),
+                         _mm256_castsi256_ps(_mm256_and_si256(r1, high))};
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      const __m256 xb = _mm256_broadcast_ss(x + m * K + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_fmadd_ps(xb, w[j], acc[m][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + m * N + 8 * j, acc[m][j]);
+}
+#endif
+
 #if defined(__AVX512BF16__)
 constexpr int kPairRows = 2;
 using XRow = uint32_t;  // x as bf16 pairs
 #define PANEL_FN panel_rows_dp
+#elif defined(XLASERVE_SKINNY_AVX2)
+constexpr int kPairRows = 1;
+using XRow = float;  // x widened to f32
+#define PANEL_FN panel_rows_avx2
 #else
 constexpr int kPairRows = 1;
 using XRow = float;  // x widened to f32
@@ -113,14 +193,17 @@ using XRow = float;  // x widened to f32
 #endif
 
 using PanelFn = void (*)(const XRow*, int64_t, const uint16_t*, float*, int64_t);
-constexpr PanelFn kPanelFns[kMaxRows + 1] = {
+constexpr PanelFn kPanelFns[8 + 1] = {
     nullptr,       PANEL_FN<1>, PANEL_FN<2>, PANEL_FN<3>, PANEL_FN<4>,
     PANEL_FN<5>, PANEL_FN<6>, PANEL_FN<7>, PANEL_FN<8>};
 #if defined(__AVX512BF16__)
-constexpr PanelFn kPanelPairFns[kMaxRows + 1] = {
+constexpr PanelFn kPanelPairFns[8 + 1] = {
     nullptr,
     panel_pair_rows_dp<1>, panel_pair_rows_dp<2>, panel_pair_rows_dp<3>, panel_pair_rows_dp<4>,
     panel_pair_rows_dp<5>, panel_pair_rows_dp<6>, panel_pair_rows_dp<7>, panel_pair_rows_dp<8>};
+#elif defined(XLASERVE_SKINNY_AVX2)
+constexpr PanelFn kPanelPairFns[8 + 1] = {
+    nullptr, panel_pair_rows_avx2<1>, panel_pair_rows_avx2<2>, panel_pair_rows_avx2<3>};
 #else
 constexpr const PanelFn* kPanelPairFns = nullptr;
 #endif
@@ -145,8 +228,15 @@ struct Job {
         const bool pair = kPanelPairFns != nullptr && p + 1 < stop;
         for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
           const int rows = int(std::min<int64_t>(kMaxRows, M - m0));
-          const PanelFn fn = pair ? kPanelPairFns[rows] : kPanelFns[rows];
-          fn(x + m0 * (K / kPairRows), K, w + p * K * kPanel, y + m0 * N + p * kPanel, N);
+          const XRow* xs = x + m0 * (K / kPairRows);
+          float* ys = y + m0 * N + p * kPanel;
+          const uint16_t* ws = w + p * K * kPanel;
+          if (pair && kPanelPairFns[rows] != nullptr) {
+            kPanelPairFns[rows](xs, K, ws, ys, N);
+          } else {
+            kPanelFns[rows](xs, K, ws, ys, N);
+            if (pair) kPanelFns[rows](xs, K, ws + K * kPanel, ys + kPanel, N);
+          }
         }
         p += pair ? 2 : 1;
       }
@@ -197,6 +287,15 @@ ffi::Error SkinnyMatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
 
 // Rows of W interleaved per panel row: 2 with AVX512-BF16 (see panel_rows_dp), else 1.
 extern "C" int XlaserveSkinnyPairRows() { return kPairRows; }
+
+// Whether a panel row holds its outputs in the order 0, 8, 1, 9, ... (the AVX2 path).
+extern "C" int XlaserveSkinnyInterleavedOutputs() {
+#if defined(XLASERVE_SKINNY_AVX2)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // The widest vector the build targets: the packed path pays off with 512-bit vectors.
 extern "C" int XlaserveSkinnyVectorBits() {
