@@ -161,9 +161,15 @@ def test_cpu_bf16_dot_detection():
     assert not cpu_has_bf16_dot("")
 
 
-@pytest.mark.parametrize("has_bf16, expected", [(True, jnp.bfloat16), (False, jnp.float32)])
-def test_auto_dtype_on_cpu_follows_bf16_support(monkeypatch, has_bf16, expected):
+@pytest.mark.parametrize(
+    "has_bf16, kernel, expected",
+    [(True, False, jnp.bfloat16), (False, True, jnp.bfloat16), (False, False, jnp.float32)],
+)
+def test_auto_dtype_on_cpu_follows_bf16_support_and_the_kernel(
+    monkeypatch, has_bf16, kernel, expected
+):
     monkeypatch.setattr(loader, "cpu_has_bf16_dot", lambda: has_bf16)
+    monkeypatch.setattr(loader.skinny_kernel, "available", lambda: kernel)
     assert resolve_dtype("auto", "cpu") == expected
     assert resolve_dtype("auto", "gpu") == jnp.bfloat16
     assert resolve_dtype("auto", "tpu") == jnp.bfloat16
