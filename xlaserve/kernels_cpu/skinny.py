@@ -4,7 +4,8 @@
 available (see `Transformer.unstack_layers`): the [in, out] weight regrouped into panels of
 16 outputs, each contiguous over `in` (with AVX512-BF16, rows interleaved in pairs for
 vdpbf16ps; with AVX2, each panel row's outputs in the order 0, 8, 1, 9, ..., so that one
-256-bit load widens to two vectors of eight float32 outputs with two integer ops). `models/layers.linear` hands it the matmul, as it does a quantized weight.
+256-bit load widens to two vectors of eight float32 outputs with two integer ops).
+`models/layers.linear` hands it the matmul, as it does a quantized weight.
 """
 
 from __future__ import annotations
