@@ -6,7 +6,9 @@ the reference over a grid of dtype x page size x heads (G = N // K of 1, 2, 3, 4
 head dim x block sizes. Every batch is ragged and mixes decode, prefill and chunked prefill
 with lengths 0, 1 and page boundaries +-1, under a shuffled page table. Unused pages are NaN,
 and unused page-table entries and the padding sequences past num_seqs point anywhere, NaN
-pages included; query padding rows hold NaN too and must come out exactly zero.
+pages included; query padding rows hold NaN too and must come out exactly zero. int8 and
+float8 caches (rows ending in their scales) run through both kernels against the reference
+reading the same stored rows.
 
 Modes (see conftest.py): "interpret" runs on CPU in CI, "device" on a real TPU/GPU when one is
 visible (markers `tpu`, `gpu`). The default grid is a subset that covers every value of every
@@ -40,6 +42,7 @@ from xlaserve.kernels_pallas.ragged_paged_attention import (
     tuning,
 )
 from xlaserve.models.attention import AttentionMetadata, resolve_backend, write_and_attend
+from xlaserve.quantization.kv_cache import SCALE_ELEMENTS, quantize_kv
 
 TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-2}
 HEADS = {"mha": (2, 2), "gqa2": (4, 2), "gqa3": (6, 2), "gqa4": (8, 2), "mqa": (4, 1)}
@@ -194,6 +197,43 @@ def test_gpu_kernel_matches_reference(mode, dtype, page_size, heads, head_dim, b
     assert_matches_reference(out, args, num_real, options)
 
 
+def quantize_cache(args, kind: str):
+    """The batch with its cache stored as an 8-bit cache with row scales (NaN pages stay
+    garbage: their scales are NaN)."""
+    q, kv_cache, *rest = args
+    num_pages, page_size, kv_heads2, head_dim = kv_cache.shape
+    rows = kv_cache.reshape(-1, kv_heads2, head_dim).astype(jnp.float32)
+    stored = quantize_kv(rows, QUANTIZED_KV[kind])
+    return (q, stored.reshape(num_pages, page_size, kv_heads2, head_dim + SCALE_ELEMENTS), *rest)
+
+
+QUANTIZED_KV = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+# (kernel, 8-bit kind, q dtype, page size, heads, head dim, block sizes)
+QUANTIZED_CASES = [
+    ("tpu", "int8", "float32", 16, "gqa2", 64, "q16-p2"),
+    ("tpu", "fp8", "bfloat16", 32, "mqa", 128, "q8-p1-h1"),
+    ("gpu", "int8", "bfloat16", 16, "gqa3", 64, "r32-kv32-s3"),
+    ("gpu", "fp8", "float32", 32, "gqa4", 128, "r16-kv16"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel,kind,dtype,page_size,heads,head_dim,blocks", QUANTIZED_CASES)
+def test_kernels_read_an_8bit_cache_like_the_reference(
+    kernel, kind, dtype, page_size, heads, head_dim, blocks
+):
+    # Both read the same stored values and scales: float32 queries match to summation order,
+    # bfloat16 ones within bfloat16 rounding of the dequantized rows (same tolerances).
+    args, num_real = make_batch(
+        mixed_seqs(page_size), heads=heads, head_dim=head_dim, page_size=page_size, dtype=dtype
+    )
+    args = quantize_cache(args, kind)
+    run, presets = KERNELS[kernel]
+    options = dict(sm_scale=head_dim**-0.5)
+    out = run("interpret", args, **options, **presets[blocks])
+    assert_matches_reference(out, args, num_real, options)
+
+
 # A window inside a page, one spanning pages with a cap that binds, one longer than any
 # sequence (same as none) with a tight cap; the full grid adds more.
 FEATURES = [
@@ -309,13 +349,17 @@ def test_tuned_block_sizes_follow_the_shape():
     assert gpu_sizes(group=4, num_tokens=256, max_num_seqs=256).kv_splits == 1
 
 
+@pytest.mark.parametrize("cache", ["bfloat16", "int8", "fp8"])
 @pytest.mark.parametrize(
     "kernel,platform", [("tpu", "tpu"), ("gpu", "cuda")], ids=["mosaic", "triton"]
 )
-def test_kernel_lowers_for_its_accelerator(kernel, platform):
+def test_kernel_lowers_for_its_accelerator(kernel, platform, cache):
     # Lowering (Pallas -> Mosaic / Triton IR) runs on the CPU host; it rejects primitives a
-    # kernel cannot use on the real chip, which the interpreters accept.
+    # kernel cannot use on the real chip, which the interpreters accept (Triton has no fill
+    # value cast to float8, for one).
     args, _ = make_batch(mixed_seqs(16), heads="gqa3", head_dim=128, page_size=16, dtype="bfloat16")
+    if cache != "bfloat16":
+        args = quantize_cache(args, cache)
     fn = {"tpu": tpu, "gpu": gpu}[kernel].ragged_paged_attention
     blocks = list(KERNELS[kernel][1].values())[1]
     lowered = (
@@ -370,8 +414,9 @@ def test_backend_selection():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cache_dtype", ["float32", "int8"])
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
-def test_write_and_attend_backends_match_reference(backend):
+def test_write_and_attend_backends_match_reference(backend, cache_dtype):
     # Three layers; the write goes to layer 1's pages only and attention reads only them.
     # Layers 0 and 2 are NaN: touching another layer's pages shows in the output.
     rng = np.random.default_rng(2)
@@ -379,6 +424,9 @@ def test_write_and_attend_backends_match_reference(backend):
     cache = np.full((num_layers, num_pages, page_size, 2 * num_kv_heads, head_dim), np.nan)
     cache[1] = rng.standard_normal(cache.shape[1:])
     kv_cache = jnp.asarray(cache, jnp.float32)
+    if cache_dtype == "int8":  # stored rows with scales; the new tokens are quantized on write
+        kv_cache = quantize_kv(kv_cache.reshape(-1, 2 * num_kv_heads, head_dim), jnp.int8)
+        kv_cache = kv_cache.reshape(*cache.shape[:-1], head_dim + SCALE_ELEMENTS)
     # Seq 0 prefills 5 tokens into page 4; seq 1 decodes its 18th token (pages 2, 0).
     slots = np.array([4 * 16 + i for i in range(5)] + [0 * 16 + 1, -1, -1], np.int32)
     metadata = AttentionMetadata(

@@ -77,9 +77,8 @@ class JaxBackend:
         # XLA's CPU backend has no 16-bit float scatter: it would convert the whole cache to
         # float32 and back around every cache write, so the CPU keeps the cache in float32.
         kv_dtype = "float32" if on_cpu else jnp.dtype(loaded.dtype).name
-        kv_dtype, scale_elements = kv_cache_storage(
-            args.kv_cache_dtype, kv_dtype, resolve_backend(args.attention_backend)
-        )
+        resolve_backend(args.attention_backend)  # an unknown or unrunnable backend: ValueError
+        kv_dtype, scale_elements = kv_cache_storage(args.kv_cache_dtype, kv_dtype)
         spec = KVCacheSpec.for_model(
             loaded.config,
             page_size=args.page_size,

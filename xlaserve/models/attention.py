@@ -86,9 +86,6 @@ def write_and_attend(
         metadata.slot_mapping >= 0, metadata.slot_mapping + first_page * page_size, -1
     )
     if is_quantized_kv(kv_cache.dtype):  # 8-bit values with per-row scales
-        if impl != "reference":
-            raise ValueError(f"the {impl} attention kernel does not read a {kv_cache.dtype} KV "
-                             "cache; use attention_backend='reference'")  # fmt: skip
         new_kv = quantize_kv(new_kv, kv_cache.dtype)  # [T, 2K, H + 2]
     update_impl = "tpu" if impl == "tpu" else "reference"
     flat = kv_cache_update(new_kv, flat, slots, impl=update_impl, interpret=interpret)

@@ -40,7 +40,7 @@ class PagedModelRunner:
         self.graphdef, self.state = nnx.split(model)
         self.num_seqs, self.page_size = num_seqs, page_size
         self.pages_per_seq = -(-max_len // page_size)
-        dtype, scales = kv_cache_storage(kv_cache_dtype, model.dtype.name, "reference")
+        dtype, scales = kv_cache_storage(kv_cache_dtype, model.dtype.name)
         spec = KVCacheSpec.for_model(
             model.config, page_size=page_size, dtype=dtype, scale_elements=scales
         )

@@ -7,7 +7,9 @@ cache (donation, sharding on the 2K axis, page copies, the cache write) unchange
 costs (H + 2) / 2H of a bfloat16 page: 66 / 128 bytes at H = 64, 1.94x the pages.
 
 Scales are per token and head (absmax / qmax), computed when the token is written, so nothing
-needs calibrating and no later token changes an earlier one's values.
+needs calibrating and no later token changes an earlier one's values. Every attention
+implementation reads this layout: the reference (`dequantize_kv`), and the TPU and GPU kernels,
+which take each row's two scale bytes apart with integer operations (`scale_from_bytes`).
 """
 
 import logging
@@ -27,20 +29,11 @@ def is_quantized_kv(dtype) -> bool:
     return jnp.dtype(dtype) in (jnp.dtype(jnp.int8), jnp.dtype(FP8_DTYPE))
 
 
-def kv_cache_storage(kv_cache_dtype: str, default: str, attention_impl: str):
-    """(cache dtype name, scale elements per head row) for EngineArgs.kv_cache_dtype.
-
-    attention_impl: the resolved attention backend ("reference", "tpu", "gpu"). Raises
-    ValueError for a quantized cache with an attention kernel that cannot read it.
-    """
+def kv_cache_storage(kv_cache_dtype: str, default: str):
+    """(cache dtype name, scale elements per head row) for EngineArgs.kv_cache_dtype; `default`
+    is the cache dtype of "auto"."""
     if kv_cache_dtype == "auto":
         return default, 0
-    if attention_impl != "reference":
-        raise ValueError(
-            f"kv_cache_dtype {kv_cache_dtype!r} is read by the reference attention backend "
-            f"only; the attention backend here is the {attention_impl} kernel, which reads "
-            "16/32-bit caches (use attention_backend='reference' or kv_cache_dtype='auto')"
-        )
     if kv_cache_dtype == "fp8" and jax.default_backend() == "cpu":
         logger.warning(
             "kv_cache_dtype 'fp8' on the CPU: XLA converts float8 element by element here; "
@@ -61,6 +54,17 @@ def quantize_kv(new_kv: jax.Array, dtype) -> jax.Array:
         scaled = jnp.round(scaled)
     scale_bits = jax.lax.bitcast_convert_type(scale[..., 0], dtype)  # [T, 2K, 2]
     return jnp.concatenate([scaled.astype(dtype), scale_bits], axis=-1)
+
+
+def scale_from_bytes(low: jax.Array, high: jax.Array) -> jax.Array:
+    """f32 scales from the two 8-bit elements ending each stored row (`low` first, as the
+    little-endian bit-cast in `quantize_kv` lays them): the bfloat16 bits put together with
+    integer operations, which the kernels lower where 8-to-16-bit bit-casts do not."""
+    if low.dtype != jnp.int8:  # float8 elements: their bits
+        low = jax.lax.bitcast_convert_type(low, jnp.int8)
+        high = jax.lax.bitcast_convert_type(high, jnp.int8)
+    bits = (low.astype(jnp.int32) & 0xFF) | ((high.astype(jnp.int32) & 0xFF) << 8)
+    return jax.lax.bitcast_convert_type(bits << 16, jnp.float32)
 
 
 def dequantize_kv(stored: jax.Array, head_dim: int) -> jax.Array:

@@ -7,7 +7,6 @@ with the same contract; `tuning.py` holds their block sizes.
 import jax
 
 from xlaserve.kernels_pallas.ragged_paged_attention import reference
-from xlaserve.quantization.kv_cache import is_quantized_kv
 
 IMPLS = ("auto", "reference", "tpu", "gpu")
 # Platforms each kernel runs on; "cpu" means the interpreter (tests, debugging).
@@ -60,9 +59,6 @@ def ragged_paged_attention(
     impl = resolve_impl(impl)
     args = (q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs)
     options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    if impl != "reference" and is_quantized_kv(kv_cache.dtype):
-        raise ValueError(f"the {impl} attention kernel reads 16/32-bit caches, not a "
-                         f"{kv_cache.dtype} cache; use impl='reference'")  # fmt: skip
     if impl == "reference":
         if block_sizes:
             raise ValueError(f"the reference takes no block sizes, got {sorted(block_sizes)}")

@@ -17,6 +17,9 @@ Same contract as `reference.py` (read its docstring first). Layout of the comput
   sliding window only from the window start of the tile's first row.
 - Online softmax in float32; the result of rows with no keys (padding) is zero. The output
   buffer is zero-filled and aliased, so rows no program owns stay zero.
+- An int8 / float8 cache (xlaserve/quantization/kv_cache.py; rows of H values and two scale
+  elements) is read as it lies: the H values and the two scale elements of each key row are
+  loaded (about half the bytes of bfloat16), dequantized in registers and meet q in q's dtype.
 
 Axis letters (docs/glossary.md): T tokens, S sequences, N query heads, K kv heads,
 G = N // K, H head dim, P pages; M = block_rows, Lb = block_kv.
@@ -34,6 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from xlaserve.kernels_pallas.ragged_paged_attention import tuning
 from xlaserve.kernels_pallas.ragged_paged_attention.reference import validate_inputs
+from xlaserve.quantization.kv_cache import is_quantized_kv, scale_from_bytes
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
@@ -47,7 +51,7 @@ def _attention_kernel(
     cu_q_lens_ref,  # i32[S + 1]
     num_seqs_ref,  # i32[1]
     q_ref,  # [T, N, H]
-    kv_ref,  # [P, page_size, 2K, H]
+    kv_ref,  # [P, page_size, 2K, H] (or [P, page_size, 2K, H + 2] 8-bit with row scales)
     init_ref,  # aliased with the first output (zeros); unused
     *out_refs,  # splits == 1: o [T, N, H]; else o f32[splits, T, N, H], m, l f32[splits, T, N]
     sm_scale: float,
@@ -57,6 +61,7 @@ def _attention_kernel(
     block_rows: int,
     block_kv: int,
     kv_splits: int,
+    quantized: bool,
 ):
     del init_ref
     tile, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -106,10 +111,23 @@ def _attention_kernel(
                 page_indices_ref.at[seq, lax.div(pos, page_size)], mask=key_ok, other=0
             )  # [Lb]
             slot = lax.rem(pos, page_size)
-            k_at = (page[:, None], slot[:, None], 2 * kv_head, lanes)
-            v_at = (page[:, None], slot[:, None], 2 * kv_head + 1, lanes)
-            k = plgpu.load(kv_ref.at[k_at], mask=key_ok[:, None], other=0.0)  # [Lb, H]
-            v = plgpu.load(kv_ref.at[v_at], mask=key_ok[:, None], other=0.0)  # [Lb, H]
+
+            def head_rows(kv_index):  # K (0) or V (1) of the block's keys: [Lb, H]
+                at = (page[:, None], slot[:, None], 2 * kv_head + kv_index, lanes)
+                if not quantized:
+                    return plgpu.load(kv_ref.at[at], mask=key_ok[:, None], other=0.0)
+                # Masked 8-bit loads take no fill value (Triton casts none to float8): the
+                # keys past the frontier are zeroed after dequantizing instead.
+                scale_at = (page, slot, 2 * kv_head + kv_index)
+                scale = scale_from_bytes(
+                    plgpu.load(kv_ref.at[(*scale_at, head_dim)], mask=key_ok),
+                    plgpu.load(kv_ref.at[(*scale_at, head_dim + 1)], mask=key_ok),
+                )  # [Lb]
+                values = plgpu.load(kv_ref.at[at], mask=key_ok[:, None]).astype(jnp.float32)
+                values = jnp.where(key_ok[:, None], values * scale[:, None], 0.0)
+                return values.astype(q.dtype)
+
+            k, v = head_rows(0), head_rows(1)
             scores = plgpu.dot(q, k, trans_b=True, allow_tf32=tf32) * sm_scale  # [M, Lb]
             if soft_cap is not None:
                 scores = soft_cap * jnp.tanh(scores / soft_cap)
@@ -145,8 +163,9 @@ def validate_kernel_args(q, kv_cache, sliding_window, soft_cap, group, block_row
     head_dim = q.shape[-1]
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"q dtype must be float32 or bfloat16, got {q.dtype}")
-    if kv_cache.dtype != q.dtype:
-        raise ValueError(f"kv_cache dtype {kv_cache.dtype} must equal q dtype {q.dtype}")
+    if kv_cache.dtype != q.dtype and not is_quantized_kv(kv_cache.dtype):
+        raise ValueError(f"kv_cache dtype {kv_cache.dtype} must equal q dtype {q.dtype} "
+                         "(or be an int8 / float8 cache)")  # fmt: skip
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"head dim must be a power of two >= 16 on GPU, got q {q.shape}")
     for name, size in (("block_rows", block_rows), ("block_kv", block_kv)):
@@ -273,6 +292,7 @@ def ragged_paged_attention(
         block_rows=block_rows,
         block_kv=block_kv,
         kv_splits=kv_splits,
+        quantized=is_quantized_kv(kv_cache.dtype),
     )
     outs = pl.pallas_call(
         kernel,

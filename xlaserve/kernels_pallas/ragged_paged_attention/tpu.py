@@ -21,6 +21,9 @@ Same contract as `reference.py` (read its docstring first). Layout of the comput
   one contiguous run per token row and K/V of head k are the lane slices 2k*H and (2k+1)*H.
 - Online softmax in float32 (running max m, sum l, unnormalised accumulator), normalised once
   at the end; rows with no keys (padding) stay zero.
+- An int8 / float8 cache (xlaserve/quantization/kv_cache.py) is fetched as it lies, H + 2
+  8-bit elements per head row (about half the DMA bytes of bfloat16); each K/V slice is
+  dequantized in VMEM with its row scale and meets q in q's dtype.
 
 Axis letters (docs/glossary.md): T tokens, S sequences, N query heads, K kv heads,
 G = N // K, H head dim, P pages; M = block_q * G query rows of one kv head in a block.
@@ -40,6 +43,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from xlaserve.kernels_pallas.ragged_paged_attention import tuning
 from xlaserve.kernels_pallas.ragged_paged_attention.reference import validate_inputs
+from xlaserve.quantization.kv_cache import is_quantized_kv, scale_from_bytes
 
 # Finite "minus infinity": exp(MASK - MASK) stays finite, so fully masked rows need no inf math.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -56,11 +60,11 @@ def _attention_kernel(
     first_seq_ref,  # i32[num_q_blocks] sequence owning each block's first row
     # Inputs.
     q_ref,  # [Kb, M, H] (VMEM block)
-    kv_hbm_ref,  # [P, page_size, 2K*H] (HBM)
+    kv_hbm_ref,  # [P, page_size, 2K*W] (HBM), W = H (+ SCALE_ELEMENTS for an 8-bit cache)
     # Output.
     o_ref,  # [Kb, M, H] (VMEM block)
     # Scratch.
-    kv_buf,  # [2, Lb, 2Kb*H] double buffer, Lb = block_kv_pages * page_size
+    kv_buf,  # [2, Lb, 2Kb*W] double buffer, Lb = block_kv_pages * page_size
     sems,  # DMA semaphores [2]
     m_ref,  # f32[Kb, M, LANES] running max
     l_ref,  # f32[Kb, M, LANES] running sum
@@ -73,12 +77,14 @@ def _attention_kernel(
     page_size: int,
     pages_per_block: int,
     pages_per_seq: int,
+    scale_elements: int,
 ):
     heads_blk, q_blk = pl.program_id(0), pl.program_id(1)
     kv_heads_blk, rows, head_dim = q_ref.shape
     block_q = rows // group
     block_kv = pages_per_block * page_size
-    heads_width = 2 * kv_heads_blk * head_dim
+    row_width = head_dim + scale_elements  # one head row of K or V in the cache
+    heads_width = 2 * kv_heads_blk * row_width
     max_num_seqs = kv_lens_ref.shape[0]
     row_start = q_blk * block_q
     row_end = row_start + block_q
@@ -156,6 +162,18 @@ def _attention_kernel(
     def wait_fetch(seq, blk, buf):
         for_each_page(seq, blk, buf, lambda copy: copy.wait())
 
+    def head_rows(buf, i):
+        """The i-th head slice (K or V) of the buffer as [Lb, H] in q's dtype."""
+        start = i * row_width
+        values = kv_buf[buf, :, pl.ds(start, head_dim)]
+        if not scale_elements:
+            return values
+        scale = scale_from_bytes(
+            kv_buf[buf, :, pl.ds(start + head_dim, 1)],
+            kv_buf[buf, :, pl.ds(start + head_dim + 1, 1)],
+        )  # [Lb, 1]
+        return (values.astype(jnp.float32) * scale).astype(q_ref.dtype)
+
     def attend(seq, blk, buf):
         q_start, q_end, kv_len, context = seq_bounds(seq)
         row_tok = row_start + lax.div(lax.broadcasted_iota(jnp.int32, (rows, block_kv), 0), group)
@@ -168,8 +186,8 @@ def _attention_kernel(
         key_pos_v = blk * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0)
         key_live = key_pos_v < kv_len  # [Lb, H]: unfetched / stale slots may hold NaN
         for j in range(kv_heads_blk):
-            k = kv_buf[buf, :, pl.ds(2 * j * head_dim, head_dim)]  # [Lb, H]
-            v = kv_buf[buf, :, pl.ds((2 * j + 1) * head_dim, head_dim)]  # [Lb, H]
+            k = head_rows(buf, 2 * j)  # [Lb, H]
+            v = head_rows(buf, 2 * j + 1)  # [Lb, H]
             v = jnp.where(key_live, v, jnp.zeros_like(v))
             q = q_ref[j]  # [M, H]
             scores = lax.dot_general(
@@ -227,8 +245,9 @@ def validate_kernel_args(
 ) -> None:
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"q dtype must be float32 or bfloat16, got {q.dtype}")
-    if kv_cache.dtype != q.dtype:
-        raise ValueError(f"kv_cache dtype {kv_cache.dtype} must equal q dtype {q.dtype}")
+    if kv_cache.dtype != q.dtype and not is_quantized_kv(kv_cache.dtype):
+        raise ValueError(f"kv_cache dtype {kv_cache.dtype} must equal q dtype {q.dtype} "
+                         "(or be an int8 / float8 cache)")  # fmt: skip
     if page_indices.shape[1] < 1:
         raise ValueError(f"page_indices needs at least one page per sequence: {page_indices.shape}")
     if sliding_window is not None and sliding_window < 1:
@@ -277,7 +296,8 @@ def ragged_paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     if num_tokens == 0:
         return jnp.zeros(q.shape, q.dtype)
-    num_pages, page_size, kv_heads2, _ = kv_cache.shape
+    num_pages, page_size, kv_heads2, row_width = kv_cache.shape
+    scale_elements = row_width - head_dim  # SCALE_ELEMENTS for an 8-bit cache, else 0
     num_kv_heads = kv_heads2 // 2
     group = num_heads // num_kv_heads
     max_num_seqs, pages_per_seq = page_indices.shape
@@ -307,7 +327,7 @@ def ragged_paged_attention(
     q_rows = jnp.pad(q, ((0, padded_tokens - num_tokens), (0, 0), (0, 0)))
     q_rows = q_rows.reshape(padded_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
     q_rows = q_rows.reshape(num_kv_heads, padded_tokens * group, head_dim)
-    kv_rows = kv_cache.reshape(num_pages, page_size, kv_heads2 * head_dim)  # [P, ps, 2K*H]
+    kv_rows = kv_cache.reshape(num_pages, page_size, kv_heads2 * row_width)  # [P, ps, 2K*W]
     # The sequence owning each block's first row (num_seqs when the block is all padding).
     seq_ends = jnp.where(
         jnp.arange(max_num_seqs) < num_seqs[0], cu_q_lens[1:], jnp.iinfo(jnp.int32).max
@@ -325,6 +345,7 @@ def ragged_paged_attention(
         page_size=page_size,
         pages_per_block=block_kv_pages,
         pages_per_seq=pages_per_seq,
+        scale_elements=scale_elements,
     )
     out = pl.pallas_call(
         kernel,
@@ -335,7 +356,7 @@ def ragged_paged_attention(
             out_specs=block,
             scratch_shapes=[
                 pltpu.VMEM(
-                    (2, block_kv_pages * page_size, 2 * block_kv_heads * head_dim),
+                    (2, block_kv_pages * page_size, 2 * block_kv_heads * row_width),
                     kv_cache.dtype,
                 ),
                 pltpu.SemaphoreType.DMA((2,)),
