@@ -43,11 +43,12 @@ def test_corrupt_block_scales_are_refused(tmp_path):
         load_model(str(path), with_tokenizer=False, quantization="int8")
 
 
-def test_prequantized_checkpoints_are_refused_by_their_method(tmp_path):
-    quantization = {"quant_method": "compressed-tensors", "format": "int-quantized"}
+def test_prequantized_checkpoints_of_other_methods_are_refused_by_their_method(tmp_path):
+    # compressed-tensors checkpoints load (tests/checkpoints/test_compressed_tensors.py).
+    quantization = {"quant_method": "awq", "bits": 4}
     config = {"architectures": ["LlamaForCausalLM"], "quantization_config": quantization}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="pre-quantized checkpoint .*'compressed-tensors'"):
+    with pytest.raises(ValueError, match="pre-quantized checkpoint .*'awq'.*'compressed-tensors'"):
         load_model(str(tmp_path), with_tokenizer=False)
 
 

@@ -2,8 +2,9 @@
 
 Greedy tokens of a tiny random Llama (8 query heads, 2 KV heads) under each quantized mode at
 tensor parallel 1, 2 and 4: int8, w8a8 and fp8 weights from an HF folder, and a GGUF file of
-the same model (Q4_1 projections, Q8_0 embedding) kept packed; int8 and fp8 KV caches ride
-along. Then the engine with LoRA adapters on an int8 base, at tensor parallel 1 and 2.
+the same model (Q4_1 projections, Q8_0 embedding) kept packed, and a compressed-tensors W8A8
+checkpoint (its stored int8 weights); int8 and fp8 KV caches ride along. Then the engine with
+LoRA adapters on an int8 base, at tensor parallel 1 and 2.
 """
 
 import json
@@ -21,6 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from tests.checkpoints.compressed_tensors_writer import write_checkpoint  # noqa: E402
 from tests.lora.peft_adapters import ATTN, MLP, AdapterSpec, make_adapters  # noqa: E402
 from xlaserve import LLM, LoRARequest, SamplingParams  # noqa: E402
 from xlaserve.checkpoints.loader import load_model  # noqa: E402
@@ -29,7 +31,8 @@ from xlaserve.sharding.mesh import make_mesh  # noqa: E402
 
 D, F, N, K, L, V = 128, 256, 8, 2, 2, 256
 PROMPTS = [list(range(3, 3 + n)) for n in (5, 17, 9)]
-MODES = [("int8", "int8"), ("w8a8", "fp8"), ("fp8", "auto"), ("gguf", "int8"), (None, "auto")]
+MODES = [("int8", "int8"), ("w8a8", "fp8"), ("fp8", "auto"), ("gguf", "int8"), (None, "auto"),
+         ("compressed-tensors", "auto")]  # fmt: skip
 NEW_TOKENS = 8
 
 
@@ -93,6 +96,8 @@ def save_gguf(model: LlamaForCausalLM, path: Path) -> None:
 
 def model_greedy(path: Path, quantization, kv_cache_dtype: str, tp: int) -> list[list[int]]:
     mesh = None if tp == 1 else make_mesh(tp)
+    if quantization == "compressed-tensors":
+        quantization = None  # the checkpoint says how it runs
     model = load_model(str(path), dtype="float32", with_tokenizer=False, mesh=mesh,
                        quantization=quantization).model  # fmt: skip
     runner = PagedModelRunner(model, num_seqs=len(PROMPTS), max_len=64,
@@ -110,9 +115,11 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp())
     model = save_llama(folder / "base")
     save_gguf(model, folder / "tiny.gguf")
+    write_checkpoint(folder / "compressed-tensors", "W8A8")
+    paths = {"gguf": folder / "tiny.gguf", "compressed-tensors": folder / "compressed-tensors"}
     results = {}
     for quantization, kv in MODES:
-        path = folder / ("tiny.gguf" if quantization == "gguf" else "base")
+        path = paths.get(quantization, folder / "base")
         for tp in (1, 2, 4):
             results[f"{quantization}/{kv}/tp{tp}"] = model_greedy(path, quantization, kv, tp)
     # The engine: LoRA adapters (16/32-bit) on an int8 base with an int8 KV cache.

@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerBase
 
-from xlaserve.checkpoints import hf, orbax_store
+from xlaserve.checkpoints import compressed_tensors, hf, orbax_store
 from xlaserve.checkpoints.presets import resolve_bundled
 from xlaserve.checkpoints.tokenizer import load_tokenizer
 from xlaserve.kernels_cpu import skinny as skinny_kernel
@@ -45,6 +45,9 @@ class LoadedModel:
     source: str
     dtype: jnp.dtype
     vision: object | None = None  # a vision-language model's VisionParts (multimodal/loader)
+    # A compressed-tensors checkpoint's scheme and stored projections, which load_model puts
+    # in place of the dequantized ones (checkpoints/compressed_tensors.py).
+    prequantized: tuple | None = None
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> jnp.dtype:
@@ -186,7 +189,17 @@ def load_model(
     loaded.model.attention_backend = attention_backend
     if mesh is not None and expert_parallel(mesh) > 1:
         loaded.model.expert_mesh = mesh  # the MoE blocks run their experts per device
-    if quantization is not None:
+    if loaded.prequantized is not None:
+        from xlaserve.quantization.model import load_prequantized
+
+        scheme, stored = loaded.prequantized
+        if quantization not in (None, scheme.method):
+            raise ValueError(f"{loaded.source} is pre-quantized for {scheme.method!r} "
+                             f"(compressed-tensors {scheme.format}); quantization="
+                             f"{quantization!r} cannot apply to it (leave it unset)")  # fmt: skip
+        load_prequantized(loaded.model, scheme.method, stored, mesh=mesh, source=loaded.source)
+        loaded.prequantized = None  # the stored arrays now live in the model
+    elif quantization is not None:
         from xlaserve.quantization.model import quantize_model
 
         quantize_model(loaded.model, quantization, mesh=mesh, source=loaded.source)
@@ -233,7 +246,9 @@ def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: b
     if not hf.is_hf_folder(path):
         raise FileNotFoundError(f"no config.json in {path}")
     hf_config = hf.read_config(path)
-    refuse_prequantized(hf_config, path)
+    scheme = compressed_tensors.read_scheme(hf_config, str(path))
+    if scheme is not None and is_multimodal(hf_config):
+        raise ValueError(f"{path}: pre-quantized vision-language checkpoints are not served")
     if is_multimodal(hf_config):  # a decoder plus a vision tower (xlaserve/multimodal)
         text_config, tensors, vision = split_tensors(
             hf_config, hf.read_tensors(path), path, check_tensors
@@ -242,11 +257,14 @@ def _load(model: str, load_format: str, dtype: str, seed: int, with_tokenizer: b
         tokenizer = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None
         return LoadedModel(module, config, tokenizer, str(path), jdtype, vision)
     model_cls, _ = resolve_architecture(hf_config)  # fail on the architecture before reading
-    module, config = model_from_hf_tensors(
-        hf_config, hf.read_tensors(path), jdtype, str(path), mesh
-    )
+    tensors = hf.read_tensors(path)
+    stored = None
+    if scheme is not None:  # the model is built dequantized; load_model puts these back
+        stored = compressed_tensors.take_quantized(tensors, scheme, str(path))
+    module, config = model_from_hf_tensors(hf_config, tensors, jdtype, str(path), mesh)
     tokenizer = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None
-    return LoadedModel(module, config, tokenizer, str(path), jdtype)
+    prequantized = None if scheme is None else (scheme, stored)
+    return LoadedModel(module, config, tokenizer, str(path), jdtype, None, prequantized)
 
 
 def family_chat_template(config: TransformerConfig) -> str | None:
@@ -254,19 +272,6 @@ def family_chat_template(config: TransformerConfig) -> str | None:
     from xlaserve.models import gemma
 
     return gemma.CHAT_TEMPLATE if config.architecture in gemma.ARCHITECTURES else None
-
-
-def refuse_prequantized(hf_config: dict, path: Path) -> None:
-    """Pre-quantized HF checkpoints (compressed-tensors, GPTQ, AWQ, fp8 ...) are not read:
-    their extra tensors would otherwise surface as a confusing unexpected-tensor error."""
-    config = hf_config.get("quantization_config") or hf_config.get("compression_config")
-    if config:
-        method = config.get("quant_method", config.get("format", "unknown"))
-        raise ValueError(
-            f"{path} is a pre-quantized checkpoint (quant_method {method!r}), which xlaserve "
-            "does not load; load the unquantized model with quantization='int8', 'w8a8' or "
-            "'fp8' instead"
-        )
 
 
 def has_tokenizer_files(folder: Path) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from xlaserve.checkpoints import hf
+from xlaserve.checkpoints import compressed_tensors, hf
 from xlaserve.checkpoints.loader import (
     LOAD_FORMATS,
     LoadedModel,
@@ -183,6 +183,9 @@ def load_torch_model(
     if not hf.is_hf_folder(path):
         raise FileNotFoundError(f"no config.json in {path}")
     hf_config = hf.read_config(path)
+    if compressed_tensors.quantization_config(hf_config):
+        raise ValueError(f"backend 'torch' runs 16/32-bit weights; {path} is a pre-quantized "
+                         "checkpoint, which the jax backend serves")  # fmt: skip
     resolve_architecture(hf_config)  # fail on the architecture before reading
     config, tensors = checked_hf_tensors(hf_config, hf.read_tensors(path), str(path))
     tokenizer = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None

@@ -69,6 +69,44 @@ def quantize_model(model: Transformer, method: str, *, mesh=None, source: str = 
     model.quant = WeightQuant(method)
 
 
+def load_prequantized(
+    model: Transformer, method: str, stored: dict, *, mesh=None, source: str = ""
+) -> None:
+    """Puts a pre-quantized checkpoint's stored projections (checkpoints/compressed_tensors:
+    {HF weight name: (values [out, in], scale f32[out])}) in place of the dequantized ones the
+    model was built with, as `method` ("int8", "w8a8", "fp8") lays them out; the embedding
+    table and the LM head stay as the checkpoint stores them."""
+    layers = model.layers
+    if not isinstance(layers, DecoderLayers):
+        raise ValueError("load_prequantized expects the stacked layer layout")
+    specs = layer_param_specs(model.config)
+    missing_projections = [name for name in PROJECTIONS if name not in specs]
+    if missing_projections:
+        raise ValueError(f"{source}: pre-quantized {model.config.architecture} checkpoints are "
+                         f"not served (no dense {missing_projections} projections)")  # fmt: skip
+    names = {
+        name: [f"model.layers.{i}.{specs[name][0]}" for i in range(model.config.num_layers)]
+        for name in PROJECTIONS
+    }
+    served = {hf for hf_names in names.values() for hf in hf_names}
+    extra = sorted(set(stored) - served)
+    if extra:
+        raise ValueError(f"{source}: quantized {extra[0]} is not served (only the decoder "
+                         "layers' projections run quantized)")  # fmt: skip
+    for name, hf_names in names.items():
+        unquantized = [hf for hf in hf_names if hf not in stored]
+        if unquantized:
+            raise ValueError(f"{source}: {unquantized[0]} is not quantized while other "
+                             "projections are; every layer's projections must be quantized "
+                             "alike")  # fmt: skip
+        axes = _axes(layers, name)  # ("layers", in, out)
+        values = np.stack([stored[hf][0].T for hf in hf_names])  # [L, in, out]
+        scale = np.stack([stored[hf][1] for hf in hf_names])  # [L, out]
+        _replace(layers, name, values, axes, model, mesh)
+        _replace(layers, name + SCALE_SUFFIX, scale, (axes[0], axes[2]), model, mesh)
+    model.quant = WeightQuant(method)
+
+
 def _quantize_vocab_rows(model: Transformer, method: str, mesh, source: str) -> None:
     """The embedding table [V, D] (and an untied LM head, turned from [D, V] into rows [V, D])
     as 8-bit rows with one f32 scale per vocabulary row: the lookup dequantizes the rows it
