@@ -32,7 +32,7 @@ kernel = jax.jit(
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("page_size", [16, 32, 128])
 @pytest.mark.parametrize("heads", list(HEADS))
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
 def test_kernel_matches_reference(dtype, page_size, heads, head_dim):
     args, num_real = make_batch(
         mixed_seqs(page_size), heads=heads, head_dim=head_dim, page_size=page_size, dtype=dtype

@@ -9,12 +9,14 @@
 // every query head of the group while in cache (online softmax per row, float32). Items are
 // shared out over XLA's intra-op thread pool; the calling thread works too.
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -70,6 +72,26 @@ inline float hsum(fvec v) {
 #endif
 }
 
+// The sums of kLanes vectors, one per lane (lane j: the sum of a[j]'s lanes): pairs of vectors
+// are folded into one by adding neighbouring lanes of their concatenation, log2(kLanes) times,
+// which takes kLanes - 1 folds where one horizontal sum per vector took kLanes of them.
+inline fvec pair_sums(fvec a, fvec b) {
+#if defined(__AVX512F__)
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#else
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+#endif
+}
+
+inline fvec lane_sums(fvec* a) {  // destroys a[0..kLanes)
+  for (int width = kLanes; width > 1; width /= 2) {
+    for (int i = 0; i < width / 2; ++i) a[i] = pair_sums(a[2 * i], a[2 * i + 1]);
+  }
+  return a[0];
+}
+
 struct Problem {
   const float* q;  // [T, N, H]
   const void* kv;  // [P, page_size, 2K, H]
@@ -105,10 +127,56 @@ inline fvec exp_nonpositive(fvec x) {
   return x < -87.0f ? fvec{} : out;
 }
 
-template <typename KV>
+// Scores of keys [from, to] (positions; key j at `keys + j * token_stride`) against one query
+// head `qv` (Vecs vectors), into sc[0..n): each key's products stay a vector until kLanes keys
+// are folded into one vector of sums at once (lane_sums).
+template <typename KV, int Vecs>
+inline void page_scores(const float* qv, const KV* keys, int64_t token_stride, int64_t n,
+                        float sm_scale, float soft_cap, float* sc) {
+  fvec q[Vecs];
+#pragma GCC unroll 32
+  for (int v = 0; v < Vecs; ++v) q[v] = load(qv + v * kLanes);
+  fvec partial[kLanes];
+  for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+    const int64_t m = std::min<int64_t>(kLanes, n - j0);
+    for (int64_t j = 0; j < kLanes; ++j) {
+      fvec acc = fvec{};
+      if (j < m) {
+        const KV* key = keys + (j0 + j) * token_stride;
+#pragma GCC unroll 32
+        for (int v = 0; v < Vecs; ++v) acc += q[v] * load(key + v * kLanes);
+      }
+      partial[j] = acc;
+    }
+    fvec sums = lane_sums(partial) * sm_scale;
+    if (soft_cap > 0) {
+      for (int i = 0; i < kLanes; ++i) sums[i] = soft_cap * std::tanh(sums[i] / soft_cap);
+    }
+    store(sc + j0, sums);
+  }
+}
+
+// acc (Vecs vectors, in registers) += sum over keys j of w[j] * value j.
+template <typename KV, int Vecs>
+inline void page_values(const float* w, const KV* values, int64_t token_stride, int64_t n,
+                        float rescale, float* out) {
+  fvec acc[Vecs];
+#pragma GCC unroll 32
+  for (int v = 0; v < Vecs; ++v) acc[v] = load(out + v * kLanes) * rescale;
+  for (int64_t j = 0; j < n; ++j) {
+    const KV* value = values + j * token_stride;
+    const fvec wj = fvec{} + w[j];
+#pragma GCC unroll 32
+    for (int v = 0; v < Vecs; ++v) acc[v] += wj * load(value + v * kLanes);
+  }
+#pragma GCC unroll 32
+  for (int v = 0; v < Vecs; ++v) store(out + v * kLanes, acc[v]);
+}
+
+template <typename KV, int Vecs>
 void attend(const Problem& p, const Item& it, std::vector<float>& state,
             std::vector<float>& scores) {
-  const int64_t G = p.N / p.K, H = p.H, vecs = H / kLanes, rows = it.row1 - it.row0;
+  const int64_t G = p.N / p.K, H = p.H, rows = it.row1 - it.row0;
   const int64_t q_start = p.cu_q_lens[it.seq];
   const int64_t q_len = p.cu_q_lens[it.seq + 1] - q_start, kv_len = p.kv_lens[it.seq];
   const int64_t first_pos = kv_len - q_len + (it.row0 - q_start);  // query position of row0
@@ -137,20 +205,12 @@ void attend(const Problem& p, const Item& it, std::vector<float>& state,
       if (from > to) continue;
       const int64_t n = to - from + 1, padded = (n + kLanes - 1) / kLanes * kLanes;
       const float* q_row = p.q + ((it.row0 + r) * p.N + it.head * G) * H;
-      // Each key is read once for all G query heads of its group.
-      for (int64_t pos = from; pos <= to; ++pos) {
-        const KV* key = base + (pos - pos0) * token_stride + (2 * it.head) * H;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qv = q_row + g * H;
-          fvec acc = fvec{};
-          for (int64_t v = 0; v < vecs; ++v) acc += load(qv + v * kLanes) * load(key + v * kLanes);
-          float s = hsum(acc) * p.sm_scale;
-          if (p.soft_cap > 0) s = p.soft_cap * std::tanh(s / p.soft_cap);
-          scores[g * span + (pos - from)] = s;
-        }
-      }
+      // The page's keys and values stay in cache for all G query heads of their group.
+      const KV* keys = base + (from - pos0) * token_stride + (2 * it.head) * H;
+      const KV* values = keys + H;
       for (int64_t g = 0; g < G; ++g) {
         float* sc = scores.data() + g * span;
+        page_scores<KV, Vecs>(q_row + g * H, keys, token_stride, n, p.sm_scale, p.soft_cap, sc);
         for (int64_t j = n; j < padded; ++j) sc[j] = -std::numeric_limits<float>::infinity();
         float* st = state.data() + (r * G + g) * stride;
         const float block_max = *std::max_element(sc, sc + n);
@@ -162,22 +222,9 @@ void attend(const Problem& p, const Item& it, std::vector<float>& state,
           store(sc + j, w);
           sum += w;
         }
-        float* acc = st + 2;
-        if (rescale != 1.0f) {
-          for (int64_t v = 0; v < vecs; ++v) store(acc + v * kLanes, load(acc + v * kLanes) * rescale);
-        }
         st[0] = new_max;
         st[1] = st[1] * rescale + hsum(sum);
-      }
-      // Each value is read once for all G query heads.
-      for (int64_t pos = from; pos <= to; ++pos) {
-        const KV* value = base + (pos - pos0) * token_stride + (2 * it.head + 1) * H;
-        for (int64_t g = 0; g < G; ++g) {
-          const float w = scores[g * span + (pos - from)];
-          float* acc = state.data() + (r * G + g) * stride + 2;
-          for (int64_t v = 0; v < vecs; ++v)
-            store(acc + v * kLanes, load(acc + v * kLanes) + w * load(value + v * kLanes));
-        }
+        page_values<KV, Vecs>(sc, values, token_stride, n, rescale, st + 2);
       }
     }
   }
@@ -191,10 +238,29 @@ void attend(const Problem& p, const Item& it, std::vector<float>& state,
   }
 }
 
+using AttendFn = void (*)(const Problem&, const Item&, std::vector<float>&, std::vector<float>&);
+
+// attend<KV, H / kLanes> for every head dim the kernel takes (multiples of 16 up to
+// kMaxHeadDim): the query and the accumulators of one head stay in registers.
+constexpr int64_t kMaxHeadDim = 256;
+constexpr int kStep = 16 / kLanes;  // vectors per 16 values
+
+template <typename KV, int... I>
+constexpr std::array<AttendFn, sizeof...(I)> attend_table(std::integer_sequence<int, I...>) {
+  return {attend<KV, (I + 1) * kStep>...};
+}
+
+template <typename KV>
+AttendFn attend_for(int64_t head_dim) {
+  static constexpr auto table = attend_table<KV>(std::make_integer_sequence<int, kMaxHeadDim / 16>{});
+  if (head_dim % 16 || head_dim < 16 || head_dim > kMaxHeadDim) return nullptr;
+  return table[head_dim / 16 - 1];
+}
+
 struct Job {
   Problem problem;
   std::vector<Item> items;
-  bool bf16;
+  AttendFn attend;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
@@ -203,11 +269,7 @@ struct Job {
     for (;;) {
       const int64_t i = next.fetch_add(1);
       if (i >= int64_t(items.size())) return;
-      if (bf16) {
-        attend<uint16_t>(problem, items[i], state, scores);
-      } else {
-        attend<float>(problem, items[i], state, scores);
-      }
+      attend(problem, items[i], state, scores);
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -232,7 +294,10 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   p = Problem{q.typed_data(), kv.untyped_data(), kv_lens.typed_data(),
               page_indices.typed_data(), cu_q_lens.typed_data(), out->typed_data(),
               qd[0], qd[1], kd[2] / 2, qd[2], kd[1], pd[1], sm_scale, soft_cap, sliding_window};
-  job->bf16 = bf16;
+  job->attend = bf16 ? attend_for<uint16_t>(p.H) : attend_for<float>(p.H);
+  if (job->attend == nullptr) {
+    return ffi::Error::InvalidArgument("paged_attention: the head dim must be 16-256, a multiple of 16");
+  }
   std::memset(p.out, 0, sizeof(float) * p.T * p.N * p.H);  // padding rows stay 0
   const int64_t seqs = std::min<int64_t>(num_seqs.typed_data()[0], kv_lens.dimensions()[0]);
   int64_t macs = 0;  // query-key pairs times head dim, over all items (an upper bound)

@@ -4,7 +4,7 @@ sequence and kv head instead of gathered per query row in small XLA ops.
 
 A model laid out per layer on one CPU device uses it in place of the reference ("auto"
 attention; see `pack.pack_for_cpu_kernel`) for float32 and bfloat16 caches with head dims a
-multiple of 16; int8 / fp8 caches stay on the reference, which reads their scales.
+multiple of 16 up to 256; int8 / fp8 caches stay on the reference, which reads their scales.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from xlaserve.kernels_cpu.build import PAGED_ATTENTION, library
 
 BACKEND = "cpu"  # the attention backend name a model holds when it runs this kernel
 CACHE_DTYPES = (jnp.float32, jnp.bfloat16)
+MAX_HEAD_DIM = 256  # attention.cc kMaxHeadDim
 
 
 def available() -> bool:
@@ -25,7 +26,7 @@ def available() -> bool:
 
 def supports(head_dim: int) -> bool:
     """Whether a model with this head dim can run the kernel in this process."""
-    return available() and head_dim % 16 == 0
+    return available() and head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM
 
 
 def reads(kv_cache_dtype) -> bool:
