@@ -65,6 +65,20 @@ def test_matmul_equals_xla_within_float32_rounding(rows, k, n):
     assert np.all(np.abs(np.asarray(got) - exact) <= 4 * k * 2**-24 * bound + 1e-30)
 
 
+def test_large_row_counts_go_to_xla_on_amx_cpus_only():
+    assert skinny.xla_min_rows(frozenset({"avx512f", "amx_bf16"})) == skinny.AMX_XLA_MIN_ROWS
+    assert skinny.xla_min_rows(frozenset({"avx512f", "avx512_bf16"})) > 2**40
+    # Whichever path a row count takes, the product is the weight's (here 256 rows, which
+    # XLA takes on an AMX CPU and the kernel elsewhere).
+    x, w = bf16(5, (256, 96)), bf16(6, (96, 160), 0.05)
+    got = jax.jit(lambda x, v: skinny.PackedWeight(v).matmul(x.astype(jnp.float32)))(
+        x, skinny.pack(w)
+    )
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    bound = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64))
+    assert np.all(np.abs(np.asarray(got) - exact) <= 4 * 96 * 2**-24 * bound + 1e-30)
+
+
 def test_matmul_returns_the_activations_dtype():
     x, w = bf16(3, (3, 64)), bf16(4, (64, 32))
     out = skinny.PackedWeight(skinny.pack(w)).matmul(x)
