@@ -14,6 +14,7 @@ from xlaserve.checkpoints import compressed_tensors, hf, orbax_store
 from xlaserve.checkpoints.presets import resolve_bundled
 from xlaserve.checkpoints.tokenizer import load_tokenizer
 from xlaserve.kernels_cpu import skinny as skinny_kernel
+from xlaserve.kernels_cpu.build import cpu_flags
 from xlaserve.models.attention import resolve_backend
 from xlaserve.models.registry import preset_config, resolve_architecture
 from xlaserve.models.transformer import (
@@ -81,16 +82,7 @@ BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 def cpu_has_bf16_dot(cpuinfo: str | None = None) -> bool:
     """Whether the CPU (described by /proc/cpuinfo text) has bfloat16 dot-product instructions.
     Without them XLA emulates bfloat16 matmuls, slower than float32."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return bool(BF16_DOT_FLAGS & set(value.split()))
-    return False
+    return bool(BF16_DOT_FLAGS & cpu_flags(cpuinfo))
 
 
 def detect_format(path: Path) -> str:

@@ -46,6 +46,21 @@ def disabled_by_env() -> bool:
     return os.environ.get("XLASERVE_CPU_KERNELS", "1").strip().lower() in ("0", "false", "off")
 
 
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo text (x86 `flags`, Arm `Features`); empty
+    where there is none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
 def _cpu_signature() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()

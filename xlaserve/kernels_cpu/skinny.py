@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlaserve.kernels_cpu import build
 from xlaserve.kernels_cpu.build import SKINNY_MATMUL_BF16, library
 
 PANEL = 16  # outputs per panel (one 512-bit vector of f32 partial sums)
@@ -55,20 +55,8 @@ AMX_XLA_MIN_ROWS = 256
 @functools.cache
 def xla_min_rows(cpu_flags: frozenset[str] | None = None) -> int:
     """The row count from which `PackedWeight.matmul` uses XLA's dot (huge: never)."""
-    flags = cpu_flags if cpu_flags is not None else _cpu_flags()
+    flags = build.cpu_flags() if cpu_flags is None else cpu_flags
     return AMX_XLA_MIN_ROWS if "amx_bf16" in flags else 2**62
-
-
-def _cpu_flags() -> frozenset[str]:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
 
 
 def available() -> bool:
