@@ -3,7 +3,8 @@
 # command that finishes within 10 minutes and leaves its figures in benchmarks/results/:
 #   1. every device-only test (pytest -m gpu|tpu: Pallas kernels compiled for the device, the
 #      Triton kernels compiled on CUDA, parity of the torch backend on the GPU);
-#   2. the kernel benchmark (ragged paged attention: ours vs JAX's stock kernel vs reference);
+#   2. the kernel benchmarks (ragged paged attention: ours vs JAX's stock kernel vs reference;
+#      on GPU the GGUF packed-block matmul kernel vs XLA's dequantize-then-dot and bfloat16);
 #   3. a short Llama-3-8B (random weights, bfloat16) latency and throughput run of the engine.
 # Each stage has its own time limit; a stage that fails or times out is reported and the others
 # still run. Exit status: 0 when every stage passed.
@@ -41,8 +42,11 @@ stage() {  # stage NAME SECONDS COMMAND...
 }
 
 MODEL=(--model llama-3-8b --load-format dummy --dtype bfloat16 --compilation-cache-dir none)
-stage "device tests" 210 "$PY" -m pytest -q -ra -m "$PLATFORM" -p no:cacheprovider tests
-stage "kernel benchmark" 150 "$PY" benchmarks/kernels.py --iters 5
+stage "device tests" 200 "$PY" -m pytest -q -ra -m "$PLATFORM" -p no:cacheprovider tests
+stage "kernel benchmark" 120 "$PY" benchmarks/kernels.py --iters 5
+if [ "$PLATFORM" = gpu ]; then
+  stage "gguf matmul benchmark" 50 "$PY" benchmarks/gguf_matmul.py --iters 5
+fi
 stage "llama-3-8b latency" 110 $XLASERVE bench latency "${MODEL[@]}" --max-model-len 1024 \
   --max-num-seqs 16 --input-len 512 --output-len 64 --batch-sizes 1,16 --num-iters 2 \
   --num-iters-warmup 1

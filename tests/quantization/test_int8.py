@@ -11,6 +11,7 @@ from xlaserve.quantization.int8 import (
     quantize_per_channel,
     quantize_per_channel_fp8,
     quantize_per_token,
+    quantize_per_token_fp8,
 )
 from xlaserve.quantization.linear import QuantizedWeight
 
@@ -60,13 +61,26 @@ def test_fp8_per_channel_relative_error_is_within_e4m3_rounding():
     assert float(np.abs(np.asarray(q, np.float32)).max()) == FP8_MAX
 
 
-@pytest.mark.parametrize("method", ["int8", "w8a8", "fp8"])
+def test_fp8_per_token_relative_error_is_within_e4m3_rounding():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(9, 64)).astype(np.float32) * rng.uniform(0.1, 50, size=(9, 1))
+    x[3] = 0.0  # an all-zero token keeps scale 1 and values 0
+    q, scale = quantize_per_token_fp8(jnp.asarray(x))
+    assert q.dtype == jnp.float8_e4m3fn and scale.shape == (9, 1)
+    back = np.asarray(q, np.float32) * np.asarray(scale)
+    tol = np.maximum(np.abs(x) * 2.0**-4, np.asarray(scale) * 2.0**-10)
+    assert np.all(np.abs(back - x) <= tol * (1 + 1e-6))
+    assert np.all(back[3] == 0) and float(np.asarray(scale)[3, 0]) == 1.0
+    np.testing.assert_allclose(np.abs(back).max(axis=1), np.abs(x).max(axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["int8", "w8a8", "fp8", "fp8_dynamic"])
 @pytest.mark.parametrize("rows", [1, 7])
 def test_quantized_matmul_matches_float_reference(method, rows):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(rows, 96)).astype(np.float32)
     w = rng.normal(size=(96, 40)).astype(np.float32) * 0.05
-    fn = quantize_per_channel_fp8 if method == "fp8" else quantize_per_channel
+    fn = quantize_per_channel_fp8 if method.startswith("fp8") else quantize_per_channel
     q, scale = fn(jnp.asarray(w))
     out = np.asarray(QuantizedWeight(q, scale, method).matmul(jnp.asarray(x)))
     assert out.shape == (rows, 40)
@@ -76,7 +90,44 @@ def test_quantized_matmul_matches_float_reference(method, rows):
     if method == "w8a8":
         xq, xs = quantize_per_token(jnp.asarray(x))
         xd = np.asarray(xq, np.float64) * np.asarray(xs, np.float64)
+    if method == "fp8_dynamic":  # float8 activations, one scale per token
+        xq, xs = quantize_per_token_fp8(jnp.asarray(x))
+        xd = np.asarray(xq, np.float64) * np.asarray(xs, np.float64)
     np.testing.assert_allclose(out, xd @ wd, rtol=1e-5, atol=1e-5)
     # ... and the float product within the quantization error (relative to the output scale).
     rel = np.abs(out - x @ w).max() / np.abs(x @ w).max()
-    assert rel < (0.03 if method == "w8a8" else 0.02 if method == "int8" else 0.06)
+    bound = {"int8": 0.02, "w8a8": 0.03, "fp8": 0.06, "fp8_dynamic": 0.08}[method]
+    assert rel < bound
+
+
+@pytest.mark.parametrize(
+    "device,supported",
+    [
+        (dict(platform="gpu", compute_capability="9.0"), True),  # Hopper
+        (dict(platform="gpu", compute_capability="8.9"), True),  # Ada
+        (dict(platform="gpu", compute_capability="10.0"), True),  # Blackwell
+        (dict(platform="gpu", compute_capability="8.0"), False),  # Ampere: no fp8 units
+        (dict(platform="tpu", device_kind="TPU7x"), True),
+        (dict(platform="tpu", device_kind="TPU v6 lite"), False),
+        (dict(platform="tpu", device_kind="TPU v5p"), False),
+        (dict(platform="cpu", device_kind="cpu"), False),
+    ],
+)
+def test_fp8_activations_only_where_the_device_multiplies_fp8(device, supported):
+    from types import SimpleNamespace
+
+    from xlaserve.quantization.model import fp8_matmul_supported
+
+    assert fp8_matmul_supported(SimpleNamespace(**device)) is supported
+
+
+def test_fp8_activations_switch_every_projection_to_fp8_dynamic():
+    import dataclasses
+
+    from xlaserve.quantization.linear import WeightQuant, bind_quantized
+
+    quant = WeightQuant("fp8")
+    params = {"wq": jnp.zeros((4, 4), jnp.float8_e4m3fn), "wq_scale": jnp.ones(4)}
+    assert bind_quantized(params, quant)["wq"].method == "fp8"
+    quant = dataclasses.replace(quant, fp8_activations=True)
+    assert bind_quantized(params, quant)["wq"].method == "fp8_dynamic"

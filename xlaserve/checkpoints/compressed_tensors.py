@@ -9,9 +9,10 @@ are (nothing is quantized again):
 
 - int8 weights with dynamic per-token int8 activations (W8A8) -> "w8a8";
 - int8 weights without activation quantization (W8A16) -> "int8";
-- float8 weights (FP8, FP8_DYNAMIC) -> "fp8", whose activations stay in the model dtype
-  (xlaserve's fp8 is weight-only); so do static per-tensor int8 activations, which "w8a8"
-  replaces by dynamic per-token ones (finer). Both are logged.
+- float8 weights (FP8, FP8_DYNAMIC) -> "fp8": float8 activations with dynamic per-token
+  scales where the device multiplies fp8 (quantization/model.fp8_matmul_supported), the model
+  dtype elsewhere (logged at load); static per-tensor int8 activations become "w8a8"'s dynamic
+  per-token ones (finer).
 
 The embedding table and the LM head stay as stored (compressed-tensors leaves them unquantized).
 Refused, naming the field: other quantization methods (GPTQ, AWQ, ...), group or block
@@ -108,9 +109,10 @@ def read_scheme(hf_config: dict, source: str) -> Prequantized | None:
 
 def _activations(args: dict | None, kind: str, source: str) -> str:
     if kind == "float":
-        if args:
-            logger.warning("%s: float8 activations run in the model dtype (xlaserve's fp8 is "
-                           "weight-only)", source)  # fmt: skip
+        if args and not args.get("dynamic", False):
+            logger.warning("%s: static float8 activation scales are not used: activations get "
+                           "dynamic per-token scales where the device has fp8 matmuls",
+                           source)  # fmt: skip
         return "fp8"
     if not args:
         return "int8"

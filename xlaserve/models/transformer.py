@@ -415,7 +415,9 @@ class Transformer(nnx.Module):
         if self.lm_head_rows is not None:
             rows, qtype = self.lm_head_rows[...], self.quant.lm_head_type
             kernel = self.quant.kernel_layout and gguf_kernel.supports(qtype)
-            logits = packed_rows_matmul(hidden.astype(self.dtype), rows, qtype, kernel)
+            logits = packed_rows_matmul(
+                hidden.astype(self.dtype), rows, qtype, kernel, gguf_impl_for(self.attention_backend)
+            )
             return self._soft_cap(logits)
         tied = self.config.tie_word_embeddings
         scale = self.embed_scale if tied else self.lm_head_scale
@@ -472,7 +474,7 @@ def decoder_layer(
     packed: the projections stored for the CPU kernel (xlaserve/kernels_cpu/skinny.py).
     """
     c = config
-    p = skinny.bind_packed(bind_quantized(p, quant), packed)
+    p = skinny.bind_packed(bind_quantized(p, quant, gguf_impl_for(backend)), packed)
     num_tokens = x.shape[0]
     adapt = partial(add_lora, lora=lora, slots=lora_slots, backend=backend)
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)  # [T, D]
@@ -531,6 +533,15 @@ def mlp(
 
 
 GATED_ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
+
+
+def gguf_impl_for(backend: str) -> str:
+    """How GGUF packed blocks multiply beside attention `backend` (outside the CPU kernels):
+    the GPU kernel with the GPU attention kernel (its interpreter on a CPU host, as the tests
+    run it), XLA's dequantize-then-dot otherwise (the TPU has no GGUF kernel yet)."""
+    if backend == cpu_attention.BACKEND:
+        return "reference"
+    return "gpu" if resolve_backend(backend) == "gpu" else "reference"
 
 
 def add_lora(y, x, name: str, *, lora: dict | None, slots, backend: str) -> jax.Array:

@@ -59,6 +59,13 @@ def dequantize_per_row(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
     return (q.astype(jnp.float32) * scale[:, None]).astype(dtype)
 
 
+def quantize_per_token_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [T, in] -> (float8_e4m3fn [T, in], f32 scale [T, 1]), one scale per row (token)."""
+    scale = _absmax_scale(x, -1, FP8_MAX)  # [T, 1]
+    q = jnp.clip(x.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX)
+    return q.astype(FP8_DTYPE), scale
+
+
 def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [T, in] -> (int8 [T, in], f32 scale [T, 1]), one scale per row (token)."""
     scale = _absmax_scale(x, -1, INT8_MAX)  # [T, 1]

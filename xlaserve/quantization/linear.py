@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from xlaserve.kernels_cpu import gguf as gguf_kernel
 from xlaserve.kernels_cpu import int8 as int8_kernel
-from xlaserve.quantization.gguf_blocks import dequantize_rows
-from xlaserve.quantization.int8 import quantize_per_token
+from xlaserve.kernels_pallas.gguf_matmul import gguf_matmul
+from xlaserve.quantization.int8 import quantize_per_token, quantize_per_token_fp8
 
 # The decoder's projection matmuls (and their fused forms in the per-layer layout).
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -41,12 +41,16 @@ class WeightQuant:
     int8[in, out].
     lm_head_type: the GGML type of the LM head's packed rows (`Transformer.lm_head_rows`,
     uint8[V, row_bytes]) when the GGUF file's head stays packed; None otherwise.
+    fp8_activations: fp8 projections quantize their activations per token to float8_e4m3fn
+    and multiply fp8 x fp8 (set at load where the device has fp8 matmul units:
+    quantization/model.fp8_matmul_supported); weight-only otherwise.
     """
 
     method: str
     gguf_types: tuple[tuple[str, int], ...] = ()
     kernel_layout: bool = False
     lm_head_type: int | None = None
+    fp8_activations: bool = False
 
     def gguf_type(self, name: str) -> int | None:
         return dict(self.gguf_types).get(name)
@@ -57,33 +61,34 @@ class WeightQuant:
 class QuantizedWeight:
     """values: int8 / float8 [in, out] with scale f32[out], or GGUF packed rows
     uint8 [row_bytes, out] (one column per output channel) with scale None; in the CPU
-    kernels' layout where `kernel_layout` (see WeightQuant)."""
+    kernels' layout where `kernel_layout` (see WeightQuant). gguf_impl: how GGUF blocks
+    multiply outside the CPU kernels (kernels_pallas/gguf_matmul: "reference" or "gpu")."""
 
     values: jax.Array
     scale: jax.Array | None
     method: str = field(metadata=dict(static=True))
     gguf_type: int | None = field(default=None, metadata=dict(static=True))
     kernel_layout: bool = field(default=False, metadata=dict(static=True))
+    gguf_impl: str = field(default="reference", metadata=dict(static=True))
 
     def matmul(self, x: jax.Array) -> jax.Array:
         """x [M, in] @ self -> [M, out] in x's dtype, accumulated in f32 (int32 for w8a8)."""
         if self.kernel_layout:
             return self._kernel_matmul(x).astype(x.dtype)
+        if self.method == "gguf":
+            return _gguf_matmul(x, self.values, self.gguf_type, self.gguf_impl).astype(x.dtype)
         rows = jnp.concatenate([x, x]) if x.shape[0] == 1 else x  # see layers.at_least_two_rows
-        if self.method == "w8a8":
-            xq, x_scale = quantize_per_token(rows)  # int8 [M, in], f32 [M, 1]
+        if self.method in ("w8a8", "fp8_dynamic"):
+            # Activations quantized per token (int8 x int8 -> int32; fp8 x fp8 -> f32).
+            quantize, acc_type = {
+                "w8a8": (quantize_per_token, jnp.int32),
+                "fp8_dynamic": (quantize_per_token_fp8, jnp.float32),
+            }[self.method]
+            xq, x_scale = quantize(rows)  # [M, in], f32 [M, 1]
             acc = jax.lax.dot_general(
-                xq, self.values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+                xq, self.values, (((1,), (0,)), ((), ())), preferred_element_type=acc_type
             )  # [M, out]
             out = acc.astype(jnp.float32) * x_scale * self.scale
-        elif self.method == "gguf":
-            # Rows of blocks dequantize to [out, in]; contracting `in` on both sides is the
-            # product XLA's CPU backend computes for a plain [in, out] weight, bit for bit
-            # (a transposed [in, out] copy is summed in another order).
-            w = dequantize_rows(self.values.T, self.gguf_type).astype(x.dtype)  # [out, in]
-            out = jax.lax.dot_general(
-                rows, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-            )
         else:  # int8 / fp8 weight-only: values widened to the activations' dtype
             out = jnp.dot(rows, self.values.astype(x.dtype), preferred_element_type=jnp.float32)
             out = out * self.scale
@@ -101,15 +106,19 @@ class QuantizedWeight:
         return int8_kernel.panels_matmul(x, self.values, self.method) * self.scale
 
 
-def packed_rows_matmul(x: jax.Array, rows: jax.Array, qtype: int, kernel: bool) -> jax.Array:
+def packed_rows_matmul(
+    x: jax.Array, rows: jax.Array, qtype: int, kernel: bool, gguf_impl: str = "reference"
+) -> jax.Array:
     """x [M, in] @ GGUF rows uint8[out, row_bytes] -> f32 [M, out]: on the CPU kernel, or
-    dequantized to x's dtype and contracted on `in` (rows already lie [out, in])."""
+    through kernels_pallas/gguf_matmul (`gguf_impl`) reading the rows as they lie."""
     if kernel:
         return gguf_kernel.matmul(x, rows, qtype)
-    w = dequantize_rows(rows, qtype).astype(x.dtype)  # [out, in]
-    return jax.lax.dot_general(
-        at_least_two_rows(x), w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )[: x.shape[0]]
+    return _gguf_matmul(x, rows, qtype, gguf_impl, rows=True)
+
+
+def _gguf_matmul(x, packed, qtype: int, impl: str, rows: bool = False) -> jax.Array:
+    interpret = impl != "reference" and jax.default_backend() == "cpu"
+    return gguf_matmul(x, packed, qtype, rows=rows, impl=impl, interpret=interpret)
 
 
 def quantized_rows_matmul(
@@ -135,7 +144,9 @@ def at_least_two_rows(x: jax.Array) -> jax.Array:  # see models/layers.at_least_
     return jnp.concatenate([x, x]) if x.shape[0] == 1 else x
 
 
-def bind_quantized(p: dict[str, jax.Array], quant: WeightQuant | None) -> dict:
+def bind_quantized(
+    p: dict[str, jax.Array], quant: WeightQuant | None, gguf_impl: str = "reference"
+) -> dict:
     """One layer's parameters with each quantized projection as a `QuantizedWeight`."""
     if quant is None:
         return p
@@ -147,8 +158,9 @@ def bind_quantized(p: dict[str, jax.Array], quant: WeightQuant | None) -> dict:
             qtype = quant.gguf_type(name)
             if qtype is not None:
                 out[name] = QuantizedWeight(
-                    p[name], None, "gguf", int(qtype), kernel_layout=quant.kernel_layout
-                )
+                    p[name], None, "gguf", int(qtype), kernel_layout=quant.kernel_layout,
+                    gguf_impl=gguf_impl,
+                )  # fmt: skip
         else:
             scale = out.pop(name + SCALE_SUFFIX)
             method = projection_method(quant, name)
@@ -157,8 +169,14 @@ def bind_quantized(p: dict[str, jax.Array], quant: WeightQuant | None) -> dict:
 
 
 def projection_method(quant: WeightQuant, name: str) -> str:
-    """How projection `name` multiplies: w8a8 keeps W8A8_WEIGHT_ONLY ones weight-only."""
-    return "int8" if quant.method == "w8a8" and name in W8A8_WEIGHT_ONLY else quant.method
+    """How projection `name` multiplies: w8a8 keeps W8A8_WEIGHT_ONLY ones weight-only; fp8
+    with fp8 activations is "fp8_dynamic" for every projection (SmolLM2's perplexity on
+    tests/quantization/data/english.txt: +2.1% of bfloat16's, +1.1% weight-only)."""
+    if quant.method == "w8a8" and name in W8A8_WEIGHT_ONLY:
+        return "int8"
+    if quant.method == "fp8" and quant.fp8_activations:
+        return "fp8_dynamic"
+    return quant.method
 
 
 def fuse_quantized(

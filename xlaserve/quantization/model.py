@@ -10,6 +10,7 @@ the weight they came from (scales follow the weight's output or vocabulary axis)
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import gguf
@@ -66,7 +67,7 @@ def quantize_model(model: Transformer, method: str, *, mesh=None, source: str = 
         _replace(layers, name, values, axes, model, None)
         _replace(layers, name + SCALE_SUFFIX, scale, scale_axes, model, None)
     _quantize_vocab_rows(model, method, mesh, source)
-    model.quant = WeightQuant(method)
+    model.quant = WeightQuant(method, fp8_activations=_fp8_activations(method, mesh))
 
 
 def load_prequantized(
@@ -104,7 +105,33 @@ def load_prequantized(
         scale = np.stack([stored[hf][1] for hf in hf_names])  # [L, out]
         _replace(layers, name, values, axes, model, mesh)
         _replace(layers, name + SCALE_SUFFIX, scale, (axes[0], axes[2]), model, mesh)
-    model.quant = WeightQuant(method)
+    model.quant = WeightQuant(method, fp8_activations=_fp8_activations(method, mesh))
+
+
+def fp8_matmul_supported(device) -> bool:
+    """Whether `device` multiplies float8 x float8 in hardware: NVIDIA GPUs of compute
+    capability 8.9 and later (Ada, Hopper, Blackwell; XLA hands fp8 dots to cuBLASLt) and
+    TPUs from the seventh generation (TPU7x, Ironwood). CPUs convert float8 element by
+    element."""
+    if device.platform == "gpu":
+        major, minor = (int(v) for v in str(device.compute_capability).split(".")[:2])
+        return (major, minor) >= (8, 9)
+    if device.platform == "tpu":
+        generation = re.search(r"TPU\s*v?(\d+)", device.device_kind)
+        return generation is not None and int(generation.group(1)) >= 7
+    return False
+
+
+def _fp8_activations(method: str, mesh) -> bool:
+    """fp8 weights get fp8 activations where every device of the run supports them."""
+    if method != "fp8":
+        return False
+    devices = mesh.devices.flat if mesh is not None else jax.devices()[:1]
+    supported = all(fp8_matmul_supported(d) for d in devices)
+    logger.info("fp8: %s", "float8 activations per token (fp8 x fp8 matmuls)" if supported
+                else "weight-only (this device has no fp8 matmul): activations stay in the "
+                "model dtype")  # fmt: skip
+    return supported
 
 
 def _quantize_vocab_rows(model: Transformer, method: str, mesh, source: str) -> None:
