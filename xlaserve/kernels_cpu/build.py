@@ -32,6 +32,14 @@ CACHE_DIR = CACHE_HOME / "xlaserve" / "kernels_cpu"
 # -ffp-contract=off: no fused multiply-adds, so GGUF blocks dequantize with the rounding of
 # xlaserve/quantization/gguf_blocks.py.
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
+# Extra compiler flags after FLAGS, e.g. "-mno-avx512f" builds the AVX2 paths on an AVX512
+# machine (the tests do, to check them wherever they run).
+EXTRA_FLAGS_ENV = "XLASERVE_CPU_KERNEL_FLAGS"
+
+
+def compiler_flags() -> tuple[str, ...]:
+    return (*FLAGS, *os.environ.get(EXTRA_FLAGS_ENV, "").split())
+
 # FFI target names (see the handler symbols at the end of each .cc file).
 SKINNY_MATMUL_BF16 = "xlaserve_skinny_matmul_bf16"
 GGUF_MATMUL = "xlaserve_gguf_matmul"
@@ -77,7 +85,7 @@ def _compiler() -> str | None:
 def _library_path(compiler: str) -> Path:
     key = hashlib.sha256()
     parts = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
-    parts += [jaxlib.__version__, compiler, " ".join(FLAGS), _cpu_signature()]
+    parts += [jaxlib.__version__, compiler, " ".join(compiler_flags()), _cpu_signature()]
     for part in parts:
         part = part if isinstance(part, bytes) else part.encode()
         key.update(part)
@@ -90,7 +98,7 @@ def _compile(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
+        cmd = [compiler, *compiler_flags(), "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:

@@ -268,6 +268,167 @@ constexpr RowDotFn kRowDots[9] = {nullptr,         row_dot_vec<1>, row_dot_vec<2
                                   row_dot_vec<6>, row_dot_vec<7>, row_dot_vec<8>};
 #endif
 
+#if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define XLASERVE_GGUF_AVX2 1
+// The AVX2 path (no bfloat16 dot instruction): each run of 8 weights is computed in float32
+// with dequant_block's operations, rounded to bfloat16 to nearest even with integer
+// operations (kept in float32 lanes, low 16 bits zero), and multiplied with x converted to
+// float32 once per call; products are exact in float32 and summed with FMAs.
+inline __m256 round_to_bf16(__m256 v) {  // finite values, as bf16_rne
+  __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32(int(0xFFFF0000u))));
+}
+inline __m256 bytes_to_ps(__m128i eight_bytes_low) {  // 8 unsigned bytes -> float32
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight_bytes_low));
+}
+
+// Calls emit(v, g) with v the g-th run of 8 weights of the block at b.
+template <typename Emit>
+inline void dequant_block_avx2(int32_t qtype, const uint8_t* b, Emit&& emit) {
+  const __m128i mask4 = _mm_set1_epi8(0x0F);
+  switch (qtype) {
+    case kQ8_0: {
+      const __m256 d = _mm256_set1_ps(f16_to_f32(b));
+      for (int g = 0; g < 4; ++g) {
+        const __m128i q = _mm_loadl_epi64((const __m128i*)(b + 2 + 8 * g));
+        emit(round_to_bf16(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d)), g);
+      }
+      return;
+    }
+    case kQ4_0:
+    case kQ4_1: {
+      // By table: the 16 values a nibble can take (dequant_block's operations), rounded
+      // once; two 8-entry permutes and a blend by the nibble's bit 3 pick 8 weights.
+      const bool q4_1 = qtype == kQ4_1;
+      const __m256 d = _mm256_set1_ps(f16_to_f32(b));
+      const __m256 low_iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256 high_iota = _mm256_add_ps(low_iota, _mm256_set1_ps(8.0f));
+      __m256 table[2];
+      if (q4_1) {
+        const __m256 m = _mm256_set1_ps(f16_to_f32(b + 2));
+        table[0] = round_to_bf16(_mm256_add_ps(_mm256_mul_ps(d, low_iota), m));
+        table[1] = round_to_bf16(_mm256_add_ps(_mm256_mul_ps(d, high_iota), m));
+      } else {
+        const __m256 eight = _mm256_set1_ps(8.0f);
+        table[0] = round_to_bf16(_mm256_mul_ps(d, _mm256_sub_ps(low_iota, eight)));
+        table[1] = round_to_bf16(_mm256_mul_ps(d, _mm256_sub_ps(high_iota, eight)));
+      }
+      const __m128i bytes = _mm_loadu_si128((const __m128i*)(b + (q4_1 ? 4 : 2)));
+      const __m128i nibbles[2] = {_mm_and_si128(bytes, mask4),
+                                  _mm_and_si128(_mm_srli_epi16(bytes, 4), mask4)};
+      for (int g = 0; g < 4; ++g) {  // values 8g..: low nibbles of bytes 0-15, then high
+        const __m256i q = _mm256_cvtepu8_epi32(g % 2 ? _mm_srli_si128(nibbles[g / 2], 8)
+                                                     : nibbles[g / 2]);
+        const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28));  // bit 3 -> sign
+        emit(_mm256_blendv_ps(_mm256_permutevar8x32_ps(table[0], q),
+                              _mm256_permutevar8x32_ps(table[1], q), high), g);
+      }
+      return;
+    }
+    case kQ4_K: {
+      const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
+      const uint8_t* s = b + 4;
+      for (int j = 0; j < 8; ++j) {
+        const int sc = j < 4 ? (s[j] & 0x3F) : ((s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30));
+        const int mn = j < 4 ? (s[j + 4] & 0x3F) : ((s[j + 4] >> 4) | ((s[j] >> 2) & 0x30));
+        const __m256 dj = _mm256_set1_ps(d * float(sc)), mj = _mm256_set1_ps(dmin * float(mn));
+        for (int h = 0; h < 2; ++h) {  // 16 bytes of the sub-block's 32, one nibble each
+          __m128i q = _mm_loadu_si128((const __m128i*)(b + 16 + 32 * (j / 2) + 16 * h));
+          if (j % 2) q = _mm_srli_epi16(q, 4);
+          q = _mm_and_si128(q, mask4);
+          for (int part = 0; part < 2; ++part) {
+            const __m256 v = bytes_to_ps(part ? _mm_srli_si128(q, 8) : q);
+            emit(round_to_bf16(_mm256_sub_ps(_mm256_mul_ps(dj, v), mj)), 4 * j + 2 * h + part);
+          }
+        }
+      }
+      return;
+    }
+    case kQ6_K: {
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = f16_to_f32(b + 208);
+      const __m256i mask2 = _mm256_set1_epi32(3), bias = _mm256_set1_epi32(32);
+      for (int half = 0; half < 2; ++half) {
+        for (int r = 0; r < 4; ++r) {
+          for (int i0 = 0; i0 < 32; i0 += 8) {
+            const __m256i ql = _mm256_cvtepu8_epi32(
+                _mm_loadl_epi64((const __m128i*)(b + 64 * half + 32 * (r % 2) + i0)));
+            const __m256i qh = _mm256_cvtepu8_epi32(
+                _mm_loadl_epi64((const __m128i*)(b + 128 + 32 * half + i0)));
+            const __m256i low =
+                _mm256_and_si256(_mm256_srli_epi32(ql, 4 * (r / 2)), _mm256_set1_epi32(15));
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi32(qh, 2 * r), mask2);
+            const __m256i q =
+                _mm256_sub_epi32(_mm256_or_si256(low, _mm256_slli_epi32(high, 4)), bias);
+            const int idx = 128 * half + 32 * r + i0;
+            const __m256 v =
+                _mm256_mul_ps(_mm256_set1_ps(d * float(sc[idx / 16])), _mm256_cvtepi32_ps(q));
+            emit(round_to_bf16(v), idx / 8);
+          }
+        }
+      }
+      return;
+    }
+  }
+}
+
+// One output row n against Rows rows of x (float32 [Rows, K]): the weights meet every row in
+// registers. One row keeps four running sums and two rows two (FMA latency, not the loads,
+// would bound a single chain).
+template <int Rows>
+inline void row_dot_avx2(int32_t qtype, const uint8_t* row, int64_t nblocks, int32_t values,
+                         int32_t bytes, const float* x, int64_t K, float* y, int64_t N) {
+  constexpr int kSums = Rows == 1 ? 4 : Rows == 2 ? 2 : 1;
+  __m256 acc[Rows][kSums];
+  for (int m = 0; m < Rows; ++m)
+    for (int a = 0; a < kSums; ++a) acc[m][a] = _mm256_setzero_ps();
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const float* xb = x + blk * values;
+    dequant_block_avx2(qtype, row + blk * bytes, [&](__m256 w, int g) {
+      for (int m = 0; m < Rows; ++m) {
+        __m256& sum = acc[m][g % kSums];
+        sum = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + m * K + 8 * g), sum);
+      }
+    });
+  }
+  for (int m = 0; m < Rows; ++m) {
+    __m256 total = acc[m][0];
+    for (int a = 1; a < kSums; ++a) total = _mm256_add_ps(total, acc[m][a]);
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+    const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    y[m * N] = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+  }
+}
+
+// y[m, n] for Rows rows of x (float32) against one dequantized weight row w (float32[K]).
+template <int Rows>
+void dot_rows_f32(const float* x, int64_t K, const float* w, float* y, int64_t N) {
+  __m256 acc[Rows];
+  for (int m = 0; m < Rows; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + k);
+    for (int m = 0; m < Rows; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m]);
+  }
+  for (int m = 0; m < Rows; ++m) {
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
+    const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    y[m * N] = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+  }
+}
+using DotRowsF32Fn = void (*)(const float*, int64_t, const float*, float*, int64_t);
+constexpr DotRowsF32Fn kDotRowsF32[9] = {nullptr,         dot_rows_f32<1>, dot_rows_f32<2>,
+                                         dot_rows_f32<3>, dot_rows_f32<4>, dot_rows_f32<5>,
+                                         dot_rows_f32<6>, dot_rows_f32<7>, dot_rows_f32<8>};
+
+using RowDotAvx2Fn = void (*)(int32_t, const uint8_t*, int64_t, int32_t, int32_t, const float*,
+                              int64_t, float*, int64_t);
+constexpr RowDotAvx2Fn kRowDotsAvx2[9] = {nullptr,           row_dot_avx2<1>, row_dot_avx2<2>,
+                                          row_dot_avx2<3>,   row_dot_avx2<4>, row_dot_avx2<5>,
+                                          row_dot_avx2<6>,   row_dot_avx2<7>, row_dot_avx2<8>};
+#endif
+
 constexpr int kTile = 8;  // rows of x per pass over a scratch row
 // How far ahead of its row a worker prefetches the weights: 1-8 KB measured alike (SmolLM2's
 // MLP at one row, 2-core Xeon: 9.6 ms without, 5.3-5.6 ms with), 2 KB the best of them.
@@ -312,6 +473,7 @@ constexpr DotRowsFn kDotRows[kTile + 1] = {nullptr,     dot_rows<1>, dot_rows<2>
 
 struct Job {
   const uint16_t* x;
+  std::vector<float> x_f32;  // the AVX2 path's copy of x in float32
   const uint8_t* w;
   float* y;
   int64_t M, K, N, row_bytes, chunk;
@@ -322,6 +484,9 @@ struct Job {
 
   void work() {
     std::vector<uint16_t> scratch(K);
+#if defined(XLASERVE_GGUF_AVX2)
+    std::vector<float> scratch_f32(K);
+#endif
     const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / row_bytes);  // rows
     const auto prefetch_rows = [&](int64_t first, int64_t last) {
       const uint8_t* end = w + last * row_bytes;
@@ -344,6 +509,22 @@ struct Job {
           }
           continue;
         }
+#elif defined(XLASERVE_GGUF_AVX2)
+        if (M <= kTile) {
+          kRowDotsAvx2[M](qtype, row, K / fmt.values, fmt.values, fmt.bytes, x_f32.data(), K,
+                          y + n, N);
+        } else {  // dequantize the row once into float32 scratch, then every row of x
+          for (int64_t b = 0; b < K / fmt.values; ++b) {
+            float* out = scratch_f32.data() + b * fmt.values;
+            dequant_block_avx2(qtype, row + b * fmt.bytes,
+                               [&](__m256 v, int g) { _mm256_storeu_ps(out + 8 * g, v); });
+          }
+          for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+            kDotRowsF32[std::min<int64_t>(kTile, M - m0)](x_f32.data() + m0 * K, K,
+                                                         scratch_f32.data(), y + m0 * N + n, N);
+          }
+        }
+        continue;
 #endif
         for (int64_t b = 0; b < K / fmt.values; ++b) {
 #if defined(__AVX512BF16__)
@@ -385,6 +566,15 @@ ffi::Error GgufMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
   job->row_bytes = wd[1];
   job->qtype = qtype;
   job->fmt = fmt;
+#if defined(XLASERVE_GGUF_AVX2)
+  {
+    job->x_f32.resize(job->M * job->K);
+    for (int64_t i = 0; i < job->M * job->K; ++i) {
+      const uint32_t bits = uint32_t(job->x[i]) << 16;
+      std::memcpy(&job->x_f32[i], &bits, 4);
+    }
+  }
+#endif
   const int64_t workers = xlaserve_cpu::workers_for(pool);
   job->chunk = std::max<int64_t>(1, job->N / (8 * workers));
   const int64_t chunks = (job->N + job->chunk - 1) / job->chunk;
