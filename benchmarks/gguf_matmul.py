@@ -61,12 +61,20 @@ def run(args) -> list[dict]:
             for m in row_counts:
                 x = jnp.asarray(np.random.default_rng(2).normal(size=(m, k)), jnp.bfloat16)
                 impls = {
-                    "kernel": (jax.jit(lambda x, w, q=qtype: gpu.gguf_matmul(
-                        x, w, q, interpret=interpret)), packed),  # fmt: skip
-                    "reference": (jax.jit(lambda x, w, q=qtype: reference.gguf_matmul(
-                        x, w, q)), packed),  # fmt: skip
-                    "bf16_dot": (jax.jit(lambda x, w: jnp.dot(
-                        x, w, preferred_element_type=jnp.float32)), dense),  # fmt: skip
+                    "kernel": (
+                        jax.jit(
+                            lambda x, w, q=qtype: gpu.gguf_matmul(x, w, q, interpret=interpret)
+                        ),
+                        packed,
+                    ),  # fmt: skip
+                    "reference": (
+                        jax.jit(lambda x, w, q=qtype: reference.gguf_matmul(x, w, q)),
+                        packed,
+                    ),  # fmt: skip
+                    "bf16_dot": (
+                        jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)),
+                        dense,
+                    ),  # fmt: skip
                 }
                 want = impls["reference"][0](x, packed)
                 seconds = {}
@@ -78,10 +86,13 @@ def run(args) -> list[dict]:
                     if name == "kernel":
                         row["max_abs_error_vs_reference"] = max_abs_error(fn(x, w), want)
                     rows.append(row)
-                print(f"{shape_name:8} {qtype.name:5} m {m:4}: " + "  ".join(
-                    f"{name} {s * 1e6:9.1f} us" for name, s in seconds.items()
-                ) + f"  kernel x{seconds['bf16_dot'] / seconds['kernel']:.2f} vs bf16, "
-                    f"x{seconds['reference'] / seconds['kernel']:.2f} vs reference", flush=True)
+                print(
+                    f"{shape_name:8} {qtype.name:5} m {m:4}: "
+                    + "  ".join(f"{name} {s * 1e6:9.1f} us" for name, s in seconds.items())
+                    + f"  kernel x{seconds['bf16_dot'] / seconds['kernel']:.2f} vs bf16, "
+                    f"x{seconds['reference'] / seconds['kernel']:.2f} vs reference",
+                    flush=True,
+                )
     return rows
 
 

@@ -16,14 +16,9 @@ from xlaserve.checkpoints.tokenizer import load_tokenizer
 from xlaserve.kernels_cpu import skinny as skinny_kernel
 from xlaserve.kernels_cpu.build import cpu_flags
 from xlaserve.models.attention import resolve_backend
+from xlaserve.models.hf_params import expected_hf_tensors, model_from_params, params_from_hf_tensors
 from xlaserve.models.registry import preset_config, resolve_architecture
-from xlaserve.models.transformer import (
-    Transformer,
-    TransformerConfig,
-    expected_hf_tensors,
-    model_from_params,
-    params_from_hf_tensors,
-)
+from xlaserve.models.transformer import Transformer, TransformerConfig
 from xlaserve.multimodal.loader import is_multimodal, split_tensors
 from xlaserve.sharding.mesh import expert_parallel
 from xlaserve.sharding.rules import check_mesh, init_sharded, placer

@@ -16,9 +16,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from transformers import PreTrainedTokenizerBase
 
+from xlaserve.models.hf_params import model_from_params
 from xlaserve.models.layers import RopeScaling
 from xlaserve.models.registry import MODEL_REGISTRY
-from xlaserve.models.transformer import Transformer, TransformerConfig, model_from_params
+from xlaserve.models.transformer import Transformer, TransformerConfig
 from xlaserve.sharding.rules import check_mesh, mesh_rules, placer, spec_for
 
 MARKER = "xlaserve_model.json"

@@ -40,6 +40,7 @@ EXTRA_FLAGS_ENV = "XLASERVE_CPU_KERNEL_FLAGS"
 def compiler_flags() -> tuple[str, ...]:
     return (*FLAGS, *os.environ.get(EXTRA_FLAGS_ENV, "").split())
 
+
 # FFI target names (see the handler symbols at the end of each .cc file).
 SKINNY_MATMUL_BF16 = "xlaserve_skinny_matmul_bf16"
 GGUF_MATMUL = "xlaserve_gguf_matmul"
@@ -98,7 +99,15 @@ def _compile(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *compiler_flags(), "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
+        cmd = [
+            compiler,
+            *compiler_flags(),
+            "-I",
+            jax.ffi.include_dir(),
+            *map(str, SOURCES),
+            "-o",
+            tmp,
+        ]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:

@@ -28,13 +28,9 @@ from xlaserve.checkpoints.presets import resolve_bundled
 from xlaserve.checkpoints.tokenizer import load_tokenizer
 from xlaserve.kernels_cuda.attention import resolve_attention
 from xlaserve.kernels_cuda.model import TorchTransformer
+from xlaserve.models.hf_params import expected_hf_tensors
 from xlaserve.models.registry import resolve_architecture
-from xlaserve.models.transformer import (
-    TransformerConfig,
-    expected_hf_tensors,
-    layer_param_specs,
-    top_param_specs,
-)
+from xlaserve.models.transformer import TransformerConfig, layer_param_specs, top_param_specs
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
