@@ -127,3 +127,13 @@ def test_smollm2_packed_greedy_tokens_through_the_gpu_kernels(mode, smollm2_gguf
         return greedy_generate(model, prompts, 8)
 
     assert generate("gpu") == generate("reference")
+
+
+def test_output_widths_the_kernel_cannot_tile_take_the_reference():
+    # 24 output channels (not a multiple of 16): the entry point answers with the reference.
+    x, columns, rows = case(T.Q8_0, 3, 64, 24, "float32")
+    want = reference.gguf_matmul(x, columns, T.Q8_0)
+    got = gguf_matmul(x, columns, T.Q8_0, impl="gpu", interpret=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    got_rows = gguf_matmul(x, rows, T.Q8_0, rows=True, impl="gpu", interpret=True)
+    np.testing.assert_allclose(np.asarray(got_rows), np.asarray(want), rtol=1e-6, atol=1e-6)

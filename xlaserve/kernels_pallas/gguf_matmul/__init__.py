@@ -20,8 +20,10 @@ def gguf_matmul(
 ) -> jax.Array:
     """f32 [M, N]: x [M, K] times the weight in packed GGUF blocks of `qtype`: uint8
     [row_bytes, N] (one column per output channel), or [N, row_bytes] with `rows`.
-    impl: "reference" | "gpu" (the kernel; `interpret` runs it on CPU)."""
-    if impl == "reference":
+    impl: "reference" | "gpu" (the kernel; `interpret` runs it on CPU). The kernel tiles the
+    output in multiples of 16 columns: other widths take the reference."""
+    n = packed.shape[0] if rows else packed.shape[1]
+    if impl == "reference" or (impl == "gpu" and n % 16):
         return reference.gguf_matmul(x, packed, qtype, rows=rows)
     if impl != "gpu":
         raise ValueError(f"unknown GGUF matmul implementation {impl!r}; choose from {IMPLS}")

@@ -29,7 +29,17 @@ from jax.experimental import pallas as pl
 from xlaserve.quantization.gguf_blocks import T, block_shape
 
 DEFAULT_BLOCK_M = 16  # Triton's smallest dot tile
-DEFAULT_BLOCK_N = 64
+
+
+def default_block_n(padded_m: int, n: int) -> int:
+    """Output columns per program: 32 for decode-sized x (M <= 16: more programs to spread a
+    bandwidth-bound read over the SMs, e.g. 128 for a 4096-wide output), 64 for larger M; a
+    smaller power of two where N needs it. A guess until a GPU measures it
+    (benchmarks/gguf_matmul.py)."""
+    block = 32 if padded_m <= 16 else 64
+    while block > 16 and n % block:
+        block //= 2
+    return block
 
 
 class _Weight:
@@ -157,7 +167,7 @@ def gguf_matmul(
     *,
     rows: bool = False,
     block_m: int = DEFAULT_BLOCK_M,
-    block_n: int = DEFAULT_BLOCK_N,
+    block_n: int | None = None,
     num_warps: int = 4,
     interpret: bool = False,
 ) -> jax.Array:
@@ -175,12 +185,13 @@ def gguf_matmul(
     if row_bytes % nbytes or row_bytes // nbytes * values != k:
         raise ValueError(f"{qtype.name} packed rows of {row_bytes} bytes do not hold the "
                          f"{k} input values of x")  # fmt: skip
+    padded_m = -(-m // block_m) * block_m
+    block_n = block_n or default_block_n(padded_m, n)
     for name, size in (("block_m", block_m), ("block_n", block_n)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {size}")
     if n % block_n:
         raise ValueError(f"N = {n} is not a multiple of block_n = {block_n}")
-    padded_m = -(-m // block_m) * block_m
     x = jnp.pad(x, ((0, padded_m - m), (0, 0)))
     out = pl.pallas_call(
         functools.partial(_kernel, step=_BLOCK_STEPS[qtype], num_blocks=k // values, rows=rows),
