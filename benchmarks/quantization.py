@@ -5,6 +5,10 @@ KV caches under bfloat16 weights) gets its own engine in the same run; decode st
 row decoding one token) are timed after warm-up, and the median step gives tokens/s.
 
     PYTHONPATH=. python benchmarks/quantization.py --model smollm2-135m-instruct
+    # on a GPU: Llama-3-8B with random weights, batch-1 decode per mode (issue target: int8
+    # and fp8 at least 1.6x bfloat16)
+    PYTHONPATH=. python benchmarks/quantization.py --model llama-3-8b --load-format dummy \
+        --modes bf16,int8,fp8 --batch-sizes 1
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ GB = 10**9
 
 def measure(model: str, quantization, kv_cache_dtype: str, args) -> dict:
     llm = LLM(model, dtype="bfloat16", quantization=quantization, kv_cache_dtype=kv_cache_dtype,
-              max_model_len=256, max_num_seqs=max(args.batch_sizes),
+              load_format=args.load_format, max_model_len=256, max_num_seqs=max(args.batch_sizes),
               max_num_batched_tokens=64, compilation_cache_dir=None)  # fmt: skip
     info = llm.engine.runner.device_info()
     spec = llm.engine.runner.kv_cache_spec
@@ -60,34 +64,43 @@ def measure(model: str, quantization, kv_cache_dtype: str, args) -> dict:
 
 
 def markdown(result: dict) -> str:
-    base = result["modes"]["bf16"]
+    modes = result["modes"]
+    base = modes.get("bf16")  # ratios against bfloat16 weights when it was measured
+    batches = sorted({int(k.removeprefix("decode_tok_s_b")) for m in modes.values() for k in m
+                      if k.startswith("decode_tok_s_b")})  # fmt: skip
+
+    def ratio(m: dict, key: str) -> str:
+        return f"{m[key] / base[key]:.2f}" if base and key in base and key in m else "-"
+
+    head = ["mode", "weight MB", "vs bf16", "KV pages / GB"]
+    for b in batches:
+        head += [f"tok/s b{b}", "vs bf16"]
     lines = [
         f"# Quantization: {result['model']} on {result['device']} ({result['date']})", "",
-        "One process, one engine per mode, modes measured one after another; the CPU is shared "
-        "with other jobs while measuring, so compare ratios within this run. Weights bfloat16 "
-        "unless quantized; int8/w8a8/fp8 quantize the embedding and LM head per vocabulary row, "
-        "gguf keeps the file's packed LM head (a tied one serves the lookup too); weight MB "
-        "counts what the model holds. KV cache: float32 "
-        "(the CPU engine's default) unless int8/fp8. "
+        "One process, one engine per mode, modes measured one after another; compare ratios "
+        "within this run. Weights bfloat16 unless quantized; int8/w8a8/fp8 quantize the "
+        "embedding and LM head per vocabulary row, gguf keeps the file's packed LM head (a "
+        "tied one serves the lookup too); weight MB counts what the model holds. KV cache: "
+        "the engine's default dtype (float32 on the CPU) unless int8/fp8. "
         f"Prompts {result['input_len']} tokens, {result['output_len']} generated; only steps "
         "in which every row decodes are timed (median).",
         *([f"Machine state: {result['note']}."] if result.get("note") else []), "",
-        "| mode | weight MB | vs bf16 | KV pages / GB | tok/s b1 | vs bf16 | tok/s b32 | vs bf16 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
     ]  # fmt: skip
-    for label, m in result["modes"].items():
-        lines.append(
-            f"| {label} | {m['weight_bytes'] / 1e6:.1f} | "
-            f"{m['weight_bytes'] / base['weight_bytes']:.2f} | {m['kv_pages_per_gb']} | "
-            f"{m['decode_tok_s_b1']} | {m['decode_tok_s_b1'] / base['decode_tok_s_b1']:.2f} | "
-            f"{m['decode_tok_s_b32']} | {m['decode_tok_s_b32'] / base['decode_tok_s_b32']:.2f} |"
-        )
+    for label, m in modes.items():
+        row = [label, f"{m['weight_bytes'] / 1e6:.1f}", ratio(m, "weight_bytes"),
+               str(m["kv_pages_per_gb"])]  # fmt: skip
+        for b in batches:
+            row += [str(m.get(f"decode_tok_s_b{b}", "-")), ratio(m, f"decode_tok_s_b{b}")]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--load-format", default="auto", help="dummy: random weights (presets)")
     p.add_argument("--modes", default=",".join(m[0] for m in MODES))
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--input-len", type=int, default=16)
