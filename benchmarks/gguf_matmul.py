@@ -35,7 +35,8 @@ from xlaserve.quantization.gguf_blocks import T, block_shape  # noqa: E402
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 SHAPES = {"attn_out": (4096, 4096), "gate_up": (4096, 14336), "down": (14336, 4096)}
 TYPES = (T.Q4_K, T.Q6_K, T.Q8_0, T.Q4_0)
-F16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q4_K: (0, 2), T.Q6_K: (208,)}
+F16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q4_K: (0, 2),
+              T.Q6_K: (208,)}  # fmt: skip
 
 
 def packed_weight(qtype, k: int, n: int, seed: int = 0) -> np.ndarray:

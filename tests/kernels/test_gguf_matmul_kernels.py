@@ -88,7 +88,7 @@ def test_kernel_lowers_for_the_gpu():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda x, w: gpu.gguf_matmul(x, w, T.Q5_0), "Q5_0"),
+        (lambda x, w: gpu.gguf_matmul(x, w, T.Q5_1), "Q5_1"),
         (lambda x, w: gpu.gguf_matmul(x.astype(jnp.int32), w, T.Q4_1), "int32"),
         (lambda x, w: gpu.gguf_matmul(x[:, :64], w, T.Q4_1), "64 input values"),
         (lambda x, w: gpu.gguf_matmul(x, w, T.Q4_1, block_n=24), "block_n"),

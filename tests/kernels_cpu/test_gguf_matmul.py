@@ -49,4 +49,4 @@ def test_quantized_weight_in_the_kernel_layout_runs_the_kernel():
 
 
 def test_unsupported_type_is_not_sent_to_the_kernel():
-    assert not gguf_kernel.supports(int(T.Q5_0))
+    assert not gguf_kernel.supports(int(T.Q5_1))

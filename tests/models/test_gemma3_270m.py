@@ -100,3 +100,23 @@ def test_greedy_tokens_equal_transformers(gemma3, gemma3_hf):
     assert sum(len(o) for o in ours) > 6 * NEW_TOKENS  # most run the full length
     for ids, got in zip(prompts, ours, strict=True):
         assert got == hf_greedy(gemma3_hf, ids, eos), tok.decode(ids)
+
+
+@pytest.mark.slow
+def test_packed_gguf_blocks_give_the_dequantized_models_greedy_tokens():
+    # quantization="gguf" keeps the Q4_K_M file's blocks packed where every layer shares the
+    # type (q, k, gate, up: Q5_0, as 640 is no multiple of 256; o: Q4_K) and its Q8_0 head;
+    # v (Q8_0 / Q5_0) and down (Q6_K / Q4_K) mix types over the layers and are dequantized.
+    # The product equals the dequantized bfloat16 model's up to float32 summation order, so
+    # the greedy tokens are the same.
+    from xlaserve.checkpoints.loader import load_model
+
+    plain = load_model("gemma-3-270m", dtype="bfloat16")
+    packed = load_model("gemma-3-270m", dtype="bfloat16", with_tokenizer=False,
+                        quantization="gguf").model  # fmt: skip
+    kept = dict(packed.quant.gguf_types)
+    assert set(kept) == {"wq", "wk", "wo", "w_gate", "w_up"}
+    assert all(getattr(packed.layers, name)[...].dtype.name == "uint8" for name in kept)
+    prompts = [plain.tokenizer(p)["input_ids"] for p in PROMPTS[:4]]
+    want = greedy_generate(plain.model, prompts, 8)
+    assert greedy_generate(packed, prompts, 8) == want

@@ -12,7 +12,8 @@ from xlaserve.quantization.linear import QuantizedWeight
 
 T = gguf.GGMLQuantizationType
 # Byte offsets of each type's float16 fields (the rest of a block is any bit pattern).
-F16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q4_K: (0, 2), T.Q6_K: (208,)}
+F16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q4_K: (0, 2),
+              T.Q6_K: (208,)}  # fmt: skip
 
 
 def synthetic_rows(qtype, rows: int, blocks: int, seed: int) -> np.ndarray:
@@ -61,5 +62,5 @@ def test_packed_matmul_equals_the_plain_linear_with_the_dequantized_weight(dtype
 
 
 def test_unpacked_type_is_refused_by_name():
-    with pytest.raises(ValueError, match="Q5_0 is not kept packed"):
-        dequantize_rows(jnp.zeros((2, 22), jnp.uint8), T.Q5_0)
+    with pytest.raises(ValueError, match="Q5_1 is not kept packed"):
+        dequantize_rows(jnp.zeros((2, 24), jnp.uint8), T.Q5_1)

@@ -13,8 +13,8 @@ import numpy as np
 from xlaserve.kernels_cpu.build import GGUF_MATMUL
 from xlaserve.kernels_cpu.skinny import available
 
-# ggml type ids the kernel dequantizes (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
-KERNEL_TYPES = (8, 2, 3, 12, 14)
+# ggml type ids the kernel dequantizes (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K).
+KERNEL_TYPES = (8, 2, 3, 6, 12, 14)
 
 
 def supports(qtype: int) -> bool:

@@ -29,7 +29,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 // ggml type ids (gguf.GGMLQuantizationType)
-enum : int32_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
+enum : int32_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
 
 inline float f16_to_f32(const uint8_t* p) {
   uint16_t h;
@@ -80,6 +80,7 @@ inline Format format_of(int32_t qtype) {
     case kQ8_0: return {32, 34};
     case kQ4_0: return {32, 18};
     case kQ4_1: return {32, 20};
+    case kQ5_0: return {32, 22};
     case kQ4_K: return {256, 144};
     case kQ6_K: return {256, 210};
     default: return {0, 0};
@@ -107,6 +108,16 @@ void dequant_block(int32_t qtype, const uint8_t* b, uint16_t* out) {
       for (int i = 0; i < 16; ++i) {
         v[i] = d * float(b[4 + i] & 0x0F) + m;
         v[16 + i] = d * float(b[4 + i] >> 4) + m;
+      }
+      return store_bf16(v, 32, out);
+    }
+    case kQ5_0: {  // d, 32 high bits (bit i: value i), 16 bytes of nibbles as Q4_0
+      const float d = f16_to_f32(b);
+      uint32_t qh;
+      std::memcpy(&qh, b + 2, 4);
+      for (int i = 0; i < 16; ++i) {
+        v[i] = d * float(int((b[6 + i] & 0x0F) | (((qh >> i) & 1) << 4)) - 16);
+        v[16 + i] = d * float(int((b[6 + i] >> 4) | (((qh >> (16 + i)) & 1) << 4)) - 16);
       }
       return store_bf16(v, 32, out);
     }
@@ -180,6 +191,16 @@ inline __m512bh small_block(const uint8_t* b, __m512 d, __m512 m) {
   } else if constexpr (QType == kQ4_0) {
     const __m512 centered = _mm512_sub_ps(nibble_iota(), _mm512_set1_ps(8.0f));  // exact
     return pick(nibble_table(_mm512_mul_ps(d, centered)), low_then_high_nibbles(b + 2));
+  } else if constexpr (QType == kQ5_0) {
+    // 32 values by a 32-word table: word i is d * (i - 16); a weight's index is its nibble
+    // plus 16 where its high bit (bit i of the 32-bit field, word i) is set.
+    const __m512 centered = _mm512_sub_ps(nibble_iota(), _mm512_set1_ps(16.0f));  // exact
+    const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(
+        _mm512_mul_ps(d, _mm512_add_ps(centered, _mm512_set1_ps(16.0f))), _mm512_mul_ps(d, centered));
+    uint32_t qh;
+    std::memcpy(&qh, b + 2, 4);
+    const __m512i low = _mm512_and_si512(low_then_high_nibbles(b + 6), _mm512_set1_epi16(0x0F));
+    return pick(table, _mm512_mask_add_epi16(low, (__mmask32)qh, low, _mm512_set1_epi16(16)));
   } else {
     const __m512i table = nibble_table(_mm512_add_ps(_mm512_mul_ps(d, nibble_iota()), m));
     return pick(table, low_then_high_nibbles(b + 4));
@@ -199,6 +220,9 @@ inline void dequant_block_vec(int32_t qtype, const uint8_t* b, Emit&& emit) {
     case kQ4_1:
       emit(small_block<kQ4_1>(b, _mm512_set1_ps(f16_to_f32(b)), _mm512_set1_ps(f16_to_f32(b + 2))),
            0);
+      return;
+    case kQ5_0:
+      emit(small_block<kQ5_0>(b, _mm512_set1_ps(f16_to_f32(b)), _mm512_setzero_ps()), 0);
       return;
     case kQ4_K: {
       const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
@@ -324,6 +348,25 @@ inline void dequant_block_avx2(int32_t qtype, const uint8_t* b, Emit&& emit) {
         const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28));  // bit 3 -> sign
         emit(_mm256_blendv_ps(_mm256_permutevar8x32_ps(table[0], q),
                               _mm256_permutevar8x32_ps(table[1], q), high), g);
+      }
+      return;
+    }
+    case kQ5_0: {
+      const __m256 d = _mm256_set1_ps(f16_to_f32(b));
+      uint32_t qh;
+      std::memcpy(&qh, b + 2, 4);
+      const __m128i bytes = _mm_loadu_si128((const __m128i*)(b + 6));
+      const __m128i nibbles[2] = {_mm_and_si128(bytes, mask4),
+                                  _mm_and_si128(_mm_srli_epi16(bytes, 4), mask4)};
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      for (int g = 0; g < 4; ++g) {  // values 8g..8g+7; their high bits are bits 8g..8g+7
+        const __m256i low = _mm256_cvtepu8_epi32(g % 2 ? _mm_srli_si128(nibbles[g / 2], 8)
+                                                       : nibbles[g / 2]);
+        const __m256i high = _mm256_and_si256(
+            _mm256_srlv_epi32(_mm256_set1_epi32(int(qh >> (8 * g))), lane), _mm256_set1_epi32(1));
+        const __m256i q = _mm256_sub_epi32(_mm256_or_si256(low, _mm256_slli_epi32(high, 4)),
+                                           _mm256_set1_epi32(16));
+        emit(round_to_bf16(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q))), g);
       }
       return;
     }

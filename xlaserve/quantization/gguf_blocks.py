@@ -9,6 +9,8 @@ Layouts (bytes per block; d, m, dmin are float16 little-endian):
   Q8_0  (32 values, 34 B): d, 32 x int8                         -> d * q
   Q4_0  (32 values, 18 B): d, 16 B of nibbles (low: 0-15, high: 16-31) -> d * (q - 8)
   Q4_1  (32 values, 20 B): d, m, 16 B of nibbles                 -> d * q + m
+  Q5_0  (32 values, 22 B): d, 4 B of high bits (bit i: value i), 16 B of nibbles as Q4_0
+                                                                  -> d * (q - 16)
   Q4_K  (256 values, 144 B): d, dmin, 12 B of 6-bit scales/mins, 128 B of nibbles; eight
         sub-blocks of 32                                          -> d * sc * q - dmin * mn
   Q6_K  (256 values, 210 B): 128 B low nibbles, 64 B high 2-bit pairs, 16 x int8 scales, d;
@@ -20,7 +22,10 @@ import jax
 import jax.numpy as jnp
 
 T = gguf.GGMLQuantizationType
-PACKED_TYPES = {T.Q8_0: "Q8_0", T.Q4_0: "Q4_0", T.Q4_1: "Q4_1", T.Q4_K: "Q4_K", T.Q6_K: "Q6_K"}
+PACKED_TYPES = {
+    T.Q8_0: "Q8_0", T.Q4_0: "Q4_0", T.Q4_1: "Q4_1", T.Q5_0: "Q5_0", T.Q4_K: "Q4_K",
+    T.Q6_K: "Q6_K",
+}  # fmt: skip
 
 
 def block_shape(qtype: int) -> tuple[int, int]:
@@ -57,6 +62,16 @@ def _q4_1(b: jax.Array) -> jax.Array:  # b: [..., 20]
     return d * q + m
 
 
+def _q5_0(b: jax.Array) -> jax.Array:  # b: [..., 22]
+    d = _f16(b[..., 0:2])[..., None]
+    qh = b[..., 2:6].astype(jnp.uint32)
+    qh = qh[..., 0] | (qh[..., 1] << 8) | (qh[..., 2] << 16) | (qh[..., 3] << 24)
+    high = ((qh[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1).astype(jnp.uint8)
+    low = _nibbles(b[..., 6:], 16).reshape(*b.shape[:-1], 32)
+    q = (low | (high << 4)).astype(jnp.int8) - jnp.int8(16)
+    return d * q.astype(jnp.float32)
+
+
 def _k_scale_min(scales: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Q4_K's eight 6-bit scales and mins from their 12 packed bytes [..., 12]."""
     d, m, m_d = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
@@ -89,7 +104,9 @@ def _q6_k(b: jax.Array) -> jax.Array:  # b: [..., 210]
     return (d * q).reshape(*lead, 256)
 
 
-_DEQUANT = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k, T.Q6_K: _q6_k}
+_DEQUANT = {
+    T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q4_K: _q4_k, T.Q6_K: _q6_k,
+}  # fmt: skip
 
 
 def dequantize_rows(raw: jax.Array, qtype: int) -> jax.Array:

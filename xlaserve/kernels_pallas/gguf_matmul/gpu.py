@@ -103,6 +103,22 @@ def _q4_1(x_ref, w, j, acc):  # 20 B: d, m, 16 B of nibbles
     return acc + dot * _f16_row(w, o) + _row_sum(x) * _f16_row(w, o + 2)
 
 
+def _q5_0(x_ref, w, j, acc):
+    """22 B: d, 32 high bits (bit i: value i), 16 B of nibbles as Q4_0; value d * (q - 16)."""
+    o, k = j * 22, j * 32
+    qh = functools.reduce(
+        lambda bits, i: bits | (_bytes(w, o + 2 + i, 1) << (8 * i)),
+        range(1, 4),
+        _bytes(w, o + 2, 1),
+    )  # [1, Bn]: the 32 bits as int32
+    qs = _bytes(w, o + 6, 16)
+    row = lax.broadcasted_iota(jnp.int32, qs.shape, 0)  # value index within the half
+    low = (qs & 0x0F) | (((qh >> row) & 1) << 4)
+    high = (qs >> 4) | ((lax.shift_right_logical(qh, row + 16) & 1) << 4)
+    dot = _dot(_x(x_ref, k, 16), low - 16) + _dot(_x(x_ref, k + 16, 16), high - 16)
+    return acc + dot * _f16_row(w, o)
+
+
 def _q4_k(x_ref, w, j, acc):
     """144 B: d, dmin, 12 B of 6-bit scales and mins, 128 B of nibbles in four 32-byte chunks
     (chunk c: low nibbles are values 64c..64c+31, high ones the next 32)."""
@@ -144,7 +160,9 @@ def _q6_k(x_ref, w, j, acc):
     return acc
 
 
-_BLOCK_STEPS = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k, T.Q6_K: _q6_k}
+_BLOCK_STEPS = {
+    T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q4_K: _q4_k, T.Q6_K: _q6_k,
+}  # fmt: skip
 
 
 def _kernel(x_ref, w_ref, o_ref, *, step, num_blocks: int, rows: bool):
