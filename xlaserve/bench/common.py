@@ -44,12 +44,14 @@ def slug(text: str) -> str:
 
 
 def write_results(folder: str | Path, stem: str, result: dict, markdown: str) -> Path:
-    """FOLDER/STEM.json and FOLDER/STEM.md; returns the JSON path."""
+    """FOLDER/STEM.json and FOLDER/STEM.md; returns the JSON path. The home folder in any
+    recorded path is written as "~" (results are committed; the machine's paths are not)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}.json"
-    path.write_text(json.dumps(result, indent=2))
-    (folder / f"{stem}.md").write_text(markdown)
+    home = str(Path.home())
+    path.write_text(json.dumps(result, indent=2).replace(home + "/", "~/"))
+    (folder / f"{stem}.md").write_text(markdown.replace(home + "/", "~/"))
     return path
 
 
