@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -87,6 +88,12 @@ inline Format format_of(int32_t qtype) {
   }
 }
 
+// Q4_K sub-block j's 6-bit scale and min from the block's 12 packed bytes s.
+inline std::pair<int, int> k_scale_min(const uint8_t* s, int j) {
+  if (j < 4) return {s[j] & 0x3F, s[j + 4] & 0x3F};
+  return {(s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30), (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30)};
+}
+
 void dequant_block(int32_t qtype, const uint8_t* b, uint16_t* out) {
   float v[256];
   switch (qtype) {
@@ -126,8 +133,7 @@ void dequant_block(int32_t qtype, const uint8_t* b, uint16_t* out) {
       const uint8_t* s = b + 4;  // 12 bytes of 6-bit scales and mins
       const uint8_t* qs = b + 16;
       for (int j = 0; j < 8; ++j) {
-        const int sc = j < 4 ? (s[j] & 0x3F) : ((s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30));
-        const int mn = j < 4 ? (s[j + 4] & 0x3F) : ((s[j + 4] >> 4) | ((s[j] >> 2) & 0x30));
+        const auto [sc, mn] = k_scale_min(s, j);
         const float dj = d * float(sc), mj = dmin * float(mn);
         const uint8_t* q = qs + 32 * (j / 2);
         const int shift = 4 * (j % 2);
@@ -228,8 +234,7 @@ inline void dequant_block_vec(int32_t qtype, const uint8_t* b, Emit&& emit) {
       const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
       const uint8_t* s = b + 4;
       for (int j = 0; j < 8; ++j) {
-        const int sc = j < 4 ? (s[j] & 0x3F) : ((s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30));
-        const int mn = j < 4 ? (s[j + 4] & 0x3F) : ((s[j + 4] >> 4) | ((s[j] >> 2) & 0x30));
+        const auto [sc, mn] = k_scale_min(s, j);
         const __m512 dj = _mm512_set1_ps(d * float(sc)), mj = _mm512_set1_ps(dmin * float(mn));
         const __m512i table = nibble_table(_mm512_sub_ps(_mm512_mul_ps(dj, nibble_iota()), mj));
         // 32 bytes, one nibble each: the low ones for even j, the high ones for odd j.
@@ -374,8 +379,7 @@ inline void dequant_block_avx2(int32_t qtype, const uint8_t* b, Emit&& emit) {
       const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
       const uint8_t* s = b + 4;
       for (int j = 0; j < 8; ++j) {
-        const int sc = j < 4 ? (s[j] & 0x3F) : ((s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30));
-        const int mn = j < 4 ? (s[j + 4] & 0x3F) : ((s[j + 4] >> 4) | ((s[j] >> 2) & 0x30));
+        const auto [sc, mn] = k_scale_min(s, j);
         const __m256 dj = _mm256_set1_ps(d * float(sc)), mj = _mm256_set1_ps(dmin * float(mn));
         for (int h = 0; h < 2; ++h) {  // 16 bytes of the sub-block's 32, one nibble each
           __m128i q = _mm_loadu_si128((const __m128i*)(b + 16 + 32 * (j / 2) + 16 * h));
