@@ -114,7 +114,7 @@ def _q5_0(x_ref, w, j, acc):
     qs = _bytes(w, o + 6, 16)
     row = lax.broadcasted_iota(jnp.int32, qs.shape, 0)  # value index within the half
     low = (qs & 0x0F) | (((qh >> row) & 1) << 4)
-    high = (qs >> 4) | ((lax.shift_right_logical(qh, row + 16) & 1) << 4)
+    high = (qs >> 4) | (((qh >> (row + 16)) & 1) << 4)
     dot = _dot(_x(x_ref, k, 16), low - 16) + _dot(_x(x_ref, k + 16, 16), high - 16)
     return acc + dot * _f16_row(w, o)
 
