@@ -242,6 +242,18 @@ def positive_dist(d: dict) -> bool:
     return 0 < d["p50"] <= d["p90"] <= d["p99"] and d["mean"] > 0
 
 
+def test_bench_latency_names_its_file_after_the_storage_options(tiny_model, tmp_path):
+    # Runs of one model with another KV cache (or quantization) keep their own files.
+    args = bench_parser().parse_args(
+        ["bench", "latency", "--model", tiny_model, "--dtype", "float32", "--max-model-len", "64",
+         "--max-num-seqs", "1", "--input-len", "8", "--output-len", "3", "--batch-sizes", "1",
+         "--num-iters", "1", "--num-iters-warmup", "0", "--ttft-input-lens", "8",
+         "--llama-cpp", "off", "--kv-cache-dtype", "int8", "--out", str(tmp_path)])  # fmt: skip
+    assert args.func(args) == 0
+    (path,) = tmp_path.glob("latency-*.json")
+    assert path.name.startswith(f"latency-{Path(tiny_model).name}-kv-int8-in8out3-bs1-")
+
+
 def test_bench_latency_tiny_model(tiny_model, tmp_path):
     args = bench_parser().parse_args(
         ["bench", "latency", "--model", tiny_model, "--dtype", "float32", "--max-model-len", "64",

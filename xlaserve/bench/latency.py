@@ -334,8 +334,13 @@ def run(args: argparse.Namespace) -> int:
     m = llm.get_metrics()
     result.update({k: m[k] for k in ("compiles", "compiles_after_warmup", "warmup_seconds")})
     sizes = "-".join(str(b) for b in args.batch_sizes)
-    stem = (f"latency-{Path(engine_args.model).name}-in{args.input_len}out{args.output_len}-"
-            f"bs{sizes}-{dtype}-{slug(result['device'])}-{result['date']}")  # fmt: skip
+    # The storage options in the name, so runs of one model in several modes keep their files.
+    storage = f"-{engine_args.quantization}" if engine_args.quantization else ""
+    if engine_args.kv_cache_dtype != "auto":
+        storage += f"-kv-{engine_args.kv_cache_dtype}"
+    device = slug(result["device"])
+    stem = (f"latency-{Path(engine_args.model).name}{storage}-in{args.input_len}"
+            f"out{args.output_len}-bs{sizes}-{dtype}-{device}-{result['date']}")  # fmt: skip
     path = write_results(args.out, stem, result, markdown(result))
     print(markdown(result))
     print(f"wrote {path.with_suffix('')}.{{json,md}}")
