@@ -129,7 +129,8 @@ class EngineArgs:
     quantization: str | None = _opt(
         None,
         "projection weights: int8 (per-channel, w8a16), w8a8 (int8 weights and per-token "
-        "int8 activations), fp8 (e4m3 weights), gguf (a GGUF file's blocks kept packed); "
+        "int8 activations), fp8 (e4m3 weights), gguf (a GGUF file's blocks kept packed), "
+        "gguf_a8 (those blocks with int8 activations per 32 values, as llama.cpp); "
         "None: the model dtype",
     )
     kv_cache_dtype: str = _opt(

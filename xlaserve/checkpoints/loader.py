@@ -20,6 +20,7 @@ from xlaserve.models.hf_params import expected_hf_tensors, model_from_params, pa
 from xlaserve.models.registry import preset_config, resolve_architecture
 from xlaserve.models.transformer import Transformer, TransformerConfig
 from xlaserve.multimodal.loader import is_multimodal, split_tensors
+from xlaserve.quantization.config import GGUF_METHODS
 from xlaserve.sharding.mesh import expert_parallel
 from xlaserve.sharding.rules import check_mesh, init_sharded, placer
 
@@ -169,8 +170,8 @@ def load_model(
     resolve_backend(attention_backend)  # a ValueError naming the choices, before loading
     if layer_layout == "per_layer" and mesh is not None:
         raise ValueError("layer_layout 'per_layer' is for one device (fused axes are unsharded)")
-    if quantization == "gguf" and _format_of(model, load_format) != "gguf":
-        raise ValueError(f"quantization 'gguf' keeps a GGUF file's blocks packed; model "
+    if quantization in GGUF_METHODS and _format_of(model, load_format) != "gguf":
+        raise ValueError(f"quantization {quantization!r} keeps a GGUF file's blocks packed; model "
                          f"{model!r} is not a .gguf file (use int8, w8a8 or fp8)")  # fmt: skip
     loaded = _load(model, load_format, dtype, seed, with_tokenizer, mesh)
     loaded.model.attention_backend = attention_backend

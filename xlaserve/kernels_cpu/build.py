@@ -24,9 +24,11 @@ import jaxlib
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("skinny_matmul.cc", "gguf_matmul.cc", "int8_matmul.cc", "attention.cc")
+KERNELS = (
+    "skinny_matmul.cc", "gguf_matmul.cc", "gguf_matmul_a8.cc", "int8_matmul.cc", "attention.cc"
+)
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
-HEADERS = (Path(__file__).with_name("parallel.h"),)
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h", "gguf_blocks.h"))
 CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 CACHE_DIR = CACHE_HOME / "xlaserve" / "kernels_cpu"
 # -ffp-contract=off: no fused multiply-adds, so GGUF blocks dequantize with the rounding of
@@ -44,6 +46,7 @@ def compiler_flags() -> tuple[str, ...]:
 # FFI target names (see the handler symbols at the end of each .cc file).
 SKINNY_MATMUL_BF16 = "xlaserve_skinny_matmul_bf16"
 GGUF_MATMUL = "xlaserve_gguf_matmul"
+GGUF_MATMUL_A8 = "xlaserve_gguf_matmul_a8"
 INT8_ROWS_W8A16 = "xlaserve_int8_rows_w8a16"
 INT8_PANELS_W8A16 = "xlaserve_int8_panels_w8a16"
 INT8_PANELS_W8A8 = "xlaserve_int8_panels_w8a8"
@@ -140,6 +143,7 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.cdll.LoadLibrary(str(path))
     for name, symbol in ((SKINNY_MATMUL_BF16, lib.XlaserveSkinnyMatmulBf16),
                          (GGUF_MATMUL, lib.XlaserveGgufMatmul),
+                         (GGUF_MATMUL_A8, lib.XlaserveGgufMatmulA8),
                          (INT8_ROWS_W8A16, lib.XlaserveInt8RowsW8A16),
                          (INT8_PANELS_W8A16, lib.XlaserveInt8PanelsW8A16),
                          (INT8_PANELS_W8A8, lib.XlaserveInt8PanelsW8A8),

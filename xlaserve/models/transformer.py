@@ -420,6 +420,7 @@ class Transformer(nnx.Module):
                 qtype,
                 kernel,
                 gguf_impl_for(self.attention_backend),
+                self.quant.int8_activations,
             )
             return self._soft_cap(logits)
         tied = self.config.tie_word_embeddings

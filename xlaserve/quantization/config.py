@@ -4,7 +4,11 @@
 # w8a8: the same weights, activations quantized per token at run time; int8 x int8 -> int32.
 # fp8: float8_e4m3fn weights with per-output-channel scales (w8a16 on fp8 storage).
 # gguf: a GGUF file's quantized blocks kept packed on the device, dequantized in the matmul.
-QUANTIZATION_METHODS = ("int8", "w8a8", "fp8", "gguf")
+# gguf_a8: the same blocks, activations quantized to int8 per run of 32 values at run time
+# (llama.cpp's and vLLM's GGUF arithmetic: integer dots, faster where the CPU dequantizes).
+QUANTIZATION_METHODS = ("int8", "w8a8", "fp8", "gguf", "gguf_a8")
+# The methods that keep a GGUF file's blocks packed.
+GGUF_METHODS = ("gguf", "gguf_a8")
 # auto: the model dtype (float32 on the CPU engine). int8 / fp8: 8-bit values with one scale
 # per token and KV head (see kv_cache.py).
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")

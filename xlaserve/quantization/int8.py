@@ -71,3 +71,27 @@ def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     scale = _absmax_scale(x, -1, INT8_MAX)  # [T, 1]
     q = jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -INT8_MAX, INT8_MAX)
     return q.astype(jnp.int8), scale
+
+
+# Values per activation scale in quantization="gguf_a8" (llama.cpp's Q8_0 / Q8_1 block).
+ACTIVATION_BLOCK = 32
+
+
+def quantize_blocks(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] -> (int8 [M, K], f32 scale [M, K / 32]): one scale per row and run of 32
+    values, q = round(x * (127 / amax)) to nearest even, scale = amax / 127 (an all-zero run
+    has scale 0). The CPU kernel (kernels_cpu/gguf_matmul_a8.cc) computes these same float32
+    operations."""
+    m, k = x.shape
+    runs = x.astype(jnp.float32).reshape(m, k // ACTIVATION_BLOCK, ACTIVATION_BLOCK)
+    amax = jnp.max(jnp.abs(runs), axis=-1, keepdims=True)
+    inv = jnp.where(amax > 0, INT8_MAX / jnp.where(amax > 0, amax, 1.0), 0.0)
+    q = jnp.round(runs * inv).astype(jnp.int8)
+    return q.reshape(m, k), (amax / INT8_MAX)[..., 0]
+
+
+def dequantize_blocks(q: jax.Array, scale: jax.Array) -> jax.Array:
+    """f32 [M, K] from quantize_blocks' (q, scale)."""
+    m, k = q.shape
+    runs = q.astype(jnp.float32).reshape(m, k // ACTIVATION_BLOCK, ACTIVATION_BLOCK)
+    return (runs * scale[..., None]).reshape(m, k)

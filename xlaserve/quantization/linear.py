@@ -44,6 +44,8 @@ class WeightQuant:
     fp8_activations: fp8 projections quantize their activations per token to float8_e4m3fn
     and multiply fp8 x fp8 (set at load where the device has fp8 matmul units:
     quantization/model.fp8_matmul_supported); weight-only otherwise.
+    int8_activations: GGUF matmuls (projections and packed LM head) quantize their
+    activations to int8 per run of 32 values (quantization="gguf_a8").
     """
 
     method: str
@@ -51,6 +53,7 @@ class WeightQuant:
     kernel_layout: bool = False
     lm_head_type: int | None = None
     fp8_activations: bool = False
+    int8_activations: bool = False
 
     def gguf_type(self, name: str) -> int | None:
         return dict(self.gguf_types).get(name)
@@ -62,7 +65,8 @@ class QuantizedWeight:
     """values: int8 / float8 [in, out] with scale f32[out], or GGUF packed rows
     uint8 [row_bytes, out] (one column per output channel) with scale None; in the CPU
     kernels' layout where `kernel_layout` (see WeightQuant). gguf_impl: how GGUF blocks
-    multiply outside the CPU kernels (kernels_pallas/gguf_matmul: "reference" or "gpu")."""
+    multiply outside the CPU kernels (kernels_pallas/gguf_matmul: "reference" or "gpu").
+    int8_activations: a GGUF weight's activations are quantized per 32 values (gguf_a8)."""
 
     values: jax.Array
     scale: jax.Array | None
@@ -70,13 +74,16 @@ class QuantizedWeight:
     gguf_type: int | None = field(default=None, metadata=dict(static=True))
     kernel_layout: bool = field(default=False, metadata=dict(static=True))
     gguf_impl: str = field(default="reference", metadata=dict(static=True))
+    int8_activations: bool = field(default=False, metadata=dict(static=True))
 
     def matmul(self, x: jax.Array) -> jax.Array:
         """x [M, in] @ self -> [M, out] in x's dtype, accumulated in f32 (int32 for w8a8)."""
         if self.kernel_layout:
             return self._kernel_matmul(x).astype(x.dtype)
         if self.method == "gguf":
-            return _gguf_matmul(x, self.values, self.gguf_type, self.gguf_impl).astype(x.dtype)
+            return _gguf_matmul(
+                x, self.values, self.gguf_type, self.gguf_impl, self.int8_activations
+            ).astype(x.dtype)
         rows = jnp.concatenate([x, x]) if x.shape[0] == 1 else x  # see layers.at_least_two_rows
         if self.method in ("w8a8", "fp8_dynamic"):
             # Activations quantized per token (int8 x int8 -> int32; fp8 x fp8 -> f32).
@@ -98,7 +105,7 @@ class QuantizedWeight:
         """The CPU kernels' product: the same scaling as the XLA path above, and for w8a8
         the same int32 sums, bit for bit."""
         if self.method == "gguf":
-            return gguf_kernel.matmul(x, self.values, self.gguf_type)
+            return gguf_kernel.matmul(x, self.values, self.gguf_type, self.int8_activations)
         if self.method == "w8a8":
             xq, x_scale = quantize_per_token(x)
             acc = int8_kernel.panels_matmul(xq, self.values, "w8a8")
@@ -107,18 +114,26 @@ class QuantizedWeight:
 
 
 def packed_rows_matmul(
-    x: jax.Array, rows: jax.Array, qtype: int, kernel: bool, gguf_impl: str = "reference"
+    x: jax.Array,
+    rows: jax.Array,
+    qtype: int,
+    kernel: bool,
+    gguf_impl: str = "reference",
+    int8_activations: bool = False,
 ) -> jax.Array:
     """x [M, in] @ GGUF rows uint8[out, row_bytes] -> f32 [M, out]: on the CPU kernel, or
     through kernels_pallas/gguf_matmul (`gguf_impl`) reading the rows as they lie."""
     if kernel:
-        return gguf_kernel.matmul(x, rows, qtype)
-    return _gguf_matmul(x, rows, qtype, gguf_impl, rows=True)
+        return gguf_kernel.matmul(x, rows, qtype, int8_activations)
+    return _gguf_matmul(x, rows, qtype, gguf_impl, int8_activations, rows=True)
 
 
-def _gguf_matmul(x, packed, qtype: int, impl: str, rows: bool = False) -> jax.Array:
+def _gguf_matmul(
+    x, packed, qtype: int, impl: str, int8_activations: bool, rows: bool = False
+) -> jax.Array:
     interpret = impl != "reference" and jax.default_backend() == "cpu"
-    return gguf_matmul(x, packed, qtype, rows=rows, impl=impl, interpret=interpret)
+    return gguf_matmul(x, packed, qtype, rows=rows, impl=impl, interpret=interpret,
+                       int8_activations=int8_activations)  # fmt: skip
 
 
 def quantized_rows_matmul(
@@ -159,7 +174,7 @@ def bind_quantized(
             if qtype is not None:
                 out[name] = QuantizedWeight(
                     p[name], None, "gguf", int(qtype), kernel_layout=quant.kernel_layout,
-                    gguf_impl=gguf_impl,
+                    gguf_impl=gguf_impl, int8_activations=quant.int8_activations,
                 )  # fmt: skip
         else:
             scale = out.pop(name + SCALE_SUFFIX)

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from xlaserve.models.transformer import DecoderLayers, Transformer, layer_param_specs
+from xlaserve.quantization.config import GGUF_METHODS
 from xlaserve.quantization.gguf_blocks import PACKED_TYPES, block_shape
 from xlaserve.quantization.int8 import (
     quantize_per_channel,
@@ -47,9 +48,12 @@ def quantize_model(model: Transformer, method: str, *, mesh=None, source: str = 
         raise ValueError("quantize_model expects the stacked layer layout")
     for name in PROJECTIONS:  # a NaN/inf weight (or GGUF block scale) would corrupt the scales
         _check_finite(f"projection {name!r}", getattr(layers, name)[...], method, source)
-    if method == "gguf":
-        packed = _gguf_packed(model, source)
-        model.quant = WeightQuant("gguf", tuple((n, t) for n, (_, t) in packed.items()))
+    if method in GGUF_METHODS:
+        packed = _gguf_packed(model, source, method)
+        model.quant = WeightQuant(
+            "gguf", tuple((n, t) for n, (_, t) in packed.items()),
+            int8_activations=method == "gguf_a8",
+        )  # fmt: skip
         for name, (raw, _) in packed.items():
             axes = _axes(layers, name)  # ("layers", in, out)
             _replace(layers, name, raw, ("layers", None, axes[2]), model, mesh)
@@ -179,12 +183,14 @@ def _replace(layers: DecoderLayers, name: str, value, axes: tuple, model, mesh) 
         layers.names = (*layers.names, name)
 
 
-def _gguf_packed(model: Transformer, source: str) -> dict[str, tuple[np.ndarray, int]]:
+def _gguf_packed(
+    model: Transformer, source: str, method: str
+) -> dict[str, tuple[np.ndarray, int]]:
     """name -> (packed rows uint8 [L, row_bytes, out], GGML type) for every projection whose
     blocks can stay packed; others keep the dequantized weights the loader gave them."""
     path = Path(source)
     if path.suffix != ".gguf" or not path.is_file():
-        raise ValueError(f"quantization 'gguf' keeps a GGUF file's blocks packed; model "
+        raise ValueError(f"quantization {method!r} keeps a GGUF file's blocks packed; model "
                          f"{source!r} is not a .gguf file (use int8, w8a8 or fp8)")  # fmt: skip
     reader = gguf.GGUFReader(path, "r")
     by_name = {t.name: t for t in reader.tensors}

@@ -1,0 +1,477 @@
+// GGUF block matmuls with 8-bit activations (quantization="gguf_a8"): y f32[M, N] = x[M, K]
+// @ W^T, W a GGUF tensor's own rows (uint8[N, row_bytes]), with x quantized first, per row and
+// run of 32 values, to int8 and one float32 scale (llama.cpp's and vLLM's GGUF arithmetic):
+//
+//   amax = max |x_i|,  dx = amax / 127,  q_i = round_half_even(x_i * (127 / amax))  (0 if amax = 0)
+//
+// (xlaserve/quantization/int8.py quantize_blocks does the same in jnp). Every block type is
+// read as runs of 32 unsigned quants u with w = a * u + b (a, b float32, one pair per 16 or
+// 32 weights; Q8_0 keeps its signed quants and b = 0), so a run of 32 weights against a run of
+// x is one integer dot and two multiply-adds:
+//
+//   sum_i w_i * dx * q_i = dx * a * (sum_i u_i * q_i) + b * dx * (sum_i q_i)
+//
+// The integer dot is vpdpbusd (AVX512-VNNI / AVX-VNNI) or vpmaddubsw + vpmaddwd (AVX2), 32
+// products in one or two instructions, where the exact kernel (gguf_matmul.cc) rounds every
+// weight to bfloat16 first. x's products are exact; only the float32 sums differ from
+// "dequantize, then dot" (kernels_pallas/gguf_matmul/reference.py with int8_activations).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+#include "gguf_blocks.h"
+#include "parallel.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define XLASERVE_GGUF_A8_VECTOR 1
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace xlaserve_gguf;
+
+constexpr int kRun = 32;  // activations per scale
+constexpr int kLanes = 8;  // runs of 4 values, one int32 lane of an integer dot each
+
+// x quantized, per row m and run r of 32 values (R runs per row).
+struct QuantizedX {
+  int64_t M = 0, K = 0, R = 0;
+  std::vector<int8_t> q;          // [M, K]
+  std::vector<float> scale;       // [M, R]: dx
+  std::vector<float> lane_sums;   // [M, R, 8]: dx * (sum of q over values 4l .. 4l + 3)
+
+  const int8_t* values(int64_t m, int64_t r) const { return q.data() + m * K + r * kRun; }
+};
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+void quantize_run(const uint16_t* x, int8_t* q, float* scale, float* lane_sums) {
+  float v[kRun], amax = 0.0f;
+  for (int i = 0; i < kRun; ++i) {
+    v[i] = bf16_to_f32(x[i]);
+    amax = std::max(amax, std::fabs(v[i]));
+  }
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  *scale = amax / 127.0f;
+  for (int i = 0; i < kRun; ++i) q[i] = int8_t(std::nearbyint(v[i] * inv));  // to nearest even
+  for (int l = 0; l < kLanes; ++l) {
+    lane_sums[l] = *scale * float(q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+  }
+}
+
+#if defined(XLASERVE_GGUF_A8_VECTOR)
+inline __m256i dot_u8s8(__m256i u, __m256i s);
+
+// quantize_run with the same float32 operations, 8 values per instruction.
+void quantize_run_vector(const uint16_t* x, int8_t* q, float* scale, float* lane_sums) {
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int k = 0; k < 4; ++k) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 8 * k));
+    v[k] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    amax = _mm256_max_ps(amax, _mm256_and_ps(v[k], abs_mask));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float top = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+  const __m256 inv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+  *scale = top / 127.0f;
+  __m256i i[4];
+  for (int k = 0; k < 4; ++k) i[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], inv));  // even ties
+  // packs interleave the 128-bit halves: dwords come out as values 0-3, 8-11, 16-19, 24-27,
+  // 4-7, ...; the permute puts them back in order.
+  const __m256i bytes = _mm256_permutevar8x32_epi32(
+      _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3])),
+      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), bytes);
+  const __m256i sums = dot_u8s8(_mm256_set1_epi8(1), bytes);
+  _mm256_storeu_ps(lane_sums, _mm256_mul_ps(_mm256_set1_ps(*scale), _mm256_cvtepi32_ps(sums)));
+}
+#endif
+
+void quantize_x(const uint16_t* x, int64_t M, int64_t K, QuantizedX& out) {
+  out.M = M;
+  out.K = K;
+  out.R = K / kRun;
+  out.q.resize(M * K);
+  out.scale.resize(M * out.R);
+  out.lane_sums.resize(M * out.R * kLanes);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t r = 0; r < out.R; ++r) {
+      const int64_t i = m * out.R + r;
+#if defined(XLASERVE_GGUF_A8_VECTOR)
+      quantize_run_vector(
+#else
+      quantize_run(
+#endif
+          x + m * K + r * kRun, out.q.data() + m * K + r * kRun, &out.scale[i],
+          &out.lane_sums[i * kLanes]);
+    }
+  }
+}
+
+// A run of 32 weights of a block: u[i] the unsigned quants (Q8_0: its signed ones), and per
+// int32 lane l (weights 4l .. 4l + 3) w = a[l] * u + b[l].
+struct ScalarRun {
+  uint8_t u[kRun];
+  float a[kLanes], b[kLanes];
+};
+
+// Calls emit(run, j) for the j-th run of 32 weights of the block at p.
+template <typename Emit>
+void unpack_scalar(int32_t qtype, const uint8_t* p, Emit&& emit) {
+  ScalarRun run;
+  const auto fill = [&](float a, float b) {
+    std::fill(run.a, run.a + kLanes, a);
+    std::fill(run.b, run.b + kLanes, b);
+  };
+  switch (qtype) {
+    case kQ8_0:
+      std::memcpy(run.u, p + 2, kRun);
+      fill(f16_to_f32(p), 0.0f);
+      return emit(run, 0);
+    case kQ4_0:
+    case kQ4_1:
+    case kQ5_0: {
+      const float d = f16_to_f32(p);
+      const uint8_t* nibbles = p + (qtype == kQ4_0 ? 2 : qtype == kQ4_1 ? 4 : 6);
+      uint32_t qh = 0;
+      if (qtype == kQ5_0) std::memcpy(&qh, p + 2, 4);
+      for (int i = 0; i < 16; ++i) {
+        run.u[i] = uint8_t((nibbles[i] & 0x0F) | (((qh >> i) & 1) << 4));
+        run.u[16 + i] = uint8_t((nibbles[i] >> 4) | (((qh >> (16 + i)) & 1) << 4));
+      }
+      fill(d, qtype == kQ4_1 ? f16_to_f32(p + 2) : qtype == kQ4_0 ? -8.0f * d : -16.0f * d);
+      return emit(run, 0);
+    }
+    case kQ4_K: {
+      const float d = f16_to_f32(p), dmin = f16_to_f32(p + 2);
+      for (int j = 0; j < 8; ++j) {
+        const auto [sc, mn] = k_scale_min(p + 4, j);
+        const uint8_t* q = p + 16 + 32 * (j / 2);
+        for (int i = 0; i < kRun; ++i) run.u[i] = uint8_t((q[i] >> (4 * (j % 2))) & 0x0F);
+        fill(d * float(sc), -(dmin * float(mn)));
+        emit(run, j);
+      }
+      return;
+    }
+    case kQ6_K: {
+      const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+      const float d = f16_to_f32(p + 208);
+      for (int half = 0; half < 2; ++half) {
+        for (int r = 0; r < 4; ++r) {
+          for (int i = 0; i < kRun; ++i) {
+            const int low = (p[64 * half + 32 * (r % 2) + i] >> (4 * (r / 2))) & 0x0F;
+            const int high = (p[128 + 32 * half + i] >> (2 * r)) & 0x03;
+            run.u[i] = uint8_t(low | (high << 4));
+          }
+          for (int l = 0; l < kLanes; ++l) {  // one scale per 16 weights
+            run.a[l] = d * float(sc[8 * half + 2 * r + l / 4]);
+            run.b[l] = -32.0f * run.a[l];
+          }
+          emit(run, 4 * half + r);
+        }
+      }
+      return;
+    }
+  }
+}
+
+void row_dot_scalar(int32_t qtype, const uint8_t* row, int64_t nblocks, const Format& fmt,
+                    const QuantizedX& x, int64_t m0, int64_t rows, float* y, int64_t N) {
+  const int64_t runs_per_block = fmt.values / kRun;
+  for (int64_t m = m0; m < m0 + rows; ++m) {
+    float acc = 0.0f;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      unpack_scalar(qtype, row + blk * fmt.bytes, [&](const ScalarRun& run, int j) {
+        const int64_t r = blk * runs_per_block + j;
+        const int8_t* q = x.values(m, r);
+        const float dx = x.scale[m * x.R + r];
+        const float* sums = &x.lane_sums[(m * x.R + r) * kLanes];
+        for (int l = 0; l < kLanes; ++l) {
+          int32_t dot = 0;
+          for (int i = 4 * l; i < 4 * l + 4; ++i) {
+            dot += (qtype == kQ8_0 ? int32_t(int8_t(run.u[i])) : int32_t(run.u[i])) * q[i];
+          }
+          acc += float(dot) * (run.a[l] * dx) + run.b[l] * sums[l];
+        }
+      });
+    }
+    y[(m - m0) * N] = acc;
+  }
+}
+
+#if defined(XLASERVE_GGUF_A8_VECTOR)
+// 8 int32 sums of 4 products of unsigned u (<= 128 where vpmaddubsw pairs them: 4-6-bit
+// quants, or |Q8_0 quants|) and signed s.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+struct Run {  // as ScalarRun, in registers
+  __m256i u;
+  __m256 a, b;
+};
+
+inline __m256i nibbles_32(const uint8_t* p) {  // 16 bytes -> their low nibbles, then high
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+}
+
+// Byte i = 0x10 where bit i of bits is set, else 0.
+inline __m256i bit_bytes(uint32_t bits) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  return _mm256_maskz_mov_epi8(__mmask32(bits), _mm256_set1_epi8(0x10));
+#else
+  const __m256i spread = _mm256_shuffle_epi8(  // byte i <- byte i / 8 of bits
+      _mm256_set1_epi32(int(bits)),
+      _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+  const __m256i select = _mm256_set1_epi64x(0x8040201008040201);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select),
+                          _mm256_set1_epi8(0x10));
+#endif
+}
+
+template <int32_t QType, typename Emit>
+inline void unpack(const uint8_t* p, Emit&& emit) {
+  if constexpr (QType == kQ8_0) {
+    emit(Run{_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2)),
+             _mm256_set1_ps(f16_to_f32(p)), _mm256_setzero_ps()}, 0);
+  } else if constexpr (QType == kQ4_1) {
+    int32_t scales;  // d and m, converted together
+    std::memcpy(&scales, p, 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(scales));
+    emit(Run{nibbles_32(p + 4), _mm256_broadcastss_ps(dm),
+             _mm256_broadcastss_ps(_mm_movehdup_ps(dm))}, 0);
+  } else if constexpr (QType == kQ4_0 || QType == kQ5_0) {
+    const float d = f16_to_f32(p);
+    if constexpr (QType == kQ4_0) {
+      emit(Run{nibbles_32(p + 2), _mm256_set1_ps(d), _mm256_set1_ps(-8.0f * d)}, 0);
+    } else {
+      uint32_t qh;
+      std::memcpy(&qh, p + 2, 4);
+      emit(Run{_mm256_or_si256(nibbles_32(p + 6), bit_bytes(qh)), _mm256_set1_ps(d),
+               _mm256_set1_ps(-16.0f * d)}, 0);
+    }
+  } else if constexpr (QType == kQ4_K) {
+    const float d = f16_to_f32(p), dmin = f16_to_f32(p + 2);
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int j = 0; j < 8; j += 2) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 16 * j));
+      const auto [sc0, mn0] = k_scale_min(p + 4, j);
+      const auto [sc1, mn1] = k_scale_min(p + 4, j + 1);
+      emit(Run{_mm256_and_si256(q, mask), _mm256_set1_ps(d * float(sc0)),
+               _mm256_set1_ps(-(dmin * float(mn0)))}, j);
+      emit(Run{_mm256_and_si256(_mm256_srli_epi16(q, 4), mask), _mm256_set1_ps(d * float(sc1)),
+               _mm256_set1_ps(-(dmin * float(mn1)))}, j + 1);
+    }
+  } else {  // Q6_K
+    const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+    const float d = f16_to_f32(p + 208);
+    const __m256i low_mask = _mm256_set1_epi8(0x0F), high_mask = _mm256_set1_epi8(0x30);
+    for (int half = 0; half < 2; ++half) {
+      const __m256i qh =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * half));
+      for (int r = 0; r < 4; ++r) {
+        __m256i low = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(p + 64 * half + 32 * (r % 2)));
+        if (r >= 2) low = _mm256_srli_epi16(low, 4);
+        // bits 2r, 2r + 1 of each qh byte to bits 4, 5 (the shifts stay within each byte's
+        // bits after the mask)
+        const __m256i high = _mm256_and_si256(
+            r == 2 ? qh : r < 2 ? _mm256_slli_epi16(qh, 4 - 2 * r) : _mm256_srli_epi16(qh, 2),
+            high_mask);
+        const int s = 8 * half + 2 * r;
+        const __m256 a = _mm256_setr_m128(_mm_set1_ps(d * float(sc[s])),
+                                          _mm_set1_ps(d * float(sc[s + 1])));
+        emit(Run{_mm256_or_si256(_mm256_and_si256(low, low_mask), high), a,
+                 _mm256_mul_ps(_mm256_set1_ps(-32.0f), a)}, 4 * half + r);
+      }
+    }
+  }
+}
+
+inline float hsum(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+}
+
+// One weight row against Rows rows of x (from m0): each run of weights is unpacked once and
+// meets every row in registers. The a- and b-terms keep separate sums; one row alternates two
+// sets of them between even and odd blocks (four multiply-add chains, where one would wait on
+// its own latency).
+template <int32_t QType, int Rows>
+void row_dot(const uint8_t* row, int64_t nblocks, const Format& fmt, const QuantizedX& x,
+             int64_t m0, float* y, int64_t N) {
+  constexpr int kRunsPerBlock = (QType == kQ4_K || QType == kQ6_K) ? 8 : 1;
+  constexpr int kSets = Rows == 1 ? 2 : 1;
+  const int64_t K = x.K, R = x.R;
+  const int8_t* xq = x.q.data() + m0 * K;
+  const float* xscale = x.scale.data() + m0 * R;
+  const float* xsums = x.lane_sums.data() + m0 * R * kLanes;
+  __m256 acc_a[kSets][Rows], acc_b[kSets][Rows];
+  for (int c = 0; c < kSets; ++c)
+    for (int m = 0; m < Rows; ++m) acc_a[c][m] = acc_b[c][m] = _mm256_setzero_ps();
+  const auto block = [&](int64_t blk, auto set) {
+    constexpr int c = decltype(set)::value;
+    unpack<QType>(row + blk * fmt.bytes, [&](const Run& run, int j) {
+      const int64_t r = blk * kRunsPerBlock + j;
+      for (int m = 0; m < Rows; ++m) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + r * kRun));
+        __m256i dot;
+        if constexpr (QType == kQ8_0) {  // |w| * (q with w's sign)
+          dot = dot_u8s8(_mm256_abs_epi8(run.u), _mm256_sign_epi8(q, run.u));
+        } else {
+          dot = dot_u8s8(run.u, q);
+        }
+        const __m256 ad = _mm256_mul_ps(run.a, _mm256_set1_ps(xscale[m * R + r]));
+        acc_a[c][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), ad, acc_a[c][m]);
+        if constexpr (QType != kQ8_0) {
+          const __m256 sums = _mm256_loadu_ps(xsums + (m * R + r) * kLanes);
+          acc_b[c][m] = _mm256_fmadd_ps(run.b, sums, acc_b[c][m]);
+        }
+      }
+    });
+  };
+  int64_t blk = 0;
+  if constexpr (kSets == 2) {
+    for (; blk + 1 < nblocks; blk += 2) {
+      block(blk, std::integral_constant<int, 0>());
+      block(blk + 1, std::integral_constant<int, 1>());
+    }
+  }
+  for (; blk < nblocks; ++blk) block(blk, std::integral_constant<int, 0>());
+  for (int m = 0; m < Rows; ++m) {
+    __m256 total = _mm256_add_ps(acc_a[0][m], acc_b[0][m]);
+    for (int c = 1; c < kSets; ++c) {
+      total = _mm256_add_ps(total, _mm256_add_ps(acc_a[c][m], acc_b[c][m]));
+    }
+    y[m * N] = hsum(total);
+  }
+}
+
+using RowDotFn = void (*)(const uint8_t*, int64_t, const Format&, const QuantizedX&, int64_t,
+                          float*, int64_t);
+
+template <int32_t QType>
+RowDotFn row_dot_for_rows(int64_t rows) {
+  constexpr RowDotFn table[9] = {nullptr,
+                                 row_dot<QType, 1>, row_dot<QType, 2>, row_dot<QType, 3>,
+                                 row_dot<QType, 4>, row_dot<QType, 5>, row_dot<QType, 6>,
+                                 row_dot<QType, 7>, row_dot<QType, 8>};
+  return table[rows];
+}
+
+RowDotFn row_dot_for(int32_t qtype, int64_t rows) {
+  switch (qtype) {
+    case kQ8_0: return row_dot_for_rows<kQ8_0>(rows);
+    case kQ4_0: return row_dot_for_rows<kQ4_0>(rows);
+    case kQ4_1: return row_dot_for_rows<kQ4_1>(rows);
+    case kQ5_0: return row_dot_for_rows<kQ5_0>(rows);
+    case kQ4_K: return row_dot_for_rows<kQ4_K>(rows);
+    default: return row_dot_for_rows<kQ6_K>(rows);
+  }
+}
+#endif
+
+constexpr int kTile = 8;  // rows of x per pass over a weight row
+constexpr int64_t kPrefetchBytes = 2048;  // as gguf_matmul.cc
+
+struct Job {
+  QuantizedX x;
+  const uint8_t* w;
+  float* y;
+  int64_t N, row_bytes, chunk;
+  int32_t qtype;
+  Format fmt;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void work() {
+    const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / row_bytes);
+    const int64_t nblocks = row_bytes / fmt.bytes;
+    const auto prefetch_rows = [&](int64_t first, int64_t last) {
+      const uint8_t* end = w + last * row_bytes;
+      for (const uint8_t* p = w + first * row_bytes; p < end; p += 64) __builtin_prefetch(p);
+    };
+    for (;;) {
+      const int64_t start = next.fetch_add(chunk);
+      if (start >= N) return;
+      const int64_t stop = std::min(N, start + chunk);
+      prefetch_rows(start, std::min(stop, start + ahead));
+      for (int64_t n = start; n < stop; ++n) {
+        if (n + ahead < stop) prefetch_rows(n + ahead, n + ahead + 1);
+        const uint8_t* row = w + n * row_bytes;
+        for (int64_t m0 = 0; m0 < x.M; m0 += kTile) {
+          const int64_t rows = std::min<int64_t>(kTile, x.M - m0);
+#if defined(XLASERVE_GGUF_A8_VECTOR)
+          row_dot_for(qtype, rows)(row, nblocks, fmt, x, m0, y + m0 * N + n, N);
+#else
+          row_dot_scalar(qtype, row, nblocks, fmt, x, m0, rows, y + m0 * N + n, N);
+#endif
+        }
+      }
+      done.fetch_add(stop - start, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error GgufMatmulA8(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> w,
+                        ffi::ResultBuffer<ffi::F32> y, int32_t qtype) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const Format fmt = format_of(qtype);
+  if (fmt.values == 0) return ffi::Error::InvalidArgument("gguf_matmul_a8: unsupported GGUF type");
+  if (xd.size() != 2 || wd.size() != 2 || wd[1] % fmt.bytes != 0 ||
+      wd[1] / fmt.bytes * fmt.values != xd[1] || xd[1] % kRun != 0) {
+    return ffi::Error::InvalidArgument("gguf_matmul_a8: x[M, K] and w[N, row_bytes] do not match");
+  }
+  auto job = std::make_shared<Job>();
+  quantize_x(reinterpret_cast<const uint16_t*>(x.typed_data()), xd[0], xd[1], job->x);
+  job->w = w.typed_data();
+  job->y = y->typed_data();
+  job->N = wd[0];
+  job->row_bytes = wd[1];
+  job->qtype = qtype;
+  job->fmt = fmt;
+  const int64_t workers = xlaserve_cpu::workers_for(pool);
+  job->chunk = std::max<int64_t>(1, job->N / (8 * workers));
+  const int64_t chunks = (job->N + job->chunk - 1) / job->chunk;
+  for (int64_t i = 1; i < std::min(workers, chunks); ++i) pool.Schedule([job] { job->work(); });
+  job->work();
+  xlaserve_cpu::wait_until(job->done, job->N);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveGgufMatmulA8, GgufMatmulA8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("qtype"));
