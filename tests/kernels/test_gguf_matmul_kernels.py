@@ -12,6 +12,7 @@ from tests.kernels.conftest import modes
 from tests.quantization.test_gguf_blocks import synthetic_rows
 from xlaserve.kernels_pallas.gguf_matmul import gguf_matmul, gpu, reference
 from xlaserve.quantization.gguf_blocks import PACKED_TYPES, T, block_shape
+from xlaserve.quantization.int8 import dequantize_blocks, quantize_blocks
 
 TYPES = [pytest.param(t, id=T(t).name) for t in PACKED_TYPES]
 
@@ -46,6 +47,19 @@ def test_kernel_matches_reference(mode, qtype, m, dtype):
     tolerance = 1e-5 if dtype == "float32" else 1e-2
     assert relative_error(got, want) < tolerance
     assert relative_error(got_rows, want) < tolerance
+
+
+@pytest.mark.parametrize("mode", modes("gpu"))
+@pytest.mark.parametrize("qtype", [pytest.param(T.Q4_1, id="Q4_1"), pytest.param(T.Q6_K, id="Q6_K")])
+def test_int8_activations_through_the_kernel(mode, qtype):
+    # quantization="gguf_a8": x's int8 runs (dequantized in float32) enter the same kernel,
+    # so the GPU computes the product the CPU's integer kernel computes.
+    x, columns, _ = case(qtype, 5, 512, 64, "bfloat16", seed=4)
+    want = reference.gguf_matmul(dequantize_blocks(*quantize_blocks(x)), columns, qtype)
+    got = gguf_matmul(x, columns, qtype, impl="gpu", interpret=mode == "interpret",
+                      int8_activations=True)  # fmt: skip
+    assert relative_error(got, want) < 1e-5
+    assert relative_error(got, reference.gguf_matmul(x, columns, qtype)) > 1e-4  # not exact
 
 
 @pytest.mark.parametrize("mode", modes("gpu"))

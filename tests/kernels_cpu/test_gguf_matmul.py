@@ -1,6 +1,7 @@
-"""The CPU GGUF block matmul (xlaserve/kernels_cpu/gguf_matmul.cc) against the dequantized
-weight: every packed type, 1-33 rows, the weight's values exactly as gguf_blocks.py gives
-them (rounded to bfloat16), only the float32 summation order free."""
+"""The CPU GGUF block matmuls against the dequantized weight, every packed type, 1-33 rows:
+gguf_matmul.cc with the weight's values exactly as gguf_blocks.py gives them (rounded to
+bfloat16), only the float32 summation order free; gguf_matmul_a8.cc (int8 activations) against
+x's int8 runs times those values."""
 
 import gguf
 import jax
@@ -11,7 +12,9 @@ import pytest
 from tests.quantization.test_gguf_blocks import synthetic_rows
 from xlaserve.kernels_cpu import gguf as gguf_kernel
 from xlaserve.kernels_cpu import skinny
+from xlaserve.kernels_pallas.gguf_matmul import gguf_matmul
 from xlaserve.quantization.gguf_blocks import PACKED_TYPES, block_shape, dequantize_rows
+from xlaserve.quantization.int8 import dequantize_blocks, quantize_blocks
 from xlaserve.quantization.linear import QuantizedWeight
 
 T = gguf.GGMLQuantizationType
@@ -50,3 +53,44 @@ def test_quantized_weight_in_the_kernel_layout_runs_the_kernel():
 
 def test_unsupported_type_is_not_sent_to_the_kernel():
     assert not gguf_kernel.supports(int(T.Q5_1))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 33])
+@pytest.mark.parametrize("qtype", list(PACKED_TYPES), ids=lambda t: T(t).name)
+def test_int8_activation_kernel_equals_its_reference(qtype, rows):
+    """quantization="gguf_a8": x quantized per 32 values, integer dots with the quants. The
+    kernel's product equals x's int8 runs (dequantized in float64) times the block values, up
+    to float32 sums; its x quantization is the reference's (quantize_blocks), or a run's
+    values would differ by a whole step of its scale, far past the bound."""
+    values, _ = block_shape(qtype)
+    blocks = max(2, 512 // values)
+    raw = synthetic_rows(qtype, rows=40, blocks=blocks, seed=int(qtype) + 7 * rows)
+    k = blocks * values
+    x = np.random.default_rng(rows).normal(size=(rows, k)) * np.linspace(0.01, 4, k)
+    x[0, :32] = 0.0  # an all-zero run: scale 0
+    x = jnp.asarray(x, jnp.bfloat16)
+    matmul = jax.jit(gguf_kernel.matmul, static_argnums=(2, 3))
+    got = np.asarray(matmul(x, jnp.asarray(raw), qtype, True), np.float64)
+    q, scale = quantize_blocks(x)
+    xs = np.asarray(dequantize_blocks(q, scale), np.float64)
+    w = np.asarray(dequantize_rows(jnp.asarray(raw), qtype), np.float64)
+    want, bound = xs @ w.T, np.abs(xs) @ np.abs(w.T)
+    assert got.shape == (rows, 40)
+    assert np.all(np.abs(got - want) <= 2 * k * 2**-24 * bound + 1e-30)
+    reference = gguf_matmul(x, jnp.asarray(raw), qtype, rows=True, int8_activations=True)
+    np.testing.assert_allclose(np.asarray(reference), want, rtol=0, atol=1e-4 * bound.max())
+    exact = np.asarray(x, np.float64) @ w.T  # int8 activations move the product, a little
+    assert 0 < np.abs(got - exact).max() <= 0.02 * np.abs(exact).max()
+
+
+def test_activation_runs_quantize_to_nearest_even_steps():
+    run = np.zeros(32, np.float32)
+    run[:6] = [127.0, -63.5, 0.5, 1.5, -2.5, 126.49]  # amax 127: the step is exactly 1
+    x = jnp.asarray(np.stack([run, run * 0.25, np.zeros(32, np.float32)]))
+    q, scale = quantize_blocks(x)
+    np.testing.assert_array_equal(np.asarray(q)[0, :6], [127, -64, 0, 2, -2, 126])
+    np.testing.assert_array_equal(np.asarray(q)[1], np.asarray(q)[0])  # scale-free
+    np.testing.assert_allclose(np.asarray(scale)[:, 0], [1.0, 0.25, 0.0])
+    assert not np.asarray(q)[2].any()
+    xs = np.asarray(dequantize_blocks(q, scale))
+    assert np.all(np.abs(xs - np.asarray(x)) <= np.asarray(scale)[:, :1] / 2 + 1e-7)

@@ -30,9 +30,10 @@ def test_torch_backend_refuses_quantization(kwargs):
         LLM(backend="torch", **kwargs)
 
 
-def test_gguf_packing_needs_a_gguf_file():
-    with pytest.raises(ValueError, match="quantization 'gguf' keeps a GGUF file's blocks packed"):
-        LLM("llama-3.2-1b", load_format="dummy", quantization="gguf")
+@pytest.mark.parametrize("method", ["gguf", "gguf_a8"])
+def test_gguf_packing_needs_a_gguf_file(method):
+    with pytest.raises(ValueError, match=f"quantization '{method}' keeps a GGUF file's blocks"):
+        LLM("llama-3.2-1b", load_format="dummy", quantization=method)
 
 
 def test_corrupt_block_scales_are_refused(tmp_path):

@@ -42,12 +42,18 @@ using namespace xlaserve_gguf;
 constexpr int kRun = 32;  // activations per scale
 constexpr int kLanes = 8;  // runs of 4 values, one int32 lane of an integer dot each
 
-// x quantized, per row m and run r of 32 values (R runs per row).
+constexpr int kTile = 8;  // rows of x per pass over a weight row
+
+// x quantized, per row m and run r of 32 values (R runs per row). The tile_ arrays hold the
+// same per-run numbers of each tile of 8 rows side by side (rows past M are 0), for the
+// kernels that scale 8 rows' dots in one instruction.
 struct QuantizedX {
   int64_t M = 0, K = 0, R = 0;
   std::vector<int8_t> q;          // [M, K]
   std::vector<float> scale;       // [M, R]: dx
   std::vector<float> lane_sums;   // [M, R, 8]: dx * (sum of q over values 4l .. 4l + 3)
+  std::vector<float> tile_scale;  // [tiles, R, 8]: dx of rows 8t .. 8t + 7
+  std::vector<float> tile_sums;   // [tiles, R, 8]: dx * (sum of the run's 32 q) of those rows
 
   const int8_t* values(int64_t m, int64_t r) const { return q.data() + m * K + r * kRun; }
 };
@@ -59,7 +65,8 @@ inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
-void quantize_run(const uint16_t* x, int8_t* q, float* scale, float* lane_sums) {
+// Quantizes one run; returns the sum of its 32 q.
+int32_t quantize_run(const uint16_t* x, int8_t* q, float* scale, float* lane_sums) {
   float v[kRun], amax = 0.0f;
   for (int i = 0; i < kRun; ++i) {
     v[i] = bf16_to_f32(x[i]);
@@ -68,16 +75,20 @@ void quantize_run(const uint16_t* x, int8_t* q, float* scale, float* lane_sums) 
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
   *scale = amax / 127.0f;
   for (int i = 0; i < kRun; ++i) q[i] = int8_t(std::nearbyint(v[i] * inv));  // to nearest even
+  int32_t total = 0;
   for (int l = 0; l < kLanes; ++l) {
-    lane_sums[l] = *scale * float(q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+    const int32_t sum = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
+    lane_sums[l] = *scale * float(sum);
+    total += sum;
   }
+  return total;
 }
 
 #if defined(XLASERVE_GGUF_A8_VECTOR)
 inline __m256i dot_u8s8(__m256i u, __m256i s);
 
 // quantize_run with the same float32 operations, 8 values per instruction.
-void quantize_run_vector(const uint16_t* x, int8_t* q, float* scale, float* lane_sums) {
+int32_t quantize_run_vector(const uint16_t* x, int8_t* q, float* scale, float* lane_sums) {
   __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -101,6 +112,9 @@ void quantize_run_vector(const uint16_t* x, int8_t* q, float* scale, float* lane
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), bytes);
   const __m256i sums = dot_u8s8(_mm256_set1_epi8(1), bytes);
   _mm256_storeu_ps(lane_sums, _mm256_mul_ps(_mm256_set1_ps(*scale), _mm256_cvtepi32_ps(sums)));
+  __m128i four = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+  four = _mm_add_epi32(four, _mm_shuffle_epi32(four, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(four, _mm_shuffle_epi32(four, 0xB1)));
 }
 #endif
 
@@ -111,16 +125,22 @@ void quantize_x(const uint16_t* x, int64_t M, int64_t K, QuantizedX& out) {
   out.q.resize(M * K);
   out.scale.resize(M * out.R);
   out.lane_sums.resize(M * out.R * kLanes);
+  const int64_t tiles = (M + kTile - 1) / kTile;
+  out.tile_scale.assign(tiles * out.R * kTile, 0.0f);
+  out.tile_sums.assign(tiles * out.R * kTile, 0.0f);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t r = 0; r < out.R; ++r) {
       const int64_t i = m * out.R + r;
 #if defined(XLASERVE_GGUF_A8_VECTOR)
-      quantize_run_vector(
+      const int32_t total = quantize_run_vector(
 #else
-      quantize_run(
+      const int32_t total = quantize_run(
 #endif
           x + m * K + r * kRun, out.q.data() + m * K + r * kRun, &out.scale[i],
           &out.lane_sums[i * kLanes]);
+      const int64_t t = ((m / kTile) * out.R + r) * kTile + m % kTile;
+      out.tile_scale[t] = out.scale[i];
+      out.tile_sums[t] = out.scale[i] * float(total);
     }
   }
 }
@@ -373,15 +393,68 @@ void row_dot(const uint8_t* row, int64_t nblocks, const Format& fmt, const Quant
   }
 }
 
+// lane m = the sum of d[m]'s 8 lanes.
+inline __m256i sum_each(const __m256i (&d)[kTile]) {
+  const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+  const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
+                          _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+// One weight row against Rows (2-8) rows of x, for types with one (a, b) per run (all but
+// Q6_K): each row's integer dot is summed to one lane, so the 8 rows' dots are converted,
+// scaled and accumulated with one instruction each, the b-term too: 5 instructions per run
+// and tile instead of 5 per run and row.
+template <int32_t QType, int Rows>
+void tile_dot(const uint8_t* row, int64_t nblocks, const Format& fmt, const QuantizedX& x,
+              int64_t m0, float* y, int64_t N) {
+  constexpr int kRunsPerBlock = QType == kQ4_K ? 8 : 1;
+  const int64_t K = x.K, R = x.R;
+  const int8_t* xq = x.q.data() + m0 * K;
+  const float* scales = x.tile_scale.data() + (m0 / kTile) * R * kTile;
+  const float* sums = x.tile_sums.data() + (m0 / kTile) * R * kTile;
+  __m256 acc_a = _mm256_setzero_ps(), acc_b = _mm256_setzero_ps();
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    unpack<QType>(row + blk * fmt.bytes, [&](const Run& run, int j) {
+      const int64_t r = blk * kRunsPerBlock + j;
+      __m256i d[kTile];
+      const __m256i u = QType == kQ8_0 ? _mm256_abs_epi8(run.u) : run.u;
+      for (int m = 0; m < kTile; ++m) {
+        if (m >= Rows) {
+          d[m] = _mm256_setzero_si256();
+          continue;
+        }
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + r * kRun));
+        d[m] = dot_u8s8(u, QType == kQ8_0 ? _mm256_sign_epi8(q, run.u) : q);
+      }
+      const __m256 ad = _mm256_mul_ps(run.a, _mm256_loadu_ps(scales + r * kTile));
+      acc_a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_each(d)), ad, acc_a);
+      if constexpr (QType != kQ8_0) {
+        acc_b = _mm256_fmadd_ps(run.b, _mm256_loadu_ps(sums + r * kTile), acc_b);
+      }
+    });
+  }
+  alignas(32) float out[kTile];
+  _mm256_store_ps(out, _mm256_add_ps(acc_a, acc_b));
+  for (int m = 0; m < Rows; ++m) y[m * N] = out[m];
+}
+
 using RowDotFn = void (*)(const uint8_t*, int64_t, const Format&, const QuantizedX&, int64_t,
                           float*, int64_t);
 
 template <int32_t QType>
 RowDotFn row_dot_for_rows(int64_t rows) {
+  if constexpr (QType == kQ6_K) {  // two scales per run: each row scales its own dot
+    constexpr RowDotFn table[9] = {nullptr,
+                                   row_dot<QType, 1>, row_dot<QType, 2>, row_dot<QType, 3>,
+                                   row_dot<QType, 4>, row_dot<QType, 5>, row_dot<QType, 6>,
+                                   row_dot<QType, 7>, row_dot<QType, 8>};
+    return table[rows];
+  }
   constexpr RowDotFn table[9] = {nullptr,
-                                 row_dot<QType, 1>, row_dot<QType, 2>, row_dot<QType, 3>,
-                                 row_dot<QType, 4>, row_dot<QType, 5>, row_dot<QType, 6>,
-                                 row_dot<QType, 7>, row_dot<QType, 8>};
+                                 row_dot<QType, 1>, tile_dot<QType, 2>, tile_dot<QType, 3>,
+                                 tile_dot<QType, 4>, tile_dot<QType, 5>, tile_dot<QType, 6>,
+                                 tile_dot<QType, 7>, tile_dot<QType, 8>};
   return table[rows];
 }
 
@@ -397,7 +470,6 @@ RowDotFn row_dot_for(int32_t qtype, int64_t rows) {
 }
 #endif
 
-constexpr int kTile = 8;  // rows of x per pass over a weight row
 constexpr int64_t kPrefetchBytes = 2048;  // as gguf_matmul.cc
 
 struct Job {
