@@ -94,3 +94,24 @@ def test_activation_runs_quantize_to_nearest_even_steps():
     assert not np.asarray(q)[2].any()
     xs = np.asarray(dequantize_blocks(q, scale))
     assert np.all(np.abs(xs - np.asarray(x)) <= np.asarray(scale)[:, :1] / 2 + 1e-7)
+
+
+@pytest.mark.parametrize("k", [64, 512, 576])  # 576: 18 blocks, the last pair past 8-block groups
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1], ids=lambda t: T(t).name)
+def test_planar_rows_give_the_block_rows_product(qtype, rows, k):
+    # gguf_a8's Q4_0 / Q4_1 projections are laid out by planar_rows for the kernel's 8-block
+    # path; the same bytes in GGUF's block order take the block-by-block path.
+    raw = synthetic_rows(qtype, rows=24, blocks=k // 32, seed=k + rows)
+    x = jnp.asarray(np.random.default_rng(k).normal(size=(rows, k)), jnp.bfloat16)
+    planar = gguf_kernel.planar_rows(raw, qtype)
+    assert planar.shape == raw.shape and sorted(planar[0]) == sorted(raw[0])
+    assert gguf_kernel.planar(qtype, k) and not gguf_kernel.planar(qtype, 96)
+    matmul = jax.jit(gguf_kernel.matmul, static_argnums=(2, 3, 4))
+    blocks = np.asarray(matmul(x, jnp.asarray(raw), qtype, True, False), np.float64)
+    got = np.asarray(matmul(x, jnp.asarray(planar), qtype, True, True), np.float64)
+    xs = np.asarray(dequantize_blocks(*quantize_blocks(x)), np.float64)
+    w = np.asarray(dequantize_rows(jnp.asarray(raw), qtype), np.float64)
+    bound = np.abs(xs) @ np.abs(w.T)
+    assert np.all(np.abs(got - xs @ w.T) <= 2 * k * 2**-24 * bound + 1e-30)
+    assert np.all(np.abs(got - blocks) <= 4 * k * 2**-24 * bound + 1e-30)

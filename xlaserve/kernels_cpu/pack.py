@@ -2,12 +2,15 @@
 
 import dataclasses
 
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from xlaserve.kernels_cpu import attention as cpu_attention
 from xlaserve.kernels_cpu import gguf as gguf_kernel
 from xlaserve.kernels_cpu import int8 as int8_kernel
 from xlaserve.kernels_cpu import skinny
+from xlaserve.quantization.gguf_blocks import block_shape
 from xlaserve.quantization.linear import FUSED, PROJECTIONS, projection_method
 
 
@@ -44,7 +47,13 @@ def pack_for_cpu_kernel(model) -> None:
             for name in gguf_names:
                 if name in layer.names:
                     param = getattr(layer, name)
-                    param.set_value(param[...].T)  # [row_bytes, out] -> [out, row_bytes]
+                    rows = param[...].T  # [row_bytes, out] -> [out, row_bytes]
+                    qtype = gguf_names[name]
+                    values, nbytes = block_shape(qtype)
+                    in_features = rows.shape[1] // nbytes * values
+                    if quant.int8_activations and gguf_kernel.planar(qtype, in_features):
+                        rows = jnp.asarray(gguf_kernel.planar_rows(np.asarray(rows), qtype))
+                    param.set_value(rows)
         model.quant = dataclasses.replace(quant, kernel_layout=True)
     if model.lm_head_rows is not None:
         return  # the GGUF head's packed rows already feed the kernel
