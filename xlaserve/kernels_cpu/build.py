@@ -28,7 +28,10 @@ KERNELS = (
     "skinny_matmul.cc", "gguf_matmul.cc", "gguf_matmul_a8.cc", "int8_matmul.cc", "attention.cc"
 )
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h", "gguf_blocks.h"))
+HEADERS = tuple(
+    Path(__file__).with_name(name)
+    for name in ("parallel.h", "gguf_blocks.h", "gguf_a8_activations.h")
+)
 CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 CACHE_DIR = CACHE_HOME / "xlaserve" / "kernels_cpu"
 # -ffp-contract=off: no fused multiply-adds, so GGUF blocks dequantize with the rounding of
