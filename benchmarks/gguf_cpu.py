@@ -74,10 +74,10 @@ def main() -> None:
         xs = {k: jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16) for k in (576, 1536)}
         for mode, (a8, is_planar) in MODES.items():
 
-            def chain(xs, ws, a8=a8, is_planar=is_planar):
+            def chain(xs, ws, m=m, a8=a8, is_planar=is_planar):
                 total = jnp.zeros((m, 1), jnp.float32)
                 for layer in ws:
-                    for (k, _), w in zip(SHAPES, layer):
+                    for (k, _), w in zip(SHAPES, layer, strict=True):
                         y = gguf_kernel.matmul(xs[k], w, Q4_1, a8, is_planar)
                         total = total + y[:, :1]
                 return total

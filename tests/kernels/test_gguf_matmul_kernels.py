@@ -50,7 +50,9 @@ def test_kernel_matches_reference(mode, qtype, m, dtype):
 
 
 @pytest.mark.parametrize("mode", modes("gpu"))
-@pytest.mark.parametrize("qtype", [pytest.param(T.Q4_1, id="Q4_1"), pytest.param(T.Q6_K, id="Q6_K")])
+@pytest.mark.parametrize(
+    "qtype", [pytest.param(T.Q4_1, id="Q4_1"), pytest.param(T.Q6_K, id="Q6_K")]
+)
 def test_int8_activations_through_the_kernel(mode, qtype):
     # quantization="gguf_a8": x's int8 runs (dequantized in float32) enter the same kernel,
     # so the GPU computes the product the CPU's integer kernel computes.

@@ -31,8 +31,8 @@ from xlaserve.sharding.mesh import make_mesh  # noqa: E402
 
 D, F, N, K, L, V = 128, 256, 8, 2, 2, 256
 PROMPTS = [list(range(3, 3 + n)) for n in (5, 17, 9)]
-MODES = [("int8", "int8"), ("w8a8", "fp8"), ("fp8", "auto"), ("gguf", "int8"), (None, "auto"),
-         ("compressed-tensors", "auto")]  # fmt: skip
+MODES = [("int8", "int8"), ("w8a8", "fp8"), ("fp8", "auto"), ("gguf", "int8"), ("gguf_a8", "auto"),
+         (None, "auto"), ("compressed-tensors", "auto")]  # fmt: skip
 NEW_TOKENS = 8
 
 
@@ -116,7 +116,8 @@ def main() -> None:
     model = save_llama(folder / "base")
     save_gguf(model, folder / "tiny.gguf")
     write_checkpoint(folder / "compressed-tensors", "W8A8")
-    paths = {"gguf": folder / "tiny.gguf", "compressed-tensors": folder / "compressed-tensors"}
+    paths = {"gguf": folder / "tiny.gguf", "gguf_a8": folder / "tiny.gguf",
+             "compressed-tensors": folder / "compressed-tensors"}  # fmt: skip
     results = {}
     for quantization, kv in MODES:
         path = paths.get(quantization, folder / "base")

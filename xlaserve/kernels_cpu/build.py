@@ -25,7 +25,11 @@ import jaxlib
 log = logging.getLogger(__name__)
 
 KERNELS = (
-    "skinny_matmul.cc", "gguf_matmul.cc", "gguf_matmul_a8.cc", "int8_matmul.cc", "attention.cc"
+    "skinny_matmul.cc",
+    "gguf_matmul.cc",
+    "gguf_matmul_a8.cc",
+    "int8_matmul.cc",
+    "attention.cc",
 )
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
 HEADERS = tuple(

@@ -106,9 +106,7 @@ class QuantizedWeight:
         the same int32 sums, bit for bit."""
         if self.method == "gguf":
             planar = self.int8_activations and gguf_kernel.planar(self.gguf_type, x.shape[1])
-            return gguf_kernel.matmul(
-                x, self.values, self.gguf_type, self.int8_activations, planar
-            )
+            return gguf_kernel.matmul(x, self.values, self.gguf_type, self.int8_activations, planar)
         if self.method == "w8a8":
             xq, x_scale = quantize_per_token(x)
             acc = int8_kernel.panels_matmul(xq, self.values, "w8a8")

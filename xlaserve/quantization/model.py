@@ -183,9 +183,7 @@ def _replace(layers: DecoderLayers, name: str, value, axes: tuple, model, mesh) 
         layers.names = (*layers.names, name)
 
 
-def _gguf_packed(
-    model: Transformer, source: str, method: str
-) -> dict[str, tuple[np.ndarray, int]]:
+def _gguf_packed(model: Transformer, source: str, method: str) -> dict[str, tuple[np.ndarray, int]]:
     """name -> (packed rows uint8 [L, row_bytes, out], GGML type) for every projection whose
     blocks can stay packed; others keep the dequantized weights the loader gave them."""
     path = Path(source)

@@ -19,8 +19,9 @@ def gguf_matmul(x: jax.Array, packed: jax.Array, qtype: int, *, rows: bool = Fal
     # is summed in another order).
     w = dequantize_rows(packed if rows else packed.T, qtype).astype(x.dtype)  # [N, K]
     two = jnp.concatenate([x, x]) if x.shape[0] == 1 else x  # see layers.at_least_two_rows
+    # float32 x (gguf_a8's dequantized int8 runs): full float32 products on every backend.
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     out = jax.lax.dot_general(
-        two, w, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32,
-    )  # fmt: skip
+        two, w, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
     return out[: x.shape[0]]
