@@ -314,9 +314,7 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   // A small call (a few decode rows) runs on the calling thread alone: waking a pool thread
   // costs more than the work.
   const int64_t workers = macs < kInlineMacs ? 1 : xlaserve_cpu::workers_for(pool);
-  for (int64_t i = 1; i < std::min(workers, n); ++i) pool.Schedule([job] { job->work(); });
-  job->work();
-  xlaserve_cpu::wait_until(job->done, n);
+  xlaserve_cpu::share_work(pool, job, workers, n, n);
   return ffi::Error::Success();
 }
 

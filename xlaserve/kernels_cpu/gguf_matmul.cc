@@ -575,9 +575,7 @@ ffi::Error GgufMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
   const int64_t workers = xlaserve_cpu::workers_for(pool);
   job->chunk = std::max<int64_t>(1, job->N / (8 * workers));
   const int64_t chunks = (job->N + job->chunk - 1) / job->chunk;
-  for (int64_t i = 1; i < std::min(workers, chunks); ++i) pool.Schedule([job] { job->work(); });
-  job->work();
-  xlaserve_cpu::wait_until(job->done, job->N);
+  xlaserve_cpu::share_work(pool, job, workers, chunks, job->N);
   return ffi::Error::Success();
 }
 

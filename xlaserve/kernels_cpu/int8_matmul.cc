@@ -196,9 +196,7 @@ void run(ffi::ThreadPool& pool, int64_t units, std::function<void(int64_t)> unit
   const int64_t workers = xlaserve_cpu::workers_for(pool);
   job->chunk = std::max<int64_t>(1, units / (8 * workers));  // ~8 claims per worker
   const int64_t chunks = (units + job->chunk - 1) / job->chunk;
-  for (int64_t i = 1; i < std::min(workers, chunks); ++i) pool.Schedule([job] { job->work(); });
-  job->work();
-  xlaserve_cpu::wait_until(job->done, units);
+  xlaserve_cpu::share_work(pool, job, workers, chunks, units);
 }
 #endif
 

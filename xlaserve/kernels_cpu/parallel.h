@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
@@ -33,6 +34,17 @@ inline void wait_until(const std::atomic<int64_t>& done, int64_t total) {
       std::this_thread::yield();
     }
   }
+}
+
+// Runs job->work() on the calling thread and on pool tasks up to `workers` in all (no more
+// than `tasks`, the chunks there are to claim), then waits until job->done reaches `total`.
+// The job is shared with the tasks: one may start after the caller has finished every chunk.
+template <typename Job>
+inline void share_work(xla::ffi::ThreadPool& pool, const std::shared_ptr<Job>& job,
+                       int64_t workers, int64_t tasks, int64_t total) {
+  for (int64_t i = 1; i < std::min(workers, tasks); ++i) pool.Schedule([job] { job->work(); });
+  job->work();
+  wait_until(job->done, total);
 }
 
 }  // namespace xlaserve_cpu

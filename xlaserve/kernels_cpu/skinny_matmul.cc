@@ -277,9 +277,7 @@ ffi::Error SkinnyMatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   // About four chunks per worker balance the load; a chunk of panels is one contiguous stream.
   job->chunk = std::max<int64_t>(2, (panels / (4 * workers)) & ~int64_t(1));  // whole pairs
   const int64_t chunks = (panels + job->chunk - 1) / job->chunk;
-  for (int64_t i = 1; i < std::min(workers, chunks); ++i) pool.Schedule([job] { job->work(); });
-  job->work();
-  xlaserve_cpu::wait_until(job->done, panels);
+  xlaserve_cpu::share_work(pool, job, workers, chunks, panels);
   return ffi::Error::Success();
 }
 
