@@ -427,9 +427,6 @@ constexpr RowDotAvx2Fn kRowDotsAvx2[9] = {nullptr,           row_dot_avx2<1>, ro
 #endif
 
 constexpr int kTile = 8;  // rows of x per pass over a scratch row
-// How far ahead of its row a worker prefetches the weights: 1-8 KB measured alike (SmolLM2's
-// MLP at one row, 2-core Xeon: 9.6 ms without, 5.3-5.6 ms with), 2 KB the best of them.
-constexpr int64_t kPrefetchBytes = 2048;
 
 // y[m, n] for Rows rows of x against one dequantized weight row w (bf16[K]).
 template <int Rows>
@@ -484,62 +481,49 @@ struct Job {
 #if defined(XLASERVE_GGUF_AVX2)
     std::vector<float> scratch_f32(K);
 #endif
-    const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / row_bytes);  // rows
-    const auto prefetch_rows = [&](int64_t first, int64_t last) {
-      const uint8_t* end = w + last * row_bytes;
-      for (const uint8_t* p = w + first * row_bytes; p < end; p += 64) __builtin_prefetch(p);
-    };
-    for (;;) {
-      const int64_t start = next.fetch_add(chunk);
-      if (start >= N) return;
-      const int64_t stop = std::min(N, start + chunk);
-      prefetch_rows(start, std::min(stop, start + ahead));
-      for (int64_t n = start; n < stop; ++n) {
-        const uint8_t* row = w + n * row_bytes;
-        if (n + ahead < stop) prefetch_rows(n + ahead, n + ahead + 1);
+    xlaserve_cpu::claim_rows(next, done, N, chunk, w, row_bytes, [&](int64_t n) {
+      const uint8_t* row = w + n * row_bytes;
 #if defined(__AVX512BF16__)
-        if (M <= kTile) {  // one row group: dequantize in registers, once
-          for (int64_t m0 = 0; m0 < M; m0 += kTile) {
-            kRowDots[std::min<int64_t>(kTile, M - m0)](qtype, row, K / fmt.values, fmt.values,
-                                                      fmt.bytes, x + m0 * K, K,
-                                                      y + m0 * N + n, N);
-          }
-          continue;
+      if (M <= kTile) {  // one row group: dequantize in registers, once
+        for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+          kRowDots[std::min<int64_t>(kTile, M - m0)](qtype, row, K / fmt.values, fmt.values,
+                                                    fmt.bytes, x + m0 * K, K,
+                                                    y + m0 * N + n, N);
         }
+        return;
+      }
 #elif defined(XLASERVE_GGUF_AVX2)
-        if (M <= kTile) {
-          kRowDotsAvx2[M](qtype, row, K / fmt.values, fmt.values, fmt.bytes, x_f32.data(), K,
-                          y + n, N);
-        } else {  // dequantize the row once into float32 scratch, then every row of x
-          for (int64_t b = 0; b < K / fmt.values; ++b) {
-            float* out = scratch_f32.data() + b * fmt.values;
-            dequant_block_avx2(qtype, row + b * fmt.bytes,
-                               [&](__m256 v, int g) { _mm256_storeu_ps(out + 8 * g, v); });
-          }
-          for (int64_t m0 = 0; m0 < M; m0 += kTile) {
-            kDotRowsF32[std::min<int64_t>(kTile, M - m0)](x_f32.data() + m0 * K, K,
-                                                         scratch_f32.data(), y + m0 * N + n, N);
-          }
-        }
-        continue;
-#endif
+      if (M <= kTile) {
+        kRowDotsAvx2[M](qtype, row, K / fmt.values, fmt.values, fmt.bytes, x_f32.data(), K,
+                        y + n, N);
+      } else {  // dequantize the row once into float32 scratch, then every row of x
         for (int64_t b = 0; b < K / fmt.values; ++b) {
-#if defined(__AVX512BF16__)
-          uint16_t* out = scratch.data() + b * fmt.values;
-          dequant_block_vec(qtype, row + b * fmt.bytes, [&](__m512bh v, int j) {
-            _mm512_storeu_si512(out + 32 * j, (__m512i)v);
-          });
-#else
-          dequant_block(qtype, row + b * fmt.bytes, scratch.data() + b * fmt.values);
-#endif
+          float* out = scratch_f32.data() + b * fmt.values;
+          dequant_block_avx2(qtype, row + b * fmt.bytes,
+                             [&](__m256 v, int g) { _mm256_storeu_ps(out + 8 * g, v); });
         }
         for (int64_t m0 = 0; m0 < M; m0 += kTile) {
-          kDotRows[std::min<int64_t>(kTile, M - m0)](x + m0 * K, K, scratch.data(),
-                                                     y + m0 * N + n, N);
+          kDotRowsF32[std::min<int64_t>(kTile, M - m0)](x_f32.data() + m0 * K, K,
+                                                       scratch_f32.data(), y + m0 * N + n, N);
         }
       }
-      done.fetch_add(stop - start, std::memory_order_release);
-    }
+      return;
+#endif
+      for (int64_t b = 0; b < K / fmt.values; ++b) {
+#if defined(__AVX512BF16__)
+        uint16_t* out = scratch.data() + b * fmt.values;
+        dequant_block_vec(qtype, row + b * fmt.bytes, [&](__m512bh v, int j) {
+          _mm512_storeu_si512(out + 32 * j, (__m512i)v);
+        });
+#else
+        dequant_block(qtype, row + b * fmt.bytes, scratch.data() + b * fmt.values);
+#endif
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+        kDotRows[std::min<int64_t>(kTile, M - m0)](x + m0 * K, K, scratch.data(),
+                                                   y + m0 * N + n, N);
+      }
+    });
   }
 };
 

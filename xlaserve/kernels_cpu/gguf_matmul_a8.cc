@@ -433,8 +433,6 @@ RowDotFn row_dot_for(int32_t qtype, int64_t rows) {
 }
 #endif
 
-constexpr int64_t kPrefetchBytes = 2048;  // as gguf_matmul.cc
-
 // A planar Q4_0 / Q4_1 row (see planar_dot) back in GGUF's block order.
 void blocks_from_planar(int32_t qtype, const uint8_t* row, int64_t nblocks, uint8_t* out) {
   const int64_t scales = qtype == kQ4_1 ? 4 : 2, bytes = scales + 16;
@@ -457,39 +455,26 @@ struct Job {
   std::atomic<int64_t> done{0};
 
   void work() {
-    const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / row_bytes);
     const int64_t nblocks = row_bytes / fmt.bytes;
-    const auto prefetch_rows = [&](int64_t first, int64_t last) {
-      const uint8_t* end = w + last * row_bytes;
-      for (const uint8_t* p = w + first * row_bytes; p < end; p += 64) __builtin_prefetch(p);
-    };
 #if !defined(XLASERVE_GGUF_A8_VECTOR)
     std::vector<uint8_t> blocks(planar ? row_bytes : 0);
 #endif
-    for (;;) {
-      const int64_t start = next.fetch_add(chunk);
-      if (start >= N) return;
-      const int64_t stop = std::min(N, start + chunk);
-      prefetch_rows(start, std::min(stop, start + ahead));
-      for (int64_t n = start; n < stop; ++n) {
-        if (n + ahead < stop) prefetch_rows(n + ahead, n + ahead + 1);
-        const uint8_t* row = w + n * row_bytes;
-        for (int64_t m0 = 0; m0 < x.M; m0 += kTile) {
-          const int64_t rows = std::min<int64_t>(kTile, x.M - m0);
+    xlaserve_cpu::claim_rows(next, done, N, chunk, w, row_bytes, [&](int64_t n) {
+      const uint8_t* row = w + n * row_bytes;
+      for (int64_t m0 = 0; m0 < x.M; m0 += kTile) {
+        const int64_t rows = std::min<int64_t>(kTile, x.M - m0);
 #if defined(XLASERVE_GGUF_A8_VECTOR)
-          const RowDotFn dot = !planar          ? row_dot_for(qtype, rows)
-                               : qtype == kQ4_1 ? planar_dot_for_rows<kQ4_1>(rows)
-                                                : planar_dot_for_rows<kQ4_0>(rows);
-          dot(row, nblocks, fmt, x, m0, y + m0 * N + n, N);
+        const RowDotFn dot = !planar          ? row_dot_for(qtype, rows)
+                             : qtype == kQ4_1 ? planar_dot_for_rows<kQ4_1>(rows)
+                                              : planar_dot_for_rows<kQ4_0>(rows);
+        dot(row, nblocks, fmt, x, m0, y + m0 * N + n, N);
 #else
-          if (planar) blocks_from_planar(qtype, row, nblocks, blocks.data());
-          row_dot_scalar(qtype, planar ? blocks.data() : row, nblocks, fmt, x, m0, rows,
-                         y + m0 * N + n, N);
+        if (planar) blocks_from_planar(qtype, row, nblocks, blocks.data());
+        row_dot_scalar(qtype, planar ? blocks.data() : row, nblocks, fmt, x, m0, rows,
+                       y + m0 * N + n, N);
 #endif
-        }
       }
-      done.fetch_add(stop - start, std::memory_order_release);
-    }
+    });
   }
 };
 

@@ -36,6 +36,35 @@ inline void wait_until(const std::atomic<int64_t>& done, int64_t total) {
   }
 }
 
+// How far ahead of its row a worker prefetches a matmul's weight rows: 1-8 KB measured alike
+// (SmolLM2's MLP at one row, 2-core Xeon, GGUF kernel: 9.6 ms without, 5.3-5.6 ms with), 2 KB
+// the best of them. At decode the rows stream from memory.
+constexpr int64_t kPrefetchBytes = 2048;
+
+// A worker's share of a matmul over N weight rows (row_bytes each, from w): claims chunks of
+// `chunk` rows from `next` until none is left, calls row(n) for each row of its chunks with
+// that row prefetched ahead, and adds each finished chunk to `done`.
+template <typename Row>
+inline void claim_rows(std::atomic<int64_t>& next, std::atomic<int64_t>& done, int64_t N,
+                       int64_t chunk, const uint8_t* w, int64_t row_bytes, Row&& row) {
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / row_bytes);  // rows
+  const auto prefetch_rows = [&](int64_t first, int64_t last) {
+    const uint8_t* end = w + last * row_bytes;
+    for (const uint8_t* p = w + first * row_bytes; p < end; p += 64) __builtin_prefetch(p);
+  };
+  for (;;) {
+    const int64_t start = next.fetch_add(chunk);
+    if (start >= N) return;
+    const int64_t stop = std::min(N, start + chunk);
+    prefetch_rows(start, std::min(stop, start + ahead));
+    for (int64_t n = start; n < stop; ++n) {
+      if (n + ahead < stop) prefetch_rows(n + ahead, n + ahead + 1);
+      row(n);
+    }
+    done.fetch_add(stop - start, std::memory_order_release);
+  }
+}
+
 // Runs job->work() on the calling thread and on pool tasks up to `workers` in all (no more
 // than `tasks`, the chunks there are to claim), then waits until job->done reaches `total`.
 // The job is shared with the tasks: one may start after the caller has finished every chunk.
