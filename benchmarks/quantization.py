@@ -33,6 +33,7 @@ MODES = [
     ("w8a8", "w8a8", "auto"),
     ("fp8", "fp8", "auto"),
     ("gguf", "gguf", "auto"),
+    ("gguf_a8", "gguf_a8", "auto"),
     ("bf16+kv-int8", None, "int8"),
     ("bf16+kv-fp8", None, "fp8"),
 ]
