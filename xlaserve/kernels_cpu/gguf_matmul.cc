@@ -556,10 +556,7 @@ ffi::Error GgufMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
     }
   }
 #endif
-  const int64_t workers = xlaserve_cpu::workers_for(pool);
-  job->chunk = std::max<int64_t>(1, job->N / (8 * workers));
-  const int64_t chunks = (job->N + job->chunk - 1) / job->chunk;
-  xlaserve_cpu::share_work(pool, job, workers, chunks, job->N);
+  xlaserve_cpu::share_in_chunks(pool, job, job->N);
   return ffi::Error::Success();
 }
 

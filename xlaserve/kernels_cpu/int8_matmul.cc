@@ -193,10 +193,7 @@ void run(ffi::ThreadPool& pool, int64_t units, std::function<void(int64_t)> unit
   auto job = std::make_shared<Job>();
   job->unit = std::move(unit);
   job->units = units;
-  const int64_t workers = xlaserve_cpu::workers_for(pool);
-  job->chunk = std::max<int64_t>(1, units / (8 * workers));  // ~8 claims per worker
-  const int64_t chunks = (units + job->chunk - 1) / job->chunk;
-  xlaserve_cpu::share_work(pool, job, workers, chunks, units);
+  xlaserve_cpu::share_in_chunks(pool, job, units);
 }
 #endif
 

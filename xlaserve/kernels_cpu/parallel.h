@@ -76,4 +76,14 @@ inline void share_work(xla::ffi::ThreadPool& pool, const std::shared_ptr<Job>& j
   wait_until(job->done, total);
 }
 
+// share_work for a job of `total` units claimed in chunks: about 8 claims per worker
+// (job->chunk), so a worker the OS preempts holds back little of the call.
+template <typename Job>
+inline void share_in_chunks(xla::ffi::ThreadPool& pool, const std::shared_ptr<Job>& job,
+                            int64_t total) {
+  const int64_t workers = workers_for(pool);
+  job->chunk = std::max<int64_t>(1, total / (8 * workers));
+  share_work(pool, job, workers, (total + job->chunk - 1) / job->chunk, total);
+}
+
 }  // namespace xlaserve_cpu
